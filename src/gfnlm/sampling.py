@@ -1,0 +1,296 @@
+"""Sampling episodes from the policy q(Z|X).
+
+An episode appends tokens z_1..z_n to a prompt X and ends with the stop action ⊤.
+The stop action is *one* action even when several token ids stand for it (EOS, ".",
+"\\n"): its probability is the sum of their probabilities.  The sampled sequence
+``tokens`` never contains the stop token itself.
+
+The constraints (allowed/forbidden tokens, min/max length) define the policy: the
+same :class:`Constraints` object is used here and in :mod:`gfnlm.scoring`, so
+the log-probabilities accumulated while sampling equal the ones the teacher-forced
+scoring pass computes (up to floating point).
+
+Sampling runs under ``torch.no_grad`` with a KV cache.  Each distinct prompt is
+encoded once and its cache is shared by all samples of that prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Constraints:
+    """The action space of the policy.
+
+    Attributes:
+        stop_token_ids: token ids that mean ⊤ (stop). Their probabilities are summed.
+        min_new_tokens: stopping is impossible before this many tokens.
+        max_new_tokens: stopping is forced once this many tokens are generated.
+        allowed_token_ids: if given, the only non-stop tokens the policy may emit
+            (the distribution is renormalised over them and the stop tokens).
+        forbidden_token_ids: tokens the policy may never emit.
+    """
+
+    stop_token_ids: list[int]
+    min_new_tokens: int = 0
+    max_new_tokens: int = 20
+    allowed_token_ids: list[int] | None = None
+    forbidden_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.stop_token_ids:
+            raise DataError("no stop token: set stop_tokens (e.g. ['eos']) so episodes can end")
+        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise DataError(
+                f"invalid lengths min_new_tokens={self.min_new_tokens}, max_new_tokens={self.max_new_tokens}: "
+                "need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1"
+            )
+        self._masks: dict = {}
+
+    def token_mask(self, vocab_size: int, device) -> Tensor:
+        """Bool [V]: True for the non-stop tokens the policy may emit."""
+        key = (vocab_size, str(device))
+        if key not in self._masks:
+            if self.allowed_token_ids is not None:
+                m = torch.zeros(vocab_size, dtype=torch.bool)
+                m[torch.tensor(self.allowed_token_ids, dtype=torch.long)] = True
+            else:
+                m = torch.ones(vocab_size, dtype=torch.bool)
+            if self.forbidden_token_ids:
+                m[torch.tensor(self.forbidden_token_ids, dtype=torch.long)] = False
+            m[torch.tensor(self.stop_token_ids, dtype=torch.long)] = False
+            if not m.any():
+                raise DataError("the constraints allow no token besides stop: check allowed/forbidden tokens")
+            stop = torch.zeros(vocab_size, dtype=torch.bool)
+            stop[torch.tensor(self.stop_token_ids, dtype=torch.long)] = True
+            self._masks[key] = (m.to(device), stop.to(device))
+        return self._masks[key]
+
+    def log_probs(self, logits: Tensor, num_generated: Tensor) -> tuple[Tensor, Tensor]:
+        """Constrained log-probabilities of the actions at some states.
+
+        Args:
+            logits: [..., V] raw next-token logits (any dtype; computed in fp32).
+            num_generated: [...] long, tokens generated so far at each state (t).
+
+        Returns:
+            logp: [..., V] log-probability of each token id under the constraints; for a
+                non-stop token z this is log q(z|s) (-inf if not allowed).
+            stop_logp: [...] log q(⊤|s), the sum over the stop ids; -inf below
+                ``min_new_tokens``; 0 at ``max_new_tokens``.
+        """
+        tok_mask, stop_mask = self.token_mask(logits.shape[-1], logits.device)
+        t = num_generated.unsqueeze(-1)
+        can_stop = t >= self.min_new_tokens
+        must_stop = t >= self.max_new_tokens
+        allowed = (tok_mask & ~must_stop) | (stop_mask & can_stop)
+        logp = torch.log_softmax(logits.float().masked_fill(~allowed, NEG_INF), dim=-1)
+        stop_logp = torch.logsumexp(logp.masked_fill(~stop_mask, NEG_INF), dim=-1)
+        return logp, stop_logp
+
+
+@dataclass
+class Samples:
+    """A batch of episodes.
+
+    Attributes:
+        prompt_index: [B] long, row of the prompt (in the list given to :func:`sample`).
+        tokens: [B, N] long, z_1..z_n padded with ``pad_id`` (never includes the stop token).
+        lengths: [B] long, n for each row.
+        log_pf: [B, N] log q(z_t | z_<t) under the policy at temperature 1 (log space;
+            0 in padding).
+        log_pterm: [B, N+1] log q(⊤ | z_1:t) for t = 0..N (log space; -inf where stopping is
+            impossible or beyond the length).
+    """
+
+    prompt_index: Tensor
+    tokens: Tensor
+    lengths: Tensor
+    log_pf: Tensor
+    log_pterm: Tensor
+
+    @property
+    def mask(self) -> Tensor:
+        """[B, N] bool, True on real tokens."""
+        n = self.tokens.shape[1]
+        return torch.arange(n, device=self.tokens.device)[None, :] < self.lengths[:, None]
+
+    @property
+    def log_prob(self) -> Tensor:
+        """[B] log q(Z ⊤ | X) of each whole episode (log space)."""
+        term = self.log_pterm.gather(1, self.lengths[:, None]).squeeze(1)
+        return self.log_pf.sum(1) + term
+
+    def completion_ids(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Left-pad token id lists. Returns ids [P, L] and attention mask [P, L] (long)."""
+    if len(prompts) == 0:
+        raise DataError("no prompts given")
+    width = max(len(p) for p in prompts)
+    if width == 0:
+        raise DataError("empty prompt: every prompt needs at least one token (e.g. BOS)")
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def context_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def check_fits(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raise DataError if a prompt plus ``max_new_tokens`` exceeds the model's context."""
+    ctx = context_length(model)
+    if ctx is None:
+        return
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > ctx:
+        raise DataError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {ctx} tokens: shorten the prompt or lower max_new_tokens"
+        )
+
+
+def _base_forward(model):
+    base = model
+    while hasattr(base, "get_base_model") or hasattr(base, "module"):
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+    return base.forward
+
+
+def cache_kwargs(model, cache) -> dict:
+    """Keyword passing a KV cache: ``cache=`` in transformers >= 5.2x, else ``past_key_values=``."""
+    params = inspect.signature(_base_forward(model)).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache of a model output, whatever transformers calls it."""
+    return out.get("cache", None) if out.get("cache", None) is not None else out.past_key_values
+
+
+def encode_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor, output_hidden_states: bool = False):
+    """Run the (left-padded) prompts through the model.
+
+    Returns the model output (``logits`` [P, L, V]) and its KV cache."""
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+                output_hidden_states=output_hidden_states)
+    return out, output_cache(out)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: Sequence[Sequence[int]],
+    prompt_index: Tensor | Sequence[int],
+    constraints: Constraints,
+    *,
+    temperature: float | Tensor = 1.0,
+    epsilon: float = 0.0,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """Sample one episode for each entry of ``prompt_index``.
+
+    Args:
+        model: a causal LM (its adapters, if any, are the policy). Put it in eval mode.
+        prompts: P distinct prompts as token id lists.
+        prompt_index: [B] which prompt each sample continues (e.g. ``[0]*16``).
+        constraints: the action space (stop ids, lengths, allowed tokens).
+        temperature: behaviour temperature, a float or a [B] tensor (per sample).
+        epsilon: probability of taking a uniformly random allowed action (ε-uniform exploration).
+        pad_id: id used to pad ``tokens``.
+        generator: torch random generator (for reproducibility).
+
+    The returned ``log_pf``/``log_pterm`` are always those of the policy itself (temperature 1,
+    ε = 0), whatever behaviour policy drew the sample.
+    """
+    device = next(model.parameters()).device
+    check_fits(model, prompts, constraints.max_new_tokens)
+    prompt_index = torch.as_tensor(prompt_index, dtype=torch.long, device=device)
+    B = prompt_index.numel()
+    N = constraints.max_new_tokens
+    p_ids, p_mask = pad_prompts(prompts, pad_id, device)
+    out, cache = encode_prompts(model, p_ids, p_mask)
+    logits = out.logits[prompt_index, -1, :]
+    cache.batch_select_indices(prompt_index)
+    attn = p_mask[prompt_index]
+    next_pos = attn.sum(-1)  # [B] position id of the next token
+
+    temp = torch.as_tensor(temperature, dtype=torch.float32, device=device)
+    if temp.ndim == 0:
+        temp = temp.expand(B)
+    temp = temp[:, None]
+
+    tokens = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+    log_pf = torch.zeros((B, N), device=device)
+    log_pterm = torch.full((B, N + 1), NEG_INF, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    _, stop_mask = constraints.token_mask(logits.shape[-1], device)
+
+    for t in range(N + 1):
+        n_gen = torch.full((B,), t, dtype=torch.long, device=device)
+        logp, stop_lp = constraints.log_probs(logits, n_gen)
+        log_pterm[:, t] = torch.where(alive, stop_lp, log_pterm[:, t])
+        if t == N:
+            break
+        # behaviour distribution over the vocabulary: tempered policy, then ε-uniform mix
+        allowed = torch.isfinite(logp)
+        beh = torch.softmax(logp / temp, dim=-1)
+        if epsilon > 0:
+            uni = allowed.float() / allowed.float().sum(-1, keepdim=True)
+            beh = (1 - epsilon) * beh + epsilon * uni
+        choice = torch.multinomial(beh, 1, generator=generator).squeeze(1)
+        stopped = stop_mask[choice] & alive
+        cont = alive & ~stopped
+        tokens[:, t] = torch.where(cont, choice, tokens[:, t])
+        log_pf[:, t] = torch.where(cont, logp.gather(1, choice[:, None]).squeeze(1), log_pf[:, t])
+        lengths = lengths + cont.long()
+        alive = cont
+        if not alive.any():
+            break
+        # advance the cache by one token for every row (finished rows feed padding, ignored)
+        step_ids = torch.where(alive, choice, torch.full_like(choice, pad_id))
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=step_ids[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **cache_kwargs(model, cache),
+        )
+        cache = output_cache(out)
+        logits = out.logits[:, -1, :]
+        next_pos = next_pos + 1
+
+    width = int(lengths.max().item()) if B else 0
+    return Samples(
+        prompt_index=prompt_index,
+        tokens=tokens[:, :width],
+        lengths=lengths,
+        log_pf=log_pf[:, :width],
+        log_pterm=torch.where(
+            torch.arange(width + 1, device=device)[None, :] <= lengths[:, None], log_pterm[:, : width + 1], NEG_INF
+        ),
+    )

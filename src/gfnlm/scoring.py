@@ -1,0 +1,103 @@
+"""Policy scoring: one teacher-forced pass for log q of every token and of stopping.
+
+Given prompts X and sampled (or replayed) completions z_1..z_n, one forward pass over
+prompt + completion gives, for every prefix t = 0..n, the constrained distribution of the
+next action, hence
+
+* ``log_pf[b, t-1] = log q(z_t | X, z_<t)``  for t = 1..n,
+* ``log_pterm[b, t] = log q(⊤ | X, z_1:t)``  for t = 0..n,
+
+under exactly the :class:`~gfnlm.sampling.Constraints` used when sampling.  Each distinct
+prompt is encoded once; its KV cache is then indexed out to all of its samples, which keeps
+gradients exact (indexing is differentiable) while the prompt costs one row, not B rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .sampling import NEG_INF, Constraints, cache_kwargs, check_fits, encode_prompts, pad_prompts
+
+
+@dataclass
+class PolicyScores:
+    """Output of :func:`score`.
+
+    Attributes:
+        log_pf: [B, N] log q(z_t | z_<t) (log space; 0 in padding).
+        log_pterm: [B, N+1] log q(⊤ | z_1:t) (log space; -inf where stopping is impossible and
+            beyond the length).
+        prompt_hidden: [P, H] last-layer hidden state at the last prompt token (only when asked).
+    """
+
+    log_pf: Tensor
+    log_pterm: Tensor
+    prompt_hidden: Tensor | None = None
+
+
+def completion_logits(model, prompts: Sequence[Sequence[int]], prompt_index: Tensor, tokens: Tensor, lengths: Tensor,
+                      pad_id: int = 0, return_prompt_hidden: bool = False):
+    """Logits of the next action at every prefix t = 0..N of each completion.
+
+    Returns (logits [B, N+1, V], prompt_hidden [P, H] or None). Grad flows unless the caller
+    disables it.
+    """
+    device = tokens.device
+    p_ids, p_mask = pad_prompts(prompts, pad_id, device)
+    out, cache = encode_prompts(model, p_ids, p_mask, output_hidden_states=return_prompt_hidden)
+    hidden = out.hidden_states[-1][:, -1, :] if return_prompt_hidden else None
+    first = out.logits[:, -1, :][prompt_index]  # [B, V]
+    B, N = tokens.shape
+    if N == 0:
+        return first[:, None, :], hidden
+    cache.batch_select_indices(prompt_index)
+    attn = torch.cat([p_mask[prompt_index], torch.ones((B, N), dtype=p_mask.dtype, device=device)], dim=1)
+    start = p_mask.sum(-1)[prompt_index]
+    positions = start[:, None] + torch.arange(N, device=device)[None, :]
+    rest = model(input_ids=tokens, attention_mask=attn, position_ids=positions, use_cache=True,
+                 **cache_kwargs(model, cache)).logits  # [B, N, V]
+    return torch.cat([first[:, None, :], rest], dim=1), hidden
+
+
+def score(
+    model,
+    prompts: Sequence[Sequence[int]],
+    prompt_index: Tensor,
+    tokens: Tensor,
+    lengths: Tensor,
+    constraints: Constraints,
+    *,
+    pad_id: int = 0,
+    return_prompt_hidden: bool = False,
+) -> PolicyScores:
+    """Teacher-forced log-probabilities of completions under the constrained policy.
+
+    Args:
+        model: causal LM (with adapters: the policy).
+        prompts: P distinct prompts (token id lists).
+        prompt_index: [B] long, prompt of each row.
+        tokens: [B, N] long completions, padded (no stop token inside).
+        lengths: [B] long.
+        constraints: the same constraints as used for sampling.
+
+    Returns:
+        :class:`PolicyScores` (log space).
+    """
+    check_fits(model, prompts, max(tokens.shape[1], 1))
+    prompt_index = prompt_index.to(tokens.device)
+    logits, hidden = completion_logits(model, prompts, prompt_index, tokens, lengths, pad_id, return_prompt_hidden)
+    B, N1, _ = logits.shape
+    steps = torch.arange(N1, device=tokens.device).expand(B, N1)
+    logp, stop_lp = constraints.log_probs(logits, steps)  # [B, N+1, V], [B, N+1]
+    valid_state = steps <= lengths[:, None]
+    log_pterm = torch.where(valid_state, stop_lp, torch.full_like(stop_lp, NEG_INF))
+    if N1 > 1:
+        tok = logp[:, :-1, :].gather(2, tokens[:, :, None]).squeeze(2)
+        log_pf = torch.where(valid_state[:, 1:], tok, torch.zeros_like(tok))
+    else:
+        log_pf = logits.new_zeros((B, 0), dtype=torch.float32)
+    return PolicyScores(log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden)

@@ -1,0 +1,532 @@
+"""``GFNTrainer``: GFlowNet fine-tuning of a causal LM, in TRL's shape, on Accelerate.
+
+One optimiser step, for each of ``gradient_accumulation_steps`` micro-batches:
+
+1. pick ``prompts_per_step`` prompts; for each, ``samples_per_prompt`` episodes split into
+   on-policy, tempered-policy (exploration) and replayed ones;
+2. sample the fresh episodes under ``no_grad`` (KV cache, the prompt encoded once);
+3. score their log-rewards for every prefix (untempered), add them to the replay buffer;
+4. one teacher-forced pass of the policy gives log q of every token and of stopping at every
+   prefix (:mod:`gfnlm.scoring`); the GFlowNet loss (:mod:`gfnlm.losses`) compares them with
+   the tempered log-rewards; backward.
+
+Then clip, step the optimiser and the learning-rate schedule.  The model stays in eval mode
+throughout, so dropout (LoRA's included) is off during GFlowNet training.
+
+Several processes (DDP, FSDP, DeepSpeed) come from ``accelerate launch``: each rank samples
+its own episodes (seed + rank) and gradients are averaged by Accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .config import GFNConfig
+from .data import as_rows, render_prompt
+from .errors import ConfigError, DataError
+from .losses import LOSSES, tempered
+from .replay import ReplayBuffer, pad_entries
+from .rewards import Reward, RewardBatch, as_reward, compute_log_rewards
+from .sampling import Constraints, Samples, check_fits, sample
+from .scoring import score
+
+
+class GFNPolicy(nn.Module):
+    """The trainable part: the LM (with adapters) and an optional learned log Z.
+
+    ``forward`` is the teacher-forced scoring pass; wrapping it in one module lets DDP see one
+    forward per backward.
+    """
+
+    def __init__(self, lm: nn.Module, log_z: str = "none"):
+        super().__init__()
+        self.lm = lm
+        self.log_z_kind = log_z
+        if log_z == "scalar":
+            self.log_z = nn.Parameter(torch.zeros(1))
+        elif log_z == "prompt":
+            hidden = lm.config.get_text_config().hidden_size
+            self.log_z_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.log_z_head.weight)
+            nn.init.zeros_(self.log_z_head.bias)
+
+    def forward(self, prompts, prompt_index: Tensor, tokens: Tensor, lengths: Tensor, constraints: Constraints,
+                pad_id: int = 0):
+        """Returns log_pf [B, N], log_pterm [B, N+1] and log_z [B] (or None), all log space."""
+        sc = score(self.lm, prompts, prompt_index, tokens, lengths, constraints, pad_id=pad_id,
+                   return_prompt_hidden=self.log_z_kind == "prompt")
+        log_z = None
+        if self.log_z_kind == "scalar":
+            log_z = self.log_z.expand(tokens.shape[0])
+        elif self.log_z_kind == "prompt":
+            log_z = self.log_z_head(sc.prompt_hidden.detach().float()).squeeze(-1)[prompt_index]
+        return sc.log_pf, sc.log_pterm, log_z
+
+
+def resolve_token_ids(tokenizer, items: Sequence, what: str) -> list[int]:
+    """Map 'eos', single-token strings or ids to token ids (error if a string is several tokens)."""
+    ids: list[int] = []
+    for it in items:
+        if isinstance(it, int):
+            ids.append(it)
+        elif it == "eos":
+            eos = tokenizer.eos_token_id
+            if eos is None:
+                raise ConfigError(f"{what}: the tokenizer has no EOS token; name the stop token explicitly")
+            ids.extend(eos if isinstance(eos, list) else [eos])
+        elif isinstance(it, str):
+            tid = tokenizer.convert_tokens_to_ids(it) if it in tokenizer.get_vocab() else None
+            if tid is None:
+                enc = tokenizer.encode(it, add_special_tokens=False)
+                if len(enc) != 1:
+                    raise ConfigError(f"{what}: {it!r} is {len(enc)} tokens for this tokenizer; use a single token or an id")
+                tid = enc[0]
+            ids.append(int(tid))
+        else:
+            raise ConfigError(f"{what}: {it!r} is neither a string nor a token id")
+    return sorted(set(ids))
+
+
+class GFNTrainer:
+    """Fine-tune ``model`` so that it samples completions with probability ∝ R.
+
+    Args:
+        model: a model id/path/embedded name (loaded with :func:`gfnlm.models.load_model`) or a
+            ``PreTrainedModel`` (or a ``PeftModel``).
+        reward_funcs: one reward or a list: :class:`gfnlm.rewards.Reward` objects or TRL-style
+            callables ``f(prompts, completions, **columns) -> list[float]`` (log-rewards).
+        args: :class:`GFNConfig` (default: ``GFNConfig()``).
+        train_dataset: rows with a ``prompt`` (list of dicts/strings, ``datasets.Dataset`` or a file).
+        processing_class: the tokenizer (loaded with the model if ``model`` is a string).
+        peft_config: a ``peft.LoraConfig``; if None and ``args.use_peft``, one is built from the
+            ``lora_*`` fields. Ignored when ``model`` is already a ``PeftModel``.
+        constraints: override the action space built from the config (stop/allowed tokens, lengths).
+        sample_metrics: optional ``f(prompts, completions) -> dict[str, float]`` logged on the fresh
+            on-policy episodes of each step (e.g. a task's valid fraction).
+    """
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: GFNConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        constraints: Constraints | None = None,
+        sample_metrics: Callable[[list[str], list[str]], dict] | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.args = args = args or GFNConfig()
+        self.accelerator = Accelerator(
+            log_with=list(args.report_to) or None,
+            project_dir=args.output_dir,
+        )
+        torch.manual_seed(args.seed)  # same adapter init on every rank
+        if isinstance(model, (str, Path)):
+            from .models import load_model
+
+            model, tok = load_model(str(model))
+            processing_class = processing_class or tok
+        if processing_class is None:
+            raise ConfigError("pass processing_class (the tokenizer) when model is not a name or path")
+        self.tokenizer = processing_class
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        model = self._wrap_peft(model, peft_config)
+        disable_dropout(model)
+        model.eval()
+
+        self.rewards: list[Reward] = [as_reward(r) for r in (reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])]
+        if not self.rewards:
+            raise ConfigError("no reward function: pass reward_funcs")
+        self.reward_weights = args.reward_weights
+        self.prefix_rewards = all(r.prefix for r in self.rewards)
+        if args.loss_type in ("modified_subtb", "subtb", "modified_db") and not self.prefix_rewards:
+            names = [r.name for r in self.rewards if not r.prefix]
+            raise ConfigError(
+                f"loss_type {args.loss_type} needs log-rewards for every prefix, but {names} give only a terminal reward: "
+                "use loss_type tb or vargrad, or a prefix reward"
+            )
+
+        self.constraints = constraints or Constraints(
+            stop_token_ids=resolve_token_ids(self.tokenizer, args.stop_tokens, "stop_tokens"),
+            min_new_tokens=args.min_new_tokens,
+            max_new_tokens=args.max_new_tokens,
+            allowed_token_ids=resolve_token_ids(self.tokenizer, args.allowed_tokens, "allowed_tokens") if args.allowed_tokens else None,
+            forbidden_token_ids=resolve_token_ids(self.tokenizer, args.forbidden_tokens, "forbidden_tokens"),
+        )
+        self.rows = as_rows(train_dataset)
+        self.prompt_ids = [render_prompt(self.tokenizer, r["prompt"], args.chat_template) for r in self.rows]
+        for ids, row in zip(self.prompt_ids, self.rows):
+            try:
+                check_fits(model, [ids], self.constraints.max_new_tokens)
+            except DataError as e:
+                raise DataError(f"prompt {row['prompt'][:40]!r}...: {e}") from None
+
+        kind = args.log_z
+        if kind == "auto":
+            needs_anchor = args.loss_type in ("modified_subtb", "subtb") and self.constraints.min_new_tokens > 0
+            kind = "scalar" if args.loss_type == "tb" or needs_anchor else "none"
+        if args.loss_type == "tb" and kind == "none":
+            raise ConfigError("loss_type tb needs a learned log Z: set log_z to scalar or prompt")
+        policy = GFNPolicy(model, kind)
+        lm_params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("log_z")]
+        z_params = [p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("log_z")]
+        groups = [{"params": lm_params, "lr": args.learning_rate, "weight_decay": args.weight_decay}]
+        if z_params:
+            groups.append({"params": z_params, "lr": args.log_z_learning_rate, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
+                                       num_training_steps=args.max_steps)
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.loss_fn = LOSSES[args.loss_type]
+        self.buffer = ReplayBuffer(args.buffer_capacity, args.buffer_priority_temperature)
+        rank = self.accelerator.process_index
+        self.generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
+        self.sample_metrics = sample_metrics
+        self.step = 0
+        self.history: list[dict] = []
+        self._trackers_started = False
+
+    # ------------------------------------------------------------------------------------------
+    def _wrap_peft(self, model, peft_config):
+        if getattr(model, "peft_config", None):
+            return model
+        if peft_config is None and self.args.use_peft:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=self.args.lora_r, lora_alpha=self.args.lora_alpha, lora_dropout=0.0,
+                                     target_modules=self.args.lora_target_modules, task_type="CAUSAL_LM")
+        if peft_config is None:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return model
+        from peft import get_peft_model
+
+        return get_peft_model(model, peft_config)
+
+    @property
+    def model(self):
+        """The policy LM (a PeftModel when LoRA is used), unwrapped from DDP."""
+        return self.accelerator.unwrap_model(self.policy).lm
+
+    # --- episodes ------------------------------------------------------------------------------
+    def reward_batch(self, row_ids: Sequence[int], prompt_index: Tensor, tokens: Tensor, lengths: Tensor) -> RewardBatch:
+        """Build what rewards see for episodes continuing ``self.rows[row_ids[prompt_index]]``."""
+        rows = [self.rows[row_ids[i]] for i in prompt_index.tolist()]
+        completions = [self.tokenizer.decode(tokens[b, : int(lengths[b])].tolist(), skip_special_tokens=False)
+                       for b in range(tokens.shape[0])]
+        columns = {k: [r.get(k) for r in rows] for k in self.rows[0] if k != "prompt"}
+        return RewardBatch(
+            prompts=[r["prompt"] for r in rows],
+            prompt_ids=[self.prompt_ids[i] for i in row_ids],
+            prompt_index=prompt_index.cpu(),
+            tokens=tokens.cpu(),
+            lengths=lengths.cpu(),
+            completions=completions,
+            columns=columns,
+            tokenizer=self.tokenizer,
+        )
+
+    def log_rewards(self, batch: RewardBatch) -> Tensor:
+        """Untempered log R: [B, N+1] with prefix rewards, else [B]."""
+        return compute_log_rewards(self.rewards, self.reward_weights, batch)
+
+    def seed_buffer(self, completions: dict[str, list[str]] | list[tuple[str, str]]) -> int:
+        """Add known completions (e.g. valid examples) to the replay buffer.
+
+        ``completions`` maps a prompt (as in the dataset) to completion texts. Rewards are computed
+        with the reward functions. Returns how many entries were added.
+        """
+        pairs = list(completions.items()) if isinstance(completions, dict) else [(p, [c]) for p, c in completions]
+        index = {r["prompt"]: i for i, r in enumerate(self.rows)}
+        added = 0
+        for prompt, texts in pairs:
+            if prompt not in index:
+                raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
+            seqs = []
+            for t in texts:
+                ids = self.tokenizer.encode(t, add_special_tokens=False)
+                if len(ids) < self.constraints.min_new_tokens:
+                    what = "empty completion" if not ids else f"completion {t!r} ({len(ids)} tokens)"
+                    raise DataError(f"seed_buffer: {what} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
+                if len(ids) > self.constraints.max_new_tokens:
+                    raise DataError(f"seed_buffer: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
+                seqs.append(ids)
+            n = max(len(s) for s in seqs)
+            tokens = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            lengths = torch.tensor([len(s) for s in seqs])
+            batch = self.reward_batch([index[prompt]], torch.zeros(len(seqs), dtype=torch.long), tokens, lengths)
+            added += self.buffer.add_batch([prompt] * len(seqs), tokens, lengths, self.log_rewards(batch))
+        return added
+
+    def sample(self, prompts: Sequence[str], n: int, temperature: float = 1.0) -> list[list[str]]:
+        """Sample ``n`` completions (text) for each prompt from the current policy."""
+        ids = [render_prompt(self.tokenizer, p, self.args.chat_template) for p in prompts]
+        idx = torch.arange(len(prompts)).repeat_interleave(n)
+        s = sample(self.model, ids, idx, self.constraints, temperature=temperature, pad_id=self.pad_id,
+                   generator=self.generator)
+        texts = [self.tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _collect(self) -> dict[str, Any]:
+        """Sample, score and mix one micro-batch of episodes (no grad)."""
+        a, g = self.args, self.generator
+        device = self.accelerator.device
+        row_ids = torch.randint(len(self.rows), (a.prompts_per_step,), generator=g).tolist()
+        k = a.samples_per_prompt
+        fresh_idx, temps, on_policy, replay_plan = [], [], [], []
+        for p, r in enumerate(row_ids):
+            key = self.rows[r]["prompt"]
+            n_rep = round(k * a.replay_fraction) if self.buffer.size(key) else 0
+            n_temp = round(k * a.tempered_fraction)
+            n_on = k - n_rep - n_temp
+            fresh_idx += [p] * (n_on + n_temp)
+            lo, hi = a.explore_temperature_min, a.explore_temperature_max
+            temps += [1.0] * n_on + (lo + (hi - lo) * torch.rand(n_temp, generator=g)).tolist()
+            on_policy += [True] * n_on + [False] * n_temp
+            replay_plan.append((p, key, n_rep))
+        prompts = [self.prompt_ids[r] for r in row_ids]
+        fresh_idx_t = torch.tensor(fresh_idx, dtype=torch.long)
+        on_policy = torch.tensor(on_policy)
+        s = sample(self.model, prompts, fresh_idx_t.to(device), self.constraints, temperature=torch.tensor(temps),
+                   epsilon=a.epsilon, pad_id=self.pad_id, generator=g)
+        fresh_batch = self.reward_batch(row_ids, fresh_idx_t, s.tokens, s.lengths)
+        fresh_log_r = self.log_rewards(fresh_batch)
+        keys = [self.rows[row_ids[i]]["prompt"] for i in fresh_idx]
+        self.buffer.add_batch(keys, s.tokens.cpu(), s.lengths.cpu(), fresh_log_r)
+
+        # replayed episodes, with their stored (untempered) log-rewards
+        rep_entries, rep_idx = [], []
+        for p, key, n_rep in replay_plan:
+            got = self.buffer.sample(key, n_rep, generator=g)
+            rep_entries += got
+            rep_idx += [p] * len(got)
+        tokens, lengths, log_r = s.tokens.cpu(), s.lengths.cpu(), fresh_log_r
+        prompt_index = fresh_idx_t
+        if rep_entries:
+            r_tok, r_len, r_prefix, r_term = pad_entries(rep_entries, self.pad_id)
+            r_log_r = r_prefix if self.prefix_rewards else r_term
+            tokens, lengths, log_r = _cat_padded([tokens, r_tok], self.pad_id), torch.cat([lengths, r_len]), \
+                _cat_padded([log_r, r_log_r], 0.0) if log_r.ndim == 2 else torch.cat([log_r, r_log_r])
+            prompt_index = torch.cat([prompt_index, torch.tensor(rep_idx, dtype=torch.long)])
+        terminal = fresh_log_r.gather(1, s.lengths.cpu()[:, None]).squeeze(1) if fresh_log_r.ndim == 2 else fresh_log_r
+        metrics = {
+            "reward/log_r_mean": terminal.mean().item(),
+            "reward/log_r_max": terminal.max().item(),
+            "episodes/length_mean": s.lengths.float().mean().item(),
+            "episodes/replayed": float(len(rep_entries)),
+        }
+        if self.sample_metrics is not None and on_policy.any():
+            sel = on_policy.nonzero().squeeze(1).tolist()
+            m = self.sample_metrics([fresh_batch.prompts[i] for i in sel], [fresh_batch.completions[i] for i in sel])
+            metrics.update({f"samples/{k}": float(v) for k, v in m.items()})
+        return dict(prompts=prompts, prompt_index=prompt_index, tokens=tokens, lengths=lengths, log_r=log_r,
+                    metrics=metrics, n=int(tokens.shape[0]))
+
+    def compute_loss(self, batch: dict) -> tuple[Tensor, dict]:
+        """The GFlowNet loss of one micro-batch (with grad)."""
+        device = self.accelerator.device
+        T = self.args.reward_temperature_at(self.step)
+        tokens, lengths = batch["tokens"].to(device), batch["lengths"].to(device)
+        prompt_index = batch["prompt_index"].to(device)
+        log_pf, log_pterm, log_z = self.policy(batch["prompts"], prompt_index, tokens, lengths, self.constraints, self.pad_id)
+        if not torch.isfinite(log_pf).all():
+            raise DataError("an episode contains a token the constraints forbid (e.g. a replayed or seeded completion): "
+                            "check allowed_tokens/forbidden_tokens against the buffer's completions")
+        log_r = tempered(batch["log_r"].to(device), T)
+        lt = self.args.loss_type
+        if lt in ("modified_subtb", "subtb"):
+            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths, lamda=self.args.subtb_lambda, log_z=log_z)
+        elif lt == "tb":
+            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths, log_z)
+        elif lt == "vargrad":
+            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths, group=prompt_index)
+        else:
+            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths)
+        metrics = {"reward_temperature": T}
+        if log_z is not None:
+            metrics["log_z"] = log_z.detach().float().mean().item()
+        return loss, metrics
+
+    # --- training ------------------------------------------------------------------------------
+    def training_step(self) -> dict:
+        """One optimiser step (with gradient accumulation). Returns the logged metrics."""
+        a = self.args
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n_episodes = 0
+        for micro in range(a.gradient_accumulation_steps):
+            batch = self._collect()
+            last = micro == a.gradient_accumulation_steps - 1
+            ctx = self.accelerator.no_sync(self.policy) if not last else _nullcontext()
+            with ctx:
+                loss, m = self.compute_loss(batch)
+                if not torch.isfinite(loss):
+                    raise DataError(f"the loss is {loss.item()} at step {self.step}: check the rewards and the learning rate")
+                self.accelerator.backward(loss / a.gradient_accumulation_steps)
+            for k, v in {**batch["metrics"], **m, "loss": loss.item()}.items():
+                sums[k] = sums.get(k, 0.0) + v / a.gradient_accumulation_steps
+            n_episodes += batch["n"]
+        if a.max_grad_norm and a.max_grad_norm > 0:
+            gn = self.accelerator.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], a.max_grad_norm)
+            sums["grad_norm"] = float(gn)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        sums.update({"learning_rate": self.scheduler.get_last_lr()[0], "episodes_per_second": n_episodes / dt,
+                     "buffer/size": float(len(self.buffer)), "step": self.step})
+        return sums
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
+        """Run until ``max_steps``. ``resume_from_checkpoint``: a checkpoint folder, or True for the
+        latest one in ``output_dir``. Returns the logged metrics of every step."""
+        from tqdm.auto import tqdm
+
+        a = self.args
+        if resume_from_checkpoint:
+            path = ckpt.latest(a.output_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            if path is None:
+                raise DataError(f"no complete checkpoint in {a.output_dir} to resume from")
+            self.load_checkpoint(path)
+        if a.report_to and not self._trackers_started:
+            self.accelerator.init_trackers("gfnlm", config={k: v for k, v in a.to_dict().items()
+                                                            if isinstance(v, (int, float, str, bool))})
+            self._trackers_started = True
+        bar = tqdm(total=a.max_steps, initial=self.step, disable=a.disable_tqdm or not self.accelerator.is_main_process,
+                   desc="GFN fine-tuning", dynamic_ncols=True)
+        while self.step < a.max_steps:
+            m = self.training_step()
+            self.history.append(m)
+            if self.step % a.logging_steps == 0:
+                if a.report_to:
+                    self.accelerator.log({k: v for k, v in m.items() if k != "step"}, step=self.step)
+                post = {"loss": f"{m['loss']:.3g}", "logR": f"{m['reward/log_r_mean']:.3g}",
+                        "eps/s": f"{m['episodes_per_second']:.1f}"}
+                post.update({k.split("/")[-1]: f"{v:.3g}" for k, v in m.items() if k.startswith("samples/")})
+                bar.set_postfix(post)
+            bar.update(1)
+            if a.save_steps and self.step % a.save_steps == 0 and self.step < a.max_steps:
+                self.save_checkpoint(Path(a.output_dir) / f"checkpoint-{self.step}")
+                if self.accelerator.is_main_process:
+                    ckpt.rotate(a.output_dir, a.save_total_limit)
+        bar.close()
+        self.save_checkpoint(Path(a.output_dir) / f"checkpoint-{self.step}")
+        if self.accelerator.is_main_process:
+            ckpt.rotate(a.output_dir, a.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        if self._trackers_started:
+            self.accelerator.end_training()
+            self._trackers_started = False
+        return self.history
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, Tensor]:
+        pol = self.accelerator.unwrap_model(self.policy)
+        return {n: p.detach().cpu().clone() for n, p in pol.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write everything needed for an exact resume, atomically (see :mod:`gfnlm.checkpoint`)."""
+        acc = self.accelerator
+        path = Path(path)
+        if acc.is_main_process:
+            ckpt.begin(path)
+        acc.wait_for_everyone()
+        tmp = ckpt.temp_path(path)
+        r = acc.process_index
+        torch.save({"buffer": self.buffer.state_dict(), "generator": self.generator.get_state(),
+                    "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+                   tmp / f"rank{r}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            torch.save(self.trainable_state(), tmp / "trainable.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            lm = self.model
+            if getattr(lm, "peft_config", None):
+                lm.save_pretrained(tmp / "adapter")
+            self.args.to_yaml(tmp / "gfnlm_config.yaml")
+            info = {"step": self.step, "num_processes": acc.num_processes,
+                    "log_z": self.accelerator.unwrap_model(self.policy).log_z_kind,
+                    "constraints": {"stop_token_ids": self.constraints.stop_token_ids,
+                                    "min_new_tokens": self.constraints.min_new_tokens,
+                                    "max_new_tokens": self.constraints.max_new_tokens,
+                                    "allowed_token_ids": self.constraints.allowed_token_ids,
+                                    "forbidden_token_ids": self.constraints.forbidden_token_ids}}
+            (tmp / "trainer_state.json").write_text(json.dumps(info, indent=1))
+            ckpt.commit(path)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore parameters, optimiser, schedule, buffer, step and RNG states."""
+        path = Path(path)
+        if not ckpt.is_complete(path):
+            raise DataError(f"'{path}' is not a complete gfnlm checkpoint (no COMPLETE marker): pick another checkpoint")
+        info = json.loads((path / "trainer_state.json").read_text())
+        r = self.accelerator.process_index
+        if info["num_processes"] != self.accelerator.num_processes:
+            raise DataError(f"checkpoint was written by {info['num_processes']} processes, this run has "
+                            f"{self.accelerator.num_processes}: resume with the same number of processes")
+        pol = self.accelerator.unwrap_model(self.policy)
+        state = torch.load(path / "trainable.pt", map_location="cpu")
+        params = dict(pol.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        rs = torch.load(path / f"rank{r}.pt", map_location="cpu", weights_only=False)
+        self.buffer.load_state_dict(rs["buffer"])
+        self.generator.set_state(rs["generator"])
+        torch.set_rng_state(rs["torch"])
+        random.setstate(rs["python"])
+        np.random.set_state(rs["numpy"])
+        self.step = info["step"]
+
+
+def _cat_padded(tensors: list[Tensor], pad) -> Tensor:
+    width = max(t.shape[1] for t in tensors)
+    out = []
+    for t in tensors:
+        if t.shape[1] < width:
+            t = torch.cat([t, torch.full((t.shape[0], width - t.shape[1]), pad, dtype=t.dtype)], dim=1)
+        out.append(t)
+    return torch.cat(out, dim=0)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (the paper's code left it on during GFN training)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and hasattr(cfg, name) and isinstance(getattr(cfg, name), float):
+            setattr(cfg, name, 0.0)
