@@ -143,22 +143,7 @@ class GFNConfig:
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "GFNConfig":
         """Load a YAML file (optional), then apply ``--field value`` overrides."""
-        data: dict = {}
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to --config")
-            try:
-                loaded = yaml.safe_load(p.read_text())
-            except yaml.YAMLError as e:
-                line = getattr(getattr(e, "problem_mark", None), "line", None)
-                where = f" at line {line + 1}" if line is not None else ""
-                raise ConfigError(f"config file '{path}' is not valid YAML{where}: fix the syntax") from None
-            if loaded is None:
-                loaded = {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file '{path}' must be a mapping of field: value")
-            data.update(loaded)
+        data: dict = read_yaml(path) if path is not None else {}
         data.update(parse_overrides(overrides or []))
         return cls.from_dict(data, source=str(path) if path else "overrides")
 
@@ -174,6 +159,24 @@ class GFNConfig:
             return self.reward_temperature
         frac = min(max(step / self.reward_temperature_horizon, 0.0), 1.0)
         return self.reward_temperature + frac * (self.reward_temperature_end - self.reward_temperature)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping of config fields; one-line :class:`ConfigError` on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to --config")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: fix the syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of field: value")
+    return loaded
 
 
 def parse_overrides(args: list[str]) -> dict:

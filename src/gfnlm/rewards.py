@@ -115,9 +115,10 @@ class CallableReward(Reward):
     def __call__(self, batch: RewardBatch) -> Tensor:
         kwargs = dict(batch.columns)
         kwargs["completion_ids"] = [batch.tokens[b, : int(n)].tolist() for b, n in enumerate(batch.lengths)]
+        kwargs.update(prompts=batch.prompts, completions=batch.completions)
         if not self._var_kw:
             kwargs = {k: v for k, v in kwargs.items() if k in self._accepts}
-        values = self.fn(prompts=batch.prompts, completions=batch.completions, **kwargs)
+        values = self.fn(**kwargs)
         values = list(values) if values is not None else []
         if len(values) != len(batch.completions):
             raise RewardError(

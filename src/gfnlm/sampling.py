@@ -93,9 +93,14 @@ class Constraints:
         t = num_generated.unsqueeze(-1)
         can_stop = t >= self.min_new_tokens
         must_stop = t >= self.max_new_tokens
-        allowed = (tok_mask & ~must_stop) | (stop_mask & can_stop)
-        logp = torch.log_softmax(logits.float().masked_fill(~allowed, NEG_INF), dim=-1)
-        stop_logp = torch.logsumexp(logp.masked_fill(~stop_mask, NEG_INF), dim=-1)
+        allowed = (tok_mask & ~must_stop) | (stop_mask & can_stop)  # never empty: stop or a token
+        x = logits.float()
+        log_norm = torch.logsumexp(x.masked_fill(~allowed, NEG_INF), dim=-1, keepdim=True)
+        logp = (x - log_norm).masked_fill(~allowed, NEG_INF)
+        # the stop mass is computed on unmasked logits and then set to -inf where stopping is
+        # impossible, so no logsumexp over an all -inf row (whose gradient is NaN) is ever taken
+        stop_all = torch.logsumexp(x.masked_fill(~stop_mask, NEG_INF), dim=-1) - log_norm.squeeze(-1)
+        stop_logp = torch.where(can_stop.squeeze(-1), stop_all, torch.full_like(stop_all, NEG_INF))
         return logp, stop_logp
 
 

@@ -530,3 +530,31 @@ def disable_dropout(model: nn.Module) -> None:
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and hasattr(cfg, name) and isinstance(getattr(cfg, name), float):
             setattr(cfg, name, 0.0)
+
+
+def load_trained(path: str | Path):
+    """Load a checkpoint written by :class:`GFNTrainer` for sampling or evaluation.
+
+    Returns ``(model, tokenizer, config, constraints)``; the model is in eval mode."""
+    from .models import load_model
+
+    path = Path(path)
+    if not ckpt.is_complete(path):
+        latest = ckpt.latest(path) if path.is_dir() else None
+        if latest is None:
+            raise DataError(f"'{path}' is not a complete gfnlm checkpoint: pass a checkpoint-<step> folder written by training")
+        path = latest
+    config = GFNConfig.from_yaml(path / "gfnlm_config.yaml")
+    info = json.loads((path / "trainer_state.json").read_text())
+    model, tok = load_model(config.model)
+    if (path / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path / "adapter"))
+    else:
+        state = torch.load(path / "trainable.pt", map_location="cpu")
+        lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+        model.load_state_dict(lm_state, strict=False)
+    model.eval()
+    constraints = Constraints(**info["constraints"])
+    return model, tok, config, constraints

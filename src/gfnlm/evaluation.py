@@ -1,0 +1,49 @@
+"""Evaluation helpers shared by tasks: batched sampling and exact sequence probabilities."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .sampling import Constraints, sample
+from .scoring import score
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompt_ids: Sequence[int], constraints: Constraints, n: int, *,
+                       batch_size: int = 512, temperature: float = 1.0, seed: int = 0, progress: bool = False,
+                       desc: str = "sampling") -> list[str]:
+    """Draw ``n`` completions (decoded text, stop token excluded) for one prompt."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[str] = []
+    with tqdm(total=n, disable=not progress, desc=desc, leave=False) as bar:
+        while len(out) < n:
+            k = min(batch_size, n - len(out))
+            s = sample(model, [list(prompt_ids)], [0] * k, constraints, temperature=temperature, pad_id=pad, generator=g)
+            out += [tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
+            bar.update(k)
+    return out
+
+
+@torch.no_grad()
+def sequence_log_probs(model, prompt_ids: Sequence[int], constraints: Constraints, completions: Sequence[Sequence[int]],
+                       *, pad_id: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """Exact log q(z ⊤ | X) of each completion (token id lists) under the constrained policy. [K], log space."""
+    out = []
+    for i in range(0, len(completions), batch_size):
+        chunk = completions[i:i + batch_size]
+        n = max(len(c) for c in chunk)
+        tokens = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        for j, c in enumerate(chunk):
+            tokens[j, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+        lengths = torch.tensor([len(c) for c in chunk])
+        device = next(model.parameters()).device
+        sc = score(model, [list(prompt_ids)], torch.zeros(len(chunk), dtype=torch.long, device=device),
+                   tokens.to(device), lengths.to(device), constraints, pad_id=pad_id)
+        term = sc.log_pterm.gather(1, lengths.to(device)[:, None]).squeeze(1)
+        out.append((sc.log_pf.sum(1) + term).cpu())
+    return torch.cat(out)

@@ -1,0 +1,223 @@
+"""Uniform random integers (the paper's first experiment, Fig. 2).
+
+The policy is prompted with "The following is a random integer drawn uniformly between 0
+and 100" and should answer with an integer 0..100 (100 included, no leading zeros) followed
+by the stop action, each integer with probability 1/101.
+
+Reward: log R(z ⊤) = 0 if z is such an integer, else a floor.  Every prefix is scored by the
+same rule, so modified SubTB can use all of them.
+
+Making the target well posed.  With V tokens and up to L tokens there are about V^L invalid
+strings; the target's invalid mass is about V^L · exp(floor) / (101 + V^L · exp(floor)).  A
+floor such as -9 (R = 1e-4) therefore puts almost all the mass on junk once V^L is large,
+and a policy that learns the target faithfully drifts to prose.  This task therefore
+
+* restricts the action space to the ten digit tokens and the stop (``restrict_vocab``, default),
+  so V = 11 and L = 3;
+* uses a floor far below -(L log V): by default ``-(L log V) - 20``, which leaves at most
+  e^-20 · 101^-1 of the target on invalid strings;
+* seeds the replay buffer with the 101 valid answers (``seed_buffer``), so replay shows the
+  policy the whole support from the first step (GFlowNet objectives are off-policy);
+* uses a moderate learning rate (the config defaults below).
+
+The stop action is EOS: SmolLM2 hardly ever emits a newline right after a number, while EOS
+ends an answer naturally in its chat format.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import render_prompt
+from ..errors import ConfigError
+from ..evaluation import sample_completions, sequence_log_probs
+from ..rewards import PrefixRuleReward
+from ..sampling import Constraints
+from ..trainer import resolve_token_ids
+from . import Task
+
+PROMPT = "The following is a random integer drawn uniformly between 0 and 100"
+VALID = re.compile(r"(?:0|[1-9][0-9]?|100)")
+NUM_VALUES = 101
+DIGITS = [str(d) for d in range(10)]
+
+
+def parse_integer(text: str) -> int | None:
+    """The integer a completion names, if it is valid (0..100, no sign, space or leading zero)."""
+    return int(text) if VALID.fullmatch(text) else None
+
+
+@dataclass
+class RNGArgs:
+    prompt: str = PROMPT
+    restrict_vocab: bool = True
+    log_reward_floor: float | None = None
+    seed_buffer: bool = True
+    eval_samples: int = 4096
+
+
+class RandomIntegerTask(Task):
+    name = "rng"
+    Args = RNGArgs
+    config_defaults = {
+        "task": "rng",
+        "max_new_tokens": 3,
+        "min_new_tokens": 1,
+        "stop_tokens": ["eos"],
+        "loss_type": "modified_subtb",
+        "learning_rate": 5e-4,
+        "log_z_learning_rate": 0.3,
+        "warmup_steps": 5,
+        "samples_per_prompt": 32,
+        "tempered_fraction": 0.25,
+        "replay_fraction": 0.5,
+        "buffer_capacity": 128,
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "max_steps": 150,
+        "output_dir": "runs/rng",
+    }
+
+    # --- setup ---------------------------------------------------------------------------------
+    def dataset(self) -> list[dict]:
+        return [{"prompt": self.args.prompt}]
+
+    def digit_ids(self, tokenizer) -> list[int]:
+        try:
+            return resolve_token_ids(tokenizer, DIGITS, "rng digits")
+        except ConfigError:
+            raise ConfigError("restrict_vocab needs each digit 0-9 to be one token in this tokenizer: "
+                              "set task_args.restrict_vocab false") from None
+
+    def constraints(self, config, tokenizer) -> Constraints:
+        return Constraints(
+            stop_token_ids=resolve_token_ids(tokenizer, config.stop_tokens, "stop_tokens"),
+            min_new_tokens=config.min_new_tokens,
+            max_new_tokens=config.max_new_tokens,
+            allowed_token_ids=self.digit_ids(tokenizer) if self.args.restrict_vocab else None,
+            forbidden_token_ids=resolve_token_ids(tokenizer, config.forbidden_tokens, "forbidden_tokens"),
+        )
+
+    def floor(self, tokenizer, constraints: Constraints) -> float:
+        """The log-reward of an invalid string (see the module docstring)."""
+        if self.args.log_reward_floor is not None:
+            return self.args.log_reward_floor
+        v = (len(constraints.allowed_token_ids) if constraints.allowed_token_ids is not None else len(tokenizer)) + 1
+        return -(constraints.max_new_tokens * math.log(v)) - 20.0
+
+    def reward_funcs(self, model, tokenizer, constraints) -> list:
+        floor = self.floor(tokenizer, constraints)
+
+        def integer_reward(prompt: str, completion: str) -> float:
+            return 0.0 if parse_integer(completion) is not None else floor
+
+        return [PrefixRuleReward(integer_reward, name="valid_integer")]
+
+    def sample_metrics(self):
+        def valid_fraction(prompts, completions):
+            return {"valid_fraction": sum(parse_integer(c) is not None for c in completions) / max(len(completions), 1)}
+
+        return valid_fraction
+
+    def prepare_trainer(self, trainer) -> None:
+        if self.args.seed_buffer:
+            trainer.seed_buffer({self.args.prompt: [str(k) for k in range(NUM_VALUES)]})
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, model, tokenizer, config, constraints: Constraints, *, n: int | None = None, seed: int = 0,
+                 progress: bool = False, desc: str = "sampling", exact: bool = True) -> dict:
+        """Sampled and exact metrics of ``model`` under ``constraints`` (see :func:`distribution_metrics`)."""
+        n = n or self.args.eval_samples
+        prompt_ids = render_prompt(tokenizer, self.args.prompt, config.chat_template)
+        texts = sample_completions(model, tokenizer, prompt_ids, constraints, n, seed=seed, progress=progress, desc=desc)
+        out = distribution_metrics(texts)
+        if exact:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            ids = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(NUM_VALUES)]
+            logp = sequence_log_probs(model, prompt_ids, constraints, ids, pad_id=pad)
+            out.update(exact_metrics(logp.exp()))
+        return out
+
+
+def distribution_metrics(completions: list[str]) -> dict:
+    """Metrics of sampled completions.
+
+    * ``valid_fraction``: share of completions that are an integer 0..100;
+    * ``distinct``: number of distinct valid integers;
+    * ``tv_to_uniform``: total variation between the empirical distribution over 102 outcomes
+      (the integers 0..100 and "invalid") and the target, uniform on the 101 integers;
+    * ``kl_to_uniform``: KL(empirical ‖ uniform over the 102 outcomes 0..100 and invalid), in
+      nats; finite even when some completions are invalid (0 would need 1/102 invalid).
+    """
+    n = len(completions)
+    counts = [0] * NUM_VALUES
+    invalid = 0
+    for c in completions:
+        k = parse_integer(c)
+        if k is None:
+            invalid += 1
+        else:
+            counts[k] += 1
+    p = torch.tensor(counts + [invalid], dtype=torch.float64) / max(n, 1)
+    target = torch.tensor([1.0 / NUM_VALUES] * NUM_VALUES + [0.0], dtype=torch.float64)
+    tv = 0.5 * (p - target).abs().sum().item()
+    u102 = 1.0 / (NUM_VALUES + 1)
+    kl = sum(pi * math.log(pi / u102) for pi in p.tolist() if pi > 0)
+    return {
+        "n": n,
+        "valid_fraction": 1.0 - invalid / max(n, 1),
+        "distinct": sum(c > 0 for c in counts),
+        "tv_to_uniform": tv,
+        "kl_to_uniform": kl,
+        "counts": counts,
+        "invalid": invalid,
+    }
+
+
+def exact_metrics(probs: torch.Tensor) -> dict:
+    """From q(k ⊤ | X) for k = 0..100 (exact, by scoring every answer): the exact valid mass and
+    the exact total variation to uniform (invalid mass counted as one outcome of target 0)."""
+    probs = probs.double()
+    valid_mass = probs.sum().item()
+    tv = 0.5 * ((probs - 1.0 / NUM_VALUES).abs().sum().item() + max(1.0 - valid_mass, 0.0))
+    return {"exact_valid_mass": valid_mass, "exact_tv_to_uniform": tv, "exact_probs": probs.tolist()}
+
+
+def plot_histograms(results: dict[str, dict], path: str | Path, title: str = "") -> Path:
+    """Bar charts of sampled integers (and invalid) for each labelled result; saves a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(results)
+    fig, axes = plt.subplots(k, 1, figsize=(11, 2.6 * k), sharex=True, squeeze=False)
+    for ax, (label, r) in zip(axes[:, 0], results.items()):
+        n = max(r["n"], 1)
+        freqs = [c / n for c in r["counts"]]
+        ax.bar(range(NUM_VALUES), freqs, width=0.9, color="tab:blue", label="sampled frequency")
+        ax.bar([NUM_VALUES + 1], [r["invalid"] / n], width=0.9, color="tab:red", label="invalid")
+        if r.get("exact_probs"):
+            ax.plot(range(NUM_VALUES), r["exact_probs"], ".", color="black", ms=3, label="exact q(k)")
+        ax.axhline(1.0 / NUM_VALUES, color="tab:green", lw=1, ls="--", label="uniform 1/101")
+        ax.set_ylabel("probability")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_title(f"{label}: valid {r['valid_fraction']:.3f}, TV {r['tv_to_uniform']:.3f}, distinct {r['distinct']}",
+                     fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xticks(list(range(0, NUM_VALUES, 10)) + [NUM_VALUES + 1])
+    axes[-1, 0].set_xticklabels([str(x) for x in range(0, NUM_VALUES, 10)] + ["inv."])
+    axes[-1, 0].set_xlabel("integer")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
