@@ -7,7 +7,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models gain nothing from intra-op threads, and OpenMP spinning makes a loaded 2-core
+# machine many times slower: one thread per test process.
+torch.set_num_threads(1)
 
 
 def make_tiny_lm(vocab_size=16, hidden=32, layers=2, heads=2, seed=0, max_positions=64):

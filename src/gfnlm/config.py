@@ -144,7 +144,9 @@ class GFNConfig:
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "GFNConfig":
         """Load a YAML file (optional), then apply ``--field value`` overrides."""
         data: dict = read_yaml(path) if path is not None else {}
-        data.update(parse_overrides(overrides or []))
+        for k, v in parse_overrides(overrides or []).items():
+            # a mapping override (--task_args.floor -30) updates the file's mapping key by key
+            data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
         return cls.from_dict(data, source=str(path) if path else "overrides")
 
     def to_dict(self) -> dict:

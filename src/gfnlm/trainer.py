@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -133,6 +134,14 @@ class GFNTrainer:
             log_with=list(args.report_to) or None,
             project_dir=args.output_dir,
         )
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1 and self.accelerator.num_processes != world:
+            # e.g. torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: every process
+            # would believe it is the only one and they would overwrite each other's checkpoints
+            raise ConfigError(
+                f"launched as {world} processes but Accelerate sees {self.accelerator.num_processes}: "
+                "on CPU set ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N)"
+            )
         torch.manual_seed(args.seed)  # same adapter init on every rank
         if isinstance(model, (str, Path)):
             from .models import load_model
@@ -523,11 +532,16 @@ class _nullcontext:
 
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0 (the paper's code left it on during GFN training)."""
+    names = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        # attention modules copy their rate from the config at init (e.g. Llama's attention_dropout)
+        for name in names:
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
     cfg = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+    for name in names:
         if cfg is not None and hasattr(cfg, name) and isinstance(getattr(cfg, name), float):
             setattr(cfg, name, 0.0)
 
