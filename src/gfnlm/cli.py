@@ -137,11 +137,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args, rest: list[str]) -> int:
-    from .config import parse_overrides, read_yaml
+    from .config import merge_overrides, parse_overrides, read_yaml
     from .tasks import build_config
 
-    data = read_yaml(args.config) if args.config else {}
-    data.update(parse_overrides(rest))
+    data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
     if args.task:
         data["task"] = args.task
     config = build_config(data.get("task"), data)

@@ -143,10 +143,7 @@ class GFNConfig:
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "GFNConfig":
         """Load a YAML file (optional), then apply ``--field value`` overrides."""
-        data: dict = read_yaml(path) if path is not None else {}
-        for k, v in parse_overrides(overrides or []).items():
-            # a mapping override (--task_args.floor -30) updates the file's mapping key by key
-            data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+        data = merge_overrides(read_yaml(path) if path is not None else {}, parse_overrides(overrides or []))
         return cls.from_dict(data, source=str(path) if path else "overrides")
 
     def to_dict(self) -> dict:
@@ -179,6 +176,15 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file '{path}' must be a mapping of field: value")
     return loaded
+
+
+def merge_overrides(data: dict, overrides: dict) -> dict:
+    """``data`` updated with ``overrides``; a mapping override (``--task_args.floor -30``) updates the
+    file's mapping key by key instead of replacing it."""
+    out = dict(data)
+    for k, v in overrides.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict:

@@ -89,6 +89,10 @@ def resolve_token_ids(tokenizer, items: Sequence, what: str) -> list[int]:
             tid = tokenizer.convert_tokens_to_ids(it) if it in tokenizer.get_vocab() else None
             if tid is None:
                 enc = tokenizer.encode(it, add_special_tokens=False)
+                unk = getattr(tokenizer, "unk_token_id", None)
+                unknown = unk is not None and enc == [unk] and it != tokenizer.unk_token
+                if len(enc) == 1 and (unknown or tokenizer.decode(enc).strip() != it.strip()):
+                    raise ConfigError(f"{what}: {it!r} is not in the tokenizer's vocabulary; use a token it knows or an id")
                 if len(enc) != 1:
                     raise ConfigError(f"{what}: {it!r} is {len(enc)} tokens for this tokenizer; use a single token or an id")
                 tid = enc[0]

@@ -70,8 +70,9 @@ class RandomIntegerTask(Task):
         "min_new_tokens": 1,
         "stop_tokens": ["eos"],
         "loss_type": "modified_subtb",
-        "learning_rate": 5e-4,
+        "learning_rate": 1e-3,
         "log_z_learning_rate": 0.3,
+        "lr_scheduler_type": "cosine",
         "warmup_steps": 5,
         "samples_per_prompt": 32,
         "tempered_fraction": 0.25,
@@ -79,7 +80,7 @@ class RandomIntegerTask(Task):
         "buffer_capacity": 128,
         "lora_r": 16,
         "lora_alpha": 32,
-        "max_steps": 150,
+        "max_steps": 300,
         "output_dir": "runs/rng",
     }
 
@@ -87,9 +88,10 @@ class RandomIntegerTask(Task):
     def dataset(self) -> list[dict]:
         return [{"prompt": self.args.prompt}]
 
-    def digit_ids(self, tokenizer) -> list[int]:
+    def digit_map(self, tokenizer) -> dict[str, int]:
+        """Token id of each digit character (each must be a single token)."""
         try:
-            return resolve_token_ids(tokenizer, DIGITS, "rng digits")
+            return {d: resolve_token_ids(tokenizer, [d], "rng digits")[0] for d in DIGITS}
         except ConfigError:
             raise ConfigError("restrict_vocab needs each digit 0-9 to be one token in this tokenizer: "
                               "set task_args.restrict_vocab false") from None
@@ -99,7 +101,7 @@ class RandomIntegerTask(Task):
             stop_token_ids=resolve_token_ids(tokenizer, config.stop_tokens, "stop_tokens"),
             min_new_tokens=config.min_new_tokens,
             max_new_tokens=config.max_new_tokens,
-            allowed_token_ids=self.digit_ids(tokenizer) if self.args.restrict_vocab else None,
+            allowed_token_ids=sorted(self.digit_map(tokenizer).values()) if self.args.restrict_vocab else None,
             forbidden_token_ids=resolve_token_ids(tokenizer, config.forbidden_tokens, "forbidden_tokens"),
         )
 
@@ -129,6 +131,17 @@ class RandomIntegerTask(Task):
             trainer.seed_buffer({self.args.prompt: [str(k) for k in range(NUM_VALUES)]})
 
     # --- evaluation ----------------------------------------------------------------------------
+    def answer_token_ids(self, tokenizer, constraints: Constraints) -> list[list[int]]:
+        """Token ids of the answers 0..100 as the policy spells them: digit by digit under the
+        digits-only sampler, else the tokenizer's own encoding (other tokenisations of the same
+        text are not counted, so the exact valid mass is then a lower bound)."""
+        allowed = constraints.allowed_token_ids
+        if allowed is not None:
+            digits = self.digit_map(tokenizer)
+            if set(allowed) <= set(digits.values()):
+                return [[digits[c] for c in str(k)] for k in range(NUM_VALUES)]
+        return [tokenizer.encode(str(k), add_special_tokens=False) for k in range(NUM_VALUES)]
+
     def evaluate(self, model, tokenizer, config, constraints: Constraints, *, n: int | None = None, seed: int = 0,
                  progress: bool = False, desc: str = "sampling", exact: bool = True) -> dict:
         """Sampled and exact metrics of ``model`` under ``constraints`` (see :func:`distribution_metrics`)."""
@@ -138,7 +151,7 @@ class RandomIntegerTask(Task):
         out = distribution_metrics(texts)
         if exact:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            ids = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(NUM_VALUES)]
+            ids = self.answer_token_ids(tokenizer, constraints)
             logp = sequence_log_probs(model, prompt_ids, constraints, ids, pad_id=pad)
             out.update(exact_metrics(logp.exp()))
         return out

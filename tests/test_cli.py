@@ -1,0 +1,97 @@
+"""The `gfnlm` command on a tiny local model: train, sample, eval, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_tiny_lm
+from test_rng_task import digit_tokenizer
+from gfnlm import checkpoint as ckpt
+from gfnlm.cli import main
+
+DIGITS = [str(d) for d in range(10)]
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    tok = digit_tokenizer(extra=("The", "following"))
+    model = make_tiny_lm(vocab_size=len(tok))
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_train_sample_eval_roundtrip(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"task: rng\nmodel: {tiny_model_dir}\noutput_dir: {out}\nmax_steps: 4\nreport_to: []\n"
+                   "samples_per_prompt: 8\nchat_template: never\n")
+    assert main(["train", "--config", str(cfg), "--learning_rate", "1e-3", "--disable_tqdm", "true",
+                 "--task_args.eval_samples", "64"]) == 0
+    ck = out / "checkpoint-4"
+    assert ckpt.is_complete(ck)
+    capsys.readouterr()
+
+    assert main(["sample", "--checkpoint", str(ck), "-n", "5", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5
+    for line in lines:  # the task's sampler: digits only, 1..3 tokens
+        text = json.loads(line)
+        assert 1 <= len(text) <= 3 and text.isdigit()
+
+    metrics = tmp_path / "m.json"
+    assert main(["eval", "--task", "rng", "--checkpoint", str(ck), "-n", "64", "--output", str(metrics)]) == 0
+    printed = capsys.readouterr().out
+    assert "valid_fraction" in printed and "exact_tv_to_uniform" in printed
+    m = json.loads(metrics.read_text())
+    assert m["n"] == 64 and sum(m["counts"]) + m["invalid"] == 64
+    assert 0.0 <= m["tv_to_uniform"] <= 1.0 and 0.0 <= m["exact_valid_mass"] <= 1.0 + 1e-6
+
+
+def test_resume_flag_continues_from_latest(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    args = ["train", "--task", "rng", "--model", str(tiny_model_dir), "--output_dir", str(out), "--report_to", "[]",
+            "--samples_per_prompt", "4", "--chat_template", "never", "--disable_tqdm", "true", "--save_total_limit", "5"]
+    assert main(args + ["--max_steps", "2"]) == 0
+    assert main(args + ["--max_steps", "3", "--resume"]) == 0
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and ckpt.is_complete(out / "checkpoint-2")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--task", "rng", "--max_stepz", "3"], "unknown config field 'max_stepz' in config (did you mean 'max_steps'?)"),
+        (["train", "--task", "rng", "--model", "no-such-model-xyz"], "no-such-model-xyz"),
+        (["train", "--task", "nope"], "unknown task 'nope'"),
+        (["train", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' not found"),
+        (["sample", "--checkpoint", "/nonexistent-ckpt"], "not a complete gfnlm checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert message in err
+
+
+def test_malformed_yaml_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: rng\nmax_steps: [1, 2\nlearning_rate: 1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML at line" in err
+
+
+def test_malformed_dataset_file(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "a"}\n{"prompt": \n')
+    argv = ["train", "--task", "rng", "--model", str(tiny_model_dir), "--dataset", str(data), "--max_steps", "1",
+            "--report_to", "[]", "--chat_template", "never", "--task_args.seed_buffer", "false"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "line 2 is not valid JSON" in err
+
