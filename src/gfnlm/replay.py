@@ -22,6 +22,7 @@ class Entry:
     tokens: tuple[int, ...]
     log_r_terminal: float
     log_r_prefix: Tensor | None  # [n+1] untempered log R of every prefix, or None
+    action_mask: tuple[bool, ...] | None = None  # False on tool-written tokens; None: all actions
 
 
 class ReplayBuffer:
@@ -41,11 +42,13 @@ class ReplayBuffer:
     def entries(self, key: str) -> list[Entry]:
         return list(self._data.get(key, {}).values())
 
-    def add(self, key: str, tokens: Sequence[int], log_r_terminal: float, log_r_prefix: Tensor | None = None) -> bool:
+    def add(self, key: str, tokens: Sequence[int], log_r_terminal: float, log_r_prefix: Tensor | None = None,
+            action_mask: Sequence[bool] | None = None) -> bool:
         """Insert one completion; returns True if the buffer changed."""
         tokens = tuple(int(t) for t in tokens)
         bucket = self._data.setdefault(key, {})
-        entry = Entry(tokens, float(log_r_terminal), None if log_r_prefix is None else log_r_prefix.detach().float().cpu().clone())
+        entry = Entry(tokens, float(log_r_terminal), None if log_r_prefix is None else log_r_prefix.detach().float().cpu().clone(),
+                      None if action_mask is None else tuple(bool(a) for a in action_mask))
         if tokens in bucket:  # duplicate: keep the latest reward (rewards can change, e.g. in EM)
             bucket[tokens] = entry
             return False
@@ -57,15 +60,18 @@ class ReplayBuffer:
         bucket[tokens] = entry
         return True
 
-    def add_batch(self, keys: Sequence[str], tokens: Tensor, lengths: Tensor, log_r: Tensor) -> int:
-        """Insert B episodes. ``log_r`` is [B, N+1] (prefix) or [B] (terminal), untempered."""
+    def add_batch(self, keys: Sequence[str], tokens: Tensor, lengths: Tensor, log_r: Tensor,
+                  action_mask: Tensor | None = None) -> int:
+        """Insert B episodes. ``log_r`` is [B, N+1] (prefix) or [B] (terminal), untempered;
+        ``action_mask`` [B, N] marks policy actions when a tool wrote some tokens."""
         added = 0
         for b, key in enumerate(keys):
             n = int(lengths[b])
+            mask = None if action_mask is None else action_mask[b, :n].tolist()
             if log_r.ndim == 2:
-                added += self.add(key, tokens[b, :n].tolist(), float(log_r[b, n]), log_r[b, : n + 1])
+                added += self.add(key, tokens[b, :n].tolist(), float(log_r[b, n]), log_r[b, : n + 1], mask)
             else:
-                added += self.add(key, tokens[b, :n].tolist(), float(log_r[b]))
+                added += self.add(key, tokens[b, :n].tolist(), float(log_r[b]), None, mask)
         return added
 
     def sample(self, key: str, k: int, generator: torch.Generator | None = None) -> list[Entry]:
@@ -82,13 +88,14 @@ class ReplayBuffer:
         return {
             "capacity": self.capacity,
             "priority_temperature": self.priority_temperature,
-            "data": {k: [(e.tokens, e.log_r_terminal, e.log_r_prefix) for e in v.values()] for k, v in self._data.items()},
+            "data": {k: [(e.tokens, e.log_r_terminal, e.log_r_prefix, e.action_mask) for e in v.values()]
+                     for k, v in self._data.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity = state["capacity"]
         self.priority_temperature = state["priority_temperature"]
-        self._data = {k: {tuple(t): Entry(tuple(t), r, p) for t, r, p in v} for k, v in state["data"].items()}
+        self._data = {k: {tuple(e[0]): Entry(tuple(e[0]), *e[1:]) for e in v} for k, v in state["data"].items()}
 
 
 def pad_entries(entries: Sequence[Entry], pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -104,3 +111,15 @@ def pad_entries(entries: Sequence[Entry], pad_id: int = 0) -> tuple[Tensor, Tens
             prefix[i, : len(e.tokens) + 1] = e.log_r_prefix
     terminal = torch.tensor([e.log_r_terminal for e in entries])
     return tokens, lengths, prefix, terminal
+
+
+def pad_action_masks(entries: Sequence[Entry], width: int) -> Tensor | None:
+    """[K, width] bool action masks of entries (True where a token is an action), or None if no
+    entry has tool-written tokens."""
+    if all(e.action_mask is None for e in entries):
+        return None
+    mask = torch.zeros(len(entries), width, dtype=torch.bool)
+    for i, e in enumerate(entries):
+        mask[i, : len(e.tokens)] = torch.tensor(e.action_mask if e.action_mask is not None else [True] * len(e.tokens),
+                                                dtype=torch.bool)
+    return mask

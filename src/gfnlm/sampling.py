@@ -110,12 +110,15 @@ class Samples:
 
     Attributes:
         prompt_index: [B] long, row of the prompt (in the list given to :func:`sample`).
-        tokens: [B, N] long, z_1..z_n padded with ``pad_id`` (never includes the stop token).
-        lengths: [B] long, n for each row.
+        tokens: [B, N] long, the state after the prompt: z_1..z_n, with any tool output in place,
+            padded with ``pad_id`` (never includes the stop token).
+        lengths: [B] long, state length n of each row (actions plus tool tokens).
         log_pf: [B, N] log q(z_t | z_<t) under the policy at temperature 1 (log space;
             0 in padding).
         log_pterm: [B, N+1] log q(⊤ | z_1:t) for t = 0..N (log space; -inf where stopping is
-            impossible or beyond the length).
+            impossible, beyond the length, and inside tool output).
+        action_mask: [B, N] bool, True where the token is the policy's action and False where a
+            tool wrote it; None when every token is an action (no tool).
     """
 
     prompt_index: Tensor
@@ -123,6 +126,7 @@ class Samples:
     lengths: Tensor
     log_pf: Tensor
     log_pterm: Tensor
+    action_mask: Tensor | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -214,6 +218,9 @@ def sample(
     epsilon: float = 0.0,
     pad_id: int = 0,
     generator: torch.Generator | None = None,
+    tool=None,
+    tokenizer=None,
+    max_tool_tokens: int = 0,
 ) -> Samples:
     """Sample one episode for each entry of ``prompt_index``.
 
@@ -226,12 +233,17 @@ def sample(
         epsilon: probability of taking a uniformly random allowed action (ε-uniform exploration).
         pad_id: id used to pad ``tokens``.
         generator: torch random generator (for reproducibility).
+        tool: optional ``f(completion_text) -> str | None`` (e.g. :class:`gfnlm.tools.Calculator`),
+            called after every action; its text is tokenised with ``tokenizer`` and appended to the
+            state. Tool tokens are not actions (``action_mask`` False): they count in neither log q
+            nor the length limits. At most ``max_tool_tokens`` tool tokens per episode (an output
+            that does not fit is not inserted).
 
     The returned ``log_pf``/``log_pterm`` are always those of the policy itself (temperature 1,
     ε = 0), whatever behaviour policy drew the sample.
     """
     device = next(model.parameters()).device
-    check_fits(model, prompts, constraints.max_new_tokens)
+    check_fits(model, prompts, constraints.max_new_tokens + (max_tool_tokens if tool is not None else 0))
     prompt_index = torch.as_tensor(prompt_index, dtype=torch.long, device=device)
     B = prompt_index.numel()
     N = constraints.max_new_tokens
@@ -247,18 +259,26 @@ def sample(
         temp = temp.expand(B)
     temp = temp[:, None]
 
-    tokens = torch.full((B, N), pad_id, dtype=torch.long, device=device)
-    log_pf = torch.zeros((B, N), device=device)
-    log_pterm = torch.full((B, N + 1), NEG_INF, device=device)
+    S = N + (max_tool_tokens if tool is not None else 0)  # room for actions and tool output
+    tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+    action = torch.zeros((B, S), dtype=torch.bool, device=device)
+    log_pf = torch.zeros((B, S), device=device)
+    log_pterm = torch.full((B, S + 1), NEG_INF, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
+    n_act = torch.zeros(B, dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     _, stop_mask = constraints.token_mask(logits.shape[-1], device)
+    pending: list[list[int]] = [[] for _ in range(B)]  # tool tokens still to be written, per row
+    tool_used = [0] * B
+    if tool is not None and tokenizer is None:
+        raise DataError("sampling with a tool needs the tokenizer (tokenizer=...)")
 
-    for t in range(N + 1):
-        n_gen = torch.full((B,), t, dtype=torch.long, device=device)
-        logp, stop_lp = constraints.log_probs(logits, n_gen)
-        log_pterm[:, t] = torch.where(alive, stop_lp, log_pterm[:, t])
-        if t == N:
+    for t in range(S + 1):
+        forced = torch.tensor([bool(q) for q in pending], device=device) & alive
+        real = alive & ~forced  # states where the policy acts (may stop)
+        logp, stop_lp = constraints.log_probs(logits, n_act)
+        log_pterm[:, t] = torch.where(real, stop_lp, log_pterm[:, t])
+        if t == S:
             break
         # behaviour distribution over the vocabulary: tempered policy, then ε-uniform mix
         allowed = torch.isfinite(logp)
@@ -267,12 +287,28 @@ def sample(
             uni = allowed.float() / allowed.float().sum(-1, keepdim=True)
             beh = (1 - epsilon) * beh + epsilon * uni
         choice = torch.multinomial(beh, 1, generator=generator).squeeze(1)
-        stopped = stop_mask[choice] & alive
+        if forced.any():
+            written = torch.tensor([q[0] if q else pad_id for q in pending], device=device)
+            choice = torch.where(forced, written, choice)
+            for b in forced.nonzero().squeeze(1).tolist():
+                pending[b].pop(0)
+        stopped = stop_mask[choice] & real
         cont = alive & ~stopped
+        acted = cont & real
         tokens[:, t] = torch.where(cont, choice, tokens[:, t])
-        log_pf[:, t] = torch.where(cont, logp.gather(1, choice[:, None]).squeeze(1), log_pf[:, t])
+        action[:, t] = acted
+        log_pf[:, t] = torch.where(acted, logp.gather(1, choice[:, None]).squeeze(1), log_pf[:, t])
         lengths = lengths + cont.long()
+        n_act = n_act + acted.long()
         alive = cont
+        if tool is not None:
+            for b in acted.nonzero().squeeze(1).tolist():
+                text = tool(tokenizer.decode(tokens[b, : int(lengths[b])].tolist(), skip_special_tokens=False))
+                if text:
+                    ids = tokenizer.encode(text, add_special_tokens=False)
+                    if tool_used[b] + len(ids) <= max_tool_tokens:
+                        pending[b] = list(ids)
+                        tool_used[b] += len(ids)
         if not alive.any():
             break
         # advance the cache by one token for every row (finished rows feed padding, ignored)
@@ -298,4 +334,5 @@ def sample(
         log_pterm=torch.where(
             torch.arange(width + 1, device=device)[None, :] <= lengths[:, None], log_pterm[:, : width + 1], NEG_INF
         ),
+        action_mask=action[:, :width] if tool is not None else None,
     )

@@ -73,6 +73,7 @@ def score(
     *,
     pad_id: int = 0,
     return_prompt_hidden: bool = False,
+    action_mask: Tensor | None = None,
 ) -> PolicyScores:
     """Teacher-forced log-probabilities of completions under the constrained policy.
 
@@ -83,6 +84,9 @@ def score(
         tokens: [B, N] long completions, padded (no stop token inside).
         lengths: [B] long.
         constraints: the same constraints as used for sampling.
+        action_mask: [B, N] bool, False on tokens a tool wrote (see :func:`gfnlm.sampling.sample`);
+            those get log_pf 0, states inside tool output cannot stop, and only actions count
+            towards the length limits. None: every token is an action.
 
     Returns:
         :class:`PolicyScores` (log space).
@@ -91,13 +95,21 @@ def score(
     prompt_index = prompt_index.to(tokens.device)
     logits, hidden = completion_logits(model, prompts, prompt_index, tokens, lengths, pad_id, return_prompt_hidden)
     B, N1, _ = logits.shape
-    steps = torch.arange(N1, device=tokens.device).expand(B, N1)
+    device = tokens.device
+    positions = torch.arange(N1, device=device).expand(B, N1)
+    in_range = positions < lengths[:, None]  # [B, N+1]: a token follows state t
+    if action_mask is None:
+        acts = in_range[:, :-1]
+    else:
+        acts = action_mask.to(device).bool() & in_range[:, :-1]
+    steps = torch.cat([torch.zeros_like(lengths)[:, None], acts.long().cumsum(1)], dim=1)  # actions so far
     logp, stop_lp = constraints.log_probs(logits, steps)  # [B, N+1, V], [B, N+1]
-    valid_state = steps <= lengths[:, None]
-    log_pterm = torch.where(valid_state, stop_lp, torch.full_like(stop_lp, NEG_INF))
+    # the policy acts (and may stop) at the end and before each of its own actions, not inside tool output
+    real = (positions == lengths[:, None]) | torch.cat([acts, acts.new_zeros((B, 1))], dim=1)
+    log_pterm = torch.where(real, stop_lp, torch.full_like(stop_lp, NEG_INF))
     if N1 > 1:
         tok = logp[:, :-1, :].gather(2, tokens[:, :, None]).squeeze(2)
-        log_pf = torch.where(valid_state[:, 1:], tok, torch.zeros_like(tok))
+        log_pf = torch.where(acts, tok, torch.zeros_like(tok))
     else:
         log_pf = logits.new_zeros((B, 0), dtype=torch.float32)
     return PolicyScores(log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden)

@@ -36,7 +36,7 @@ from .config import GFNConfig
 from .data import as_rows, render_prompt
 from .errors import ConfigError, DataError
 from .losses import LOSSES, tempered
-from .replay import ReplayBuffer, pad_entries
+from .replay import ReplayBuffer, pad_action_masks, pad_entries
 from .rewards import Reward, RewardBatch, as_reward, compute_log_rewards
 from .sampling import Constraints, Samples, check_fits, sample
 from .scoring import score
@@ -62,10 +62,10 @@ class GFNPolicy(nn.Module):
             nn.init.zeros_(self.log_z_head.bias)
 
     def forward(self, prompts, prompt_index: Tensor, tokens: Tensor, lengths: Tensor, constraints: Constraints,
-                pad_id: int = 0):
+                pad_id: int = 0, action_mask: Tensor | None = None):
         """Returns log_pf [B, N], log_pterm [B, N+1] and log_z [B] (or None), all log space."""
         sc = score(self.lm, prompts, prompt_index, tokens, lengths, constraints, pad_id=pad_id,
-                   return_prompt_hidden=self.log_z_kind == "prompt")
+                   return_prompt_hidden=self.log_z_kind == "prompt", action_mask=action_mask)
         log_z = None
         if self.log_z_kind == "scalar":
             log_z = self.log_z.expand(tokens.shape[0])
@@ -118,6 +118,8 @@ class GFNTrainer:
         constraints: override the action space built from the config (stop/allowed tokens, lengths).
         sample_metrics: optional ``f(prompts, completions) -> dict[str, float]`` logged on the fresh
             on-policy episodes of each step (e.g. a task's valid fraction).
+        tool: optional ``f(completion_text) -> str | None`` whose output is written into the state
+            after each action (e.g. :class:`gfnlm.tools.Calculator`); tool tokens are not actions.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class GFNTrainer:
         peft_config=None,
         constraints: Constraints | None = None,
         sample_metrics: Callable[[list[str], list[str]], dict] | None = None,
+        tool: Callable[[str], str | None] | None = None,
     ):
         from accelerate import Accelerator
 
@@ -210,6 +213,7 @@ class GFNTrainer:
         rank = self.accelerator.process_index
         self.generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
         self.sample_metrics = sample_metrics
+        self.tool = tool
         self.step = 0
         self.history: list[dict] = []
         self._trackers_started = False
@@ -262,7 +266,8 @@ class GFNTrainer:
         """Add known completions (e.g. valid examples) to the replay buffer.
 
         ``completions`` maps a prompt (as in the dataset) to completion texts. Rewards are computed
-        with the reward functions. Returns how many entries were added.
+        with the reward functions. With a tool, give the policy's actions only (``"6 - 0 =, 6 - 4 ="``):
+        the tool's output is inserted as during sampling. Returns how many entries were added.
         """
         pairs = list(completions.items()) if isinstance(completions, dict) else [(p, [c]) for p, c in completions]
         index = {r["prompt"]: i for i, r in enumerate(self.rows)}
@@ -270,7 +275,7 @@ class GFNTrainer:
         for prompt, texts in pairs:
             if prompt not in index:
                 raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
-            seqs = []
+            seqs, masks = [], []
             for t in texts:
                 ids = self.tokenizer.encode(t, add_special_tokens=False)
                 if len(ids) < self.constraints.min_new_tokens:
@@ -278,22 +283,50 @@ class GFNTrainer:
                     raise DataError(f"seed_buffer: {what} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
                 if len(ids) > self.constraints.max_new_tokens:
                     raise DataError(f"seed_buffer: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
-                seqs.append(ids)
+                state, mask = self._with_tool_output(ids)
+                seqs.append(state)
+                masks.append(mask)
             n = max(len(s) for s in seqs)
             tokens = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-            for i, s in enumerate(seqs):
+            action_mask = torch.zeros((len(seqs), n), dtype=torch.bool)
+            for i, (s, m) in enumerate(zip(seqs, masks)):
                 tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+                action_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
             lengths = torch.tensor([len(s) for s in seqs])
             batch = self.reward_batch([index[prompt]], torch.zeros(len(seqs), dtype=torch.long), tokens, lengths)
-            added += self.buffer.add_batch([prompt] * len(seqs), tokens, lengths, self.log_rewards(batch))
+            added += self.buffer.add_batch([prompt] * len(seqs), tokens, lengths, self.log_rewards(batch),
+                                           action_mask if self.tool is not None else None)
         return added
+
+    def _with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
+        """The state the sampler would build from these actions: tool output inserted after each
+        action that triggers the tool (same rule and budget as :func:`gfnlm.sampling.sample`)."""
+        if self.tool is None:
+            return list(actions), [True] * len(actions)
+        state, mask, used = [], [], 0
+        for a in actions:
+            state.append(a)
+            mask.append(True)
+            text = self.tool(self.tokenizer.decode(state, skip_special_tokens=False))
+            if text:
+                out = self.tokenizer.encode(text, add_special_tokens=False)
+                if used + len(out) <= self.args.max_tool_tokens:
+                    state += out
+                    mask += [False] * len(out)
+                    used += len(out)
+        return state, mask
+
+    def _tool_kwargs(self) -> dict:
+        if self.tool is None:
+            return {}
+        return {"tool": self.tool, "tokenizer": self.tokenizer, "max_tool_tokens": self.args.max_tool_tokens}
 
     def sample(self, prompts: Sequence[str], n: int, temperature: float = 1.0) -> list[list[str]]:
         """Sample ``n`` completions (text) for each prompt from the current policy."""
         ids = [render_prompt(self.tokenizer, p, self.args.chat_template) for p in prompts]
         idx = torch.arange(len(prompts)).repeat_interleave(n)
         s = sample(self.model, ids, idx, self.constraints, temperature=temperature, pad_id=self.pad_id,
-                   generator=self.generator)
+                   generator=self.generator, **self._tool_kwargs())
         texts = [self.tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -318,11 +351,12 @@ class GFNTrainer:
         fresh_idx_t = torch.tensor(fresh_idx, dtype=torch.long)
         on_policy = torch.tensor(on_policy)
         s = sample(self.model, prompts, fresh_idx_t.to(device), self.constraints, temperature=torch.tensor(temps),
-                   epsilon=a.epsilon, pad_id=self.pad_id, generator=g)
+                   epsilon=a.epsilon, pad_id=self.pad_id, generator=g, **self._tool_kwargs())
         fresh_batch = self.reward_batch(row_ids, fresh_idx_t, s.tokens, s.lengths)
         fresh_log_r = self.log_rewards(fresh_batch)
         keys = [self.rows[row_ids[i]]["prompt"] for i in fresh_idx]
-        self.buffer.add_batch(keys, s.tokens.cpu(), s.lengths.cpu(), fresh_log_r)
+        fresh_mask = None if s.action_mask is None else s.action_mask.cpu()
+        self.buffer.add_batch(keys, s.tokens.cpu(), s.lengths.cpu(), fresh_log_r, fresh_mask)
 
         # replayed episodes, with their stored (untempered) log-rewards
         rep_entries, rep_idx = [], []
@@ -330,10 +364,15 @@ class GFNTrainer:
             got = self.buffer.sample(key, n_rep, generator=g)
             rep_entries += got
             rep_idx += [p] * len(got)
-        tokens, lengths, log_r = s.tokens.cpu(), s.lengths.cpu(), fresh_log_r
+        tokens, lengths, log_r, action_mask = s.tokens.cpu(), s.lengths.cpu(), fresh_log_r, fresh_mask
         prompt_index = fresh_idx_t
         if rep_entries:
             r_tok, r_len, r_prefix, r_term = pad_entries(rep_entries, self.pad_id)
+            r_mask = pad_action_masks(rep_entries, r_tok.shape[1])
+            if action_mask is not None or r_mask is not None:  # tool-written tokens on either side
+                masks = [m if m is not None else _range_mask(n, t.shape[1])
+                         for m, n, t in ((action_mask, lengths, tokens), (r_mask, r_len, r_tok))]
+                action_mask = _cat_padded(masks, False)
             r_log_r = r_prefix if self.prefix_rewards else r_term
             tokens, lengths, log_r = _cat_padded([tokens, r_tok], self.pad_id), torch.cat([lengths, r_len]), \
                 _cat_padded([log_r, r_log_r], 0.0) if log_r.ndim == 2 else torch.cat([log_r, r_log_r])
@@ -350,7 +389,7 @@ class GFNTrainer:
             m = self.sample_metrics([fresh_batch.prompts[i] for i in sel], [fresh_batch.completions[i] for i in sel])
             metrics.update({f"samples/{k}": float(v) for k, v in m.items()})
         return dict(prompts=prompts, prompt_index=prompt_index, tokens=tokens, lengths=lengths, log_r=log_r,
-                    metrics=metrics, n=int(tokens.shape[0]))
+                    action_mask=action_mask, metrics=metrics, n=int(tokens.shape[0]))
 
     def compute_loss(self, batch: dict) -> tuple[Tensor, dict]:
         """The GFlowNet loss of one micro-batch (with grad)."""
@@ -358,7 +397,9 @@ class GFNTrainer:
         T = self.args.reward_temperature_at(self.step)
         tokens, lengths = batch["tokens"].to(device), batch["lengths"].to(device)
         prompt_index = batch["prompt_index"].to(device)
-        log_pf, log_pterm, log_z = self.policy(batch["prompts"], prompt_index, tokens, lengths, self.constraints, self.pad_id)
+        mask = batch.get("action_mask")
+        log_pf, log_pterm, log_z = self.policy(batch["prompts"], prompt_index, tokens, lengths, self.constraints,
+                                               self.pad_id, None if mask is None else mask.to(device))
         if not torch.isfinite(log_pf).all():
             raise DataError("an episode contains a token the constraints forbid (e.g. a replayed or seeded completion): "
                             "check allowed_tokens/forbidden_tokens against the buffer's completions")
@@ -514,6 +555,11 @@ class GFNTrainer:
         random.setstate(rs["python"])
         np.random.set_state(rs["numpy"])
         self.step = info["step"]
+
+
+def _range_mask(lengths: Tensor, width: int) -> Tensor:
+    """[B, width] bool, True on the first ``lengths[b]`` columns."""
+    return torch.arange(width)[None, :] < lengths[:, None]
 
 
 def _cat_padded(tensors: list[Tensor], pad) -> Tensor:
