@@ -66,7 +66,7 @@ RNG_COLUMNS = ["valid_fraction", "distinct", "tv_to_uniform", "exact_tv_to_unifo
 
 
 def _summary(r: dict) -> dict:
-    return {k: v for k, v in r.items() if k not in ("counts", "exact_probs")}
+    return {k: v for k, v in r.items() if k != "exact_probs"}
 
 
 # --- commands ---------------------------------------------------------------------------------

@@ -214,16 +214,15 @@ def plot_histograms(results: dict[str, dict], path: str | Path, title: str = "")
         n = max(r["n"], 1)
         freqs = [c / n for c in r["counts"]]
         ax.bar(range(NUM_VALUES), freqs, width=0.9, color="tab:blue", label="sampled frequency")
-        ax.bar([NUM_VALUES + 1], [r["invalid"] / n], width=0.9, color="tab:red", label="invalid")
+        ax.bar([NUM_VALUES + 3], [r["invalid"] / n], width=0.9, color="tab:red", label="invalid")
         if r.get("exact_probs"):
             ax.plot(range(NUM_VALUES), r["exact_probs"], ".", color="black", ms=3, label="exact q(k)")
         ax.axhline(1.0 / NUM_VALUES, color="tab:green", lw=1, ls="--", label="uniform 1/101")
         ax.set_ylabel("probability")
-        ax.set_yscale("symlog", linthresh=0.01)
         ax.set_title(f"{label}: valid {r['valid_fraction']:.3f}, TV {r['tv_to_uniform']:.3f}, distinct {r['distinct']}",
                      fontsize=10)
         ax.legend(fontsize=7, loc="upper right")
-    axes[-1, 0].set_xticks(list(range(0, NUM_VALUES, 10)) + [NUM_VALUES + 1])
+    axes[-1, 0].set_xticks(list(range(0, NUM_VALUES, 10)) + [NUM_VALUES + 3])
     axes[-1, 0].set_xticklabels([str(x) for x in range(0, NUM_VALUES, 10)] + ["inv."])
     axes[-1, 0].set_xlabel("integer")
     if title:
