@@ -102,6 +102,19 @@ def resolve_token_ids(tokenizer, items: Sequence, what: str) -> list[int]:
     return sorted(set(ids))
 
 
+def constraints_from_config(args: GFNConfig, tokenizer, allowed_token_ids: list[int] | None = None) -> Constraints:
+    """The action space a config describes (``allowed_token_ids`` overrides ``allowed_tokens``)."""
+    if allowed_token_ids is None and args.allowed_tokens:
+        allowed_token_ids = resolve_token_ids(tokenizer, args.allowed_tokens, "allowed_tokens")
+    return Constraints(
+        stop_token_ids=resolve_token_ids(tokenizer, args.stop_tokens, "stop_tokens"),
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        allowed_token_ids=allowed_token_ids,
+        forbidden_token_ids=resolve_token_ids(tokenizer, args.forbidden_tokens, "forbidden_tokens"),
+    )
+
+
 class GFNTrainer:
     """Fine-tune ``model`` so that it samples completions with probability ∝ R.
 
@@ -175,18 +188,13 @@ class GFNTrainer:
                 "use loss_type tb or vargrad, or a prefix reward"
             )
 
-        self.constraints = constraints or Constraints(
-            stop_token_ids=resolve_token_ids(self.tokenizer, args.stop_tokens, "stop_tokens"),
-            min_new_tokens=args.min_new_tokens,
-            max_new_tokens=args.max_new_tokens,
-            allowed_token_ids=resolve_token_ids(self.tokenizer, args.allowed_tokens, "allowed_tokens") if args.allowed_tokens else None,
-            forbidden_token_ids=resolve_token_ids(self.tokenizer, args.forbidden_tokens, "forbidden_tokens"),
-        )
+        self.constraints = constraints or constraints_from_config(args, self.tokenizer)
         self.rows = as_rows(train_dataset)
         self.prompt_ids = [render_prompt(self.tokenizer, r["prompt"], args.chat_template) for r in self.rows]
+        episode_room = self.constraints.max_new_tokens + (args.max_tool_tokens if tool is not None else 0)
         for ids, row in zip(self.prompt_ids, self.rows):
             try:
-                check_fits(model, [ids], self.constraints.max_new_tokens)
+                check_fits(model, [ids], episode_room)
             except DataError as e:
                 raise DataError(f"prompt {row['prompt'][:40]!r}...: {e}") from None
 

@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..evaluation import sample_completions, sequence_log_probs
 from ..rewards import PrefixRuleReward
 from ..sampling import Constraints
-from ..trainer import resolve_token_ids
+from ..trainer import constraints_from_config, resolve_token_ids
 from . import Task
 
 PROMPT = "The following is a random integer drawn uniformly between 0 and 100"
@@ -97,13 +97,8 @@ class RandomIntegerTask(Task):
                               "set task_args.restrict_vocab false") from None
 
     def constraints(self, config, tokenizer) -> Constraints:
-        return Constraints(
-            stop_token_ids=resolve_token_ids(tokenizer, config.stop_tokens, "stop_tokens"),
-            min_new_tokens=config.min_new_tokens,
-            max_new_tokens=config.max_new_tokens,
-            allowed_token_ids=sorted(self.digit_map(tokenizer).values()) if self.args.restrict_vocab else None,
-            forbidden_token_ids=resolve_token_ids(tokenizer, config.forbidden_tokens, "forbidden_tokens"),
-        )
+        digits = sorted(self.digit_map(tokenizer).values()) if self.args.restrict_vocab else None
+        return constraints_from_config(config, tokenizer, allowed_token_ids=digits)
 
     def floor(self, tokenizer, constraints: Constraints) -> float:
         """The log-reward of an invalid string (see the module docstring)."""
