@@ -43,7 +43,7 @@ def make_trainer(config, model=None, tokenizer=None):
     rewards = task.reward_funcs(model, tokenizer, constraints)
     dataset = config.dataset or task.dataset()
     trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
-                         constraints=constraints, sample_metrics=task.sample_metrics())
+                         constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool())
     task.prepare_trainer(trainer)
     return task, trainer
 
@@ -176,22 +176,30 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args, rest: list[str] | None = None) -> int:
     import torch
 
     from .models import load_model
     from .tasks import build_config, get_task_class
     from .trainer import load_trained
 
+    from .config import parse_overrides
+
+    extra = parse_overrides(rest or [])
+    if set(extra) - {"task_args"}:
+        raise GFNLMError(f"eval takes only --task_args.<name> overrides, not {sorted(set(extra) - {'task_args'})}")
     if args.checkpoint:
         model, tok, config, cons = load_trained(args.checkpoint)
         task_name = args.task or config.task
-        task = get_task_class(task_name)(config.task_args if task_name == config.task else {})
+        task = get_task_class(task_name)({**(config.task_args if task_name == config.task else {}),
+                                          **extra.get("task_args", {})})
     else:
-        config = build_config(args.task, {"model": args.model})
+        config = build_config(args.task, {"model": args.model, **extra})
         model, tok = load_model(config.model)
         task = get_task_class(args.task)(config.task_args)
         cons = task.constraints(config, tok)
+    if task.name == "arithmetic":
+        return _eval_arithmetic(args, task, model, tok, config, cons)
     with torch.no_grad():
         r = task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed, progress=True)
     label = args.checkpoint or config.model
@@ -205,6 +213,39 @@ def cmd_eval(args) -> int:
         print(json.dumps(_summary(r), indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(r, indent=1))
+    return 0
+
+
+def _eval_arithmetic(args, task, model, tok, config, cons) -> int:
+    """Table 4 of the paper: vote accuracy (greedy in brackets) per operand count and method."""
+    import torch
+
+    from .rewards import base_model
+
+    shots = [int(k) for k in args.shots.split(",") if k.strip()]
+    rows: list[tuple[str, dict]] = []
+    with torch.no_grad(), base_model(model) as base:
+        for k in shots:
+            rows.append((f"k-shot CoT, k = {k}", task.evaluate(base, tok, config, cons, n=args.n, seed=args.seed,
+                                                               progress=True, context_shots=k)))
+    if args.checkpoint:
+        with torch.no_grad():
+            rows.append(("GFlowNet fine-tuning", task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed,
+                                                               progress=True)))
+    labels = list(rows[0][1]) if rows else []
+    print("| method | " + " | ".join(f"{l} operands" for l in labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for name, r in rows:
+        print(f"| {name} | " + " | ".join(f"{100 * r[l]['vote_accuracy']:.1f} ({100 * r[l]['greedy_accuracy']:.1f})"
+                                        for l in labels) + " |")
+    for l in labels:
+        r = rows[0][1][l]
+        print(f"{l} operands: {r['questions']} questions evaluated; {r['removed_as_in_training']} test questions "
+              "removed because they occur in a training file")
+    print("accuracy in %: majority vote over task_args.vote_samples rationales (greedy in brackets); "
+          "SFT and RL (TRL) baselines are not implemented yet")
+    if args.output:
+        Path(args.output).write_text(json.dumps({name: r for name, r in rows}, indent=1))
     return 0
 
 
@@ -250,10 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", default=None)
     e.add_argument("--checkpoint", default=None)
     e.add_argument("--model", default="smollm2-135m", help="base model to evaluate when no --checkpoint")
-    e.add_argument("-n", type=int, default=4096)
+    e.add_argument("-n", type=int, default=None, help="samples (rng) or questions per test set (arithmetic); default: the task's")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--plot", default=None, help="write a histogram PNG here")
     e.add_argument("--output", default=None, help="write the metrics JSON here")
+    e.add_argument("--shots", default="0,3,5,10,20", help="arithmetic: k of the k-shot CoT rows")
 
     sub.add_parser("models", help="list the embedded models")
     return p
@@ -263,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_runtime()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "eval"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "demo":
@@ -275,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             if not args.task and not args.checkpoint:
                 raise GFNLMError("eval needs --task (e.g. --task rng) and/or --checkpoint DIR")
-            return cmd_eval(args)
+            return cmd_eval(args, rest)
         if args.command == "models":
             return cmd_models(args)
     except GFNLMError as e:

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 
 REGISTRY: dict[str, str] = {
     "rng": "gfnlm.tasks.rng:RandomIntegerTask",
+    "arithmetic": "gfnlm.tasks.arithmetic:ArithmeticTask",
 }
 
 
@@ -51,6 +52,10 @@ class Task:
 
     def constraints(self, config: GFNConfig, tokenizer):
         """The action space; None uses the config's stop/allowed/forbidden tokens."""
+        return None
+
+    def tool(self):
+        """Optional tool ``f(completion_text) -> str | None`` written into the state (not actions)."""
         return None
 
     def sample_metrics(self):

@@ -1,0 +1,327 @@
+"""Integer arithmetic with a calculator tool (the paper's Table 4), as a latent-reasoning task.
+
+Episode: X = "Question: 7 - 5 + 8 - 0 - 6 = ? Answer:", Z = a rationale of steps "a op b ="
+(the :class:`~gfnlm.tools.Calculator` writes each result into the state, not as an action),
+Y = ". The answer is N.".  The policy's vocabulary is restricted to tokens made of digits,
+``+ - = , .`` and spaces, plus the stop (EOS).
+
+Reward: log R(Z) = log p_LM(Z, Y* | C, X), the base model's likelihood of the rationale (with
+the calculator outputs in the state) followed by the correct answer Y*, given a few-shot
+context C of solved examples.  It is a *terminal* reward (one forward pass per episode), so the
+default objective is VarGrad over the samples of each question (TB with a prompt-conditioned log Z
+also works); per-prefix rewards would need one answer-scoring pass per prefix.
+
+Data (``../shared/data/arithmetic`` or the user's files in the same format): supervised
+rationales seed the replay buffer, training questions come from the unsupervised pool, and test
+questions that also occur in any training file are removed (the report says how many).
+
+Evaluation: the posterior predictive p(Y|X) ≈ Σ_Z q(Z|X) p(Y|XZ) is approximated by sampling k
+rationales at a low temperature, reading the answer the state computes (the number after the
+last "="), and taking a majority vote; greedy decoding is reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import render_prompt
+from ..errors import DataError
+from ..evaluation import sample_completions
+from ..rewards import LMLikelihoodReward
+from ..sampling import Constraints
+from ..tools import Calculator, evaluate_expression
+from ..trainer import constraints_from_config
+from . import Task
+
+ALLOWED_CHARS = set("0123456789+-=,. ")
+ANSWER_SUFFIX = ". The answer is {n}."
+
+
+# --- data ---------------------------------------------------------------------------------------
+def load_questions(path: str | Path) -> list[dict]:
+    """Read a JSON list of ``{str_query, num_sol[, str_rationale, str_sol]}``; checks each row."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"arithmetic data file '{path}' not found: pass a JSON file of questions")
+    try:
+        rows = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not valid JSON at line {e.lineno} ({e.msg})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{p}: expected a JSON list of questions")
+    out = []
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or "str_query" not in r or "num_sol" not in r:
+            raise DataError(f"{p}: item {i} needs 'str_query' and 'num_sol'")
+        q = question_expression(r["str_query"])
+        if q is None or evaluate_expression(q)[0] != int(r["num_sol"]):
+            raise DataError(f"{p}: item {i}: num_sol {r['num_sol']} does not match {r['str_query']!r}")
+        out.append(dict(r, num_sol=int(r["num_sol"])))
+    return out
+
+
+def question_expression(query: str) -> str | None:
+    """'Question: 7 - 5 + 8 = ? Answer:' -> '7 - 5 + 8' (None if it is not of that form)."""
+    m = re.fullmatch(r"\s*Question:\s*(.+?)\s*=\s*\?\s*Answer:\s*", query)
+    if not m or evaluate_expression(m.group(1)) is None:
+        return None
+    return m.group(1)
+
+
+def normalise_query(query: str) -> str:
+    return " ".join(query.split())
+
+
+def deduplicate(test: list[dict], *train_sets: list[dict]) -> tuple[list[dict], int]:
+    """Drop test questions that occur in any training set (and repeats within the test set).
+
+    Returns the kept questions and how many were removed."""
+    seen = {normalise_query(r["str_query"]) for rows in train_sets for r in rows}
+    kept = []
+    for r in test:
+        q = normalise_query(r["str_query"])
+        if q not in seen:
+            kept.append(r)
+            seen.add(q)
+    return kept, len(test) - len(kept)
+
+
+def generate_questions(n: int, n_operands: int, ops: str = "+-", seed: int = 0, max_digit: int = 9) -> list[dict]:
+    """Fresh questions with single-digit operands; answers computed exactly."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        nums = [rng.randint(0, max_digit) for _ in range(n_operands)]
+        expr = str(nums[0]) + "".join(f" {rng.choice(ops)} {v}" for v in nums[1:])
+        value, _ = evaluate_expression(expr)
+        out.append({"str_query": f"Question: {expr} = ? Answer:", "num_sol": value,
+                    "str_sol": ANSWER_SUFFIX.format(n=value)})
+    return out
+
+
+def with_tool_outputs(rationale: str, calculator: Calculator) -> str:
+    """'6 - 0 =, 6 - 4 =' -> '6 - 0 = 6, 6 - 4 = 2' (what the state holds after the calculator)."""
+    out = ""
+    for i, part in enumerate(rationale.split(",")):
+        out += ("," if i else "") + part
+        if part.rstrip().endswith("="):
+            out = out.rstrip()
+            out += calculator(out) or ""
+    return out
+
+
+def answer_of(state: str) -> int | None:
+    """The answer a rationale computes: the integer after its last '=' (None if there is none)."""
+    m = re.search(r"=\s*(-?\d+)\s*[,.]?\s*$", state.strip())
+    return int(m.group(1)) if m else None
+
+
+def majority_vote(answers: list[int | None]) -> int | None:
+    """Most frequent non-None answer (ties: the one seen first); None if there is none."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(a for a in answers if a is not None and votes[a] == best)
+
+
+# --- the task -----------------------------------------------------------------------------------
+@dataclass
+class ArithmeticArgs:
+    data_dir: str = "../shared/data/arithmetic"
+    supervised_file: str = "1digit_34_op+-_train_50.json"
+    pool_file: str = "1digit_34_op+-_hw.json"
+    test_files: str = "3:1digit_3_op+-_test.json,4:1digit_4_op+-_test.json,5:1digit_5_op+-_test.json"
+    reward_shots: int = 3
+    max_operands: int = 2
+    seed_buffer: bool = True
+    vote_samples: int = 10
+    vote_temperature: float = 0.1
+    eval_questions: int = 100
+
+
+class ArithmeticTask(Task):
+    name = "arithmetic"
+    Args = ArithmeticArgs
+    config_defaults = {
+        "task": "arithmetic",
+        "chat_template": "never",
+        "stop_tokens": ["eos"],
+        "min_new_tokens": 4,
+        "max_new_tokens": 40,
+        "max_tool_tokens": 16,
+        "loss_type": "vargrad",
+        "samples_per_prompt": 8,
+        "prompts_per_step": 2,
+        "tempered_fraction": 0.25,
+        "replay_fraction": 0.25,
+        "reward_temperature": 1.1,
+        "reward_temperature_end": 0.5,
+        "reward_temperature_horizon": 150,
+        "learning_rate": 1e-4,
+        "warmup_steps": 20,
+        "max_steps": 200,
+        "output_dir": "runs/arithmetic",
+    }
+
+    def __init__(self, task_args: dict | None = None):
+        super().__init__(task_args)
+        self.calculator = Calculator(max_operands=self.args.max_operands)
+        self._allowed: dict[int, list[int]] = {}
+
+    # data
+    def _file(self, name: str) -> Path:
+        p = Path(name)
+        return p if p.is_absolute() or p.exists() else Path(self.args.data_dir) / name
+
+    def supervised(self) -> list[dict]:
+        return load_questions(self._file(self.args.supervised_file))
+
+    def pool(self) -> list[dict]:
+        return load_questions(self._file(self.args.pool_file))
+
+    def test_sets(self) -> dict[str, tuple[list[dict], int]]:
+        """{operand count: (deduplicated questions, number removed)}."""
+        train = [self.supervised(), self.pool()]
+        out = {}
+        for item in self.args.test_files.split(","):
+            label, name = item.split(":", 1)
+            out[label] = deduplicate(load_questions(self._file(name)), *train)
+        return out
+
+    def dataset(self) -> list[dict]:
+        rows = self.supervised() + self.pool()
+        return [{"prompt": r["str_query"], "num_sol": r["num_sol"]} for r in rows]
+
+    def few_shot_context(self, k: int) -> str:
+        """k solved examples (rationales with calculator outputs), one a line."""
+        lines = []
+        for r in self.supervised()[:k]:
+            rationale = with_tool_outputs(r["str_rationale"], Calculator(max_operands=None))
+            lines.append(f"{r['str_query']} {rationale}{ANSWER_SUFFIX.format(n=r['num_sol'])}")
+        return "\n".join(lines) + ("\n" if lines else "")
+
+    # policy
+    def allowed_token_ids(self, tokenizer) -> list[int]:
+        key = id(tokenizer)
+        if key not in self._allowed:
+            ids = []
+            for i in range(len(tokenizer)):
+                text = tokenizer.decode([i])
+                if text and set(text) <= ALLOWED_CHARS:
+                    ids.append(i)
+            if not ids:
+                raise DataError("no token of this tokenizer is made of digits, + - = , . and spaces")
+            self._allowed[key] = ids
+        return self._allowed[key]
+
+    def constraints(self, config, tokenizer) -> Constraints:
+        return constraints_from_config(config, tokenizer, allowed_token_ids=self.allowed_token_ids(tokenizer))
+
+    def tool(self):
+        """The calculator that writes each step's result into the state."""
+        return self.calculator
+
+    def reward_funcs(self, model, tokenizer, constraints) -> list:
+        return [AnswerLikelihoodReward(model, tokenizer, self.few_shot_context(self.args.reward_shots),
+                                       stop_token_ids=constraints.stop_token_ids)]
+
+    def sample_metrics(self):
+        def accuracy(prompts, completions):
+            right = [answer_of(c) == evaluate_expression(question_expression(p))[0] for p, c in zip(prompts, completions)]
+            return {"answer_accuracy": sum(right) / max(len(right), 1)}
+
+        return accuracy
+
+    def prepare_trainer(self, trainer) -> None:
+        if self.args.seed_buffer:
+            seeds: dict[str, list[str]] = {}
+            for r in self.supervised():
+                if "str_rationale" in r:
+                    seeds.setdefault(r["str_query"], []).append(" " + r["str_rationale"].strip())
+            trainer.seed_buffer(seeds)
+
+    # evaluation
+    def predict(self, model, tokenizer, config, constraints, query: str, *, k: int, temperature: float,
+                context: str = "", seed: int = 0) -> tuple[int | None, list[str]]:
+        """Vote over k rationales sampled at ``temperature`` (with the calculator)."""
+        ids = render_prompt(tokenizer, context + query, config.chat_template)
+        states = sample_completions(model, tokenizer, ids, constraints, k, temperature=temperature, seed=seed,
+                                    tool=self.calculator, max_tool_tokens=config.max_tool_tokens)
+        return majority_vote([answer_of(s) for s in states]), states
+
+    def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
+                 progress: bool = False, context_shots: int = 0, **kw) -> dict:
+        """Accuracy of the vote (k samples at the vote temperature) and of greedy decoding, per test set."""
+        from tqdm.auto import tqdm
+
+        n = n or self.args.eval_questions
+        context = self.few_shot_context(context_shots) if context_shots else ""
+        out: dict = {}
+        for label, (questions, removed) in self.test_sets().items():
+            qs = questions[:n]
+            vote_right = greedy_right = 0
+            for i, q in enumerate(tqdm(qs, disable=not progress, desc=f"{label} operands", leave=False)):
+                vote, _ = self.predict(model, tokenizer, config, constraints, q["str_query"], k=self.args.vote_samples,
+                                       temperature=self.args.vote_temperature, context=context, seed=seed + i)
+                greedy, _ = self.predict(model, tokenizer, config, constraints, q["str_query"], k=1,
+                                         temperature=1e-4, context=context, seed=seed + i)
+                vote_right += vote == q["num_sol"]
+                greedy_right += greedy == q["num_sol"]
+            out[label] = {"vote_accuracy": vote_right / max(len(qs), 1), "greedy_accuracy": greedy_right / max(len(qs), 1),
+                          "questions": len(qs), "removed_as_in_training": removed}
+        return out
+
+
+class AnswerLikelihoodReward(LMLikelihoodReward):
+    """Terminal log R = log p_LM(Z, Y* | C, X): the base model's likelihood of the state (rationale
+    with calculator outputs) and of the correct answer Y* = ". The answer is N." after it, given a
+    few-shot context C.  Y* comes from the dataset column ``num_sol``; no stop token is scored
+    (Y* ends the text)."""
+
+    prefix = False
+    name = "rationale_and_answer_likelihood"
+
+    def __init__(self, model, tokenizer, context: str, stop_token_ids):
+        super().__init__(model, stop_token_ids=stop_token_ids)
+        self.tokenizer = tokenizer
+        self.context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        from .. import rewards as R
+        from ..scoring import completion_logits
+
+        tok = self.tokenizer
+        B = batch.tokens.shape[0]
+        answers = batch.columns.get("num_sol")
+        if answers is None:
+            raise DataError("the arithmetic reward needs the dataset column 'num_sol'")
+        rows, lengths, z_lens = [], [], []
+        for b in range(B):
+            z = batch.tokens[b, : int(batch.lengths[b])].tolist()
+            y = tok.encode(ANSWER_SUFFIX.format(n=answers[b]), add_special_tokens=False)
+            rows.append(z + y)
+            z_lens.append(len(z))
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        tokens = torch.full((B, width), pad, dtype=torch.long)
+        for b, r in enumerate(rows):
+            tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        lengths = torch.tensor([len(r) for r in rows])
+        prompts = [self.context_ids + list(p) for p in batch.prompt_ids]
+        model = self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
+        device = next(model.parameters()).device
+        with R.base_model(model) as base:
+            logits, _ = completion_logits(base, prompts, batch.prompt_index.to(device), tokens.to(device),
+                                          lengths.to(device), pad)
+        logp = logits[:, :-1, :].float().log_softmax(-1).gather(2, tokens.to(device)[:, :, None]).squeeze(2)
+        valid = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
+        return torch.where(valid, logp, torch.zeros_like(logp)).sum(1).cpu()

@@ -1,0 +1,169 @@
+"""Arithmetic task: data checks, test/train deduplication, the vote, the reward, and training with
+the calculator on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm, make_tiny_tokenizer
+from gfnlm.errors import DataError
+from gfnlm.tasks import build_config
+from gfnlm.tasks.arithmetic import (AnswerLikelihoodReward, ArithmeticTask, answer_of, deduplicate,
+                                    generate_questions, load_questions, majority_vote, question_expression,
+                                    with_tool_outputs)
+from gfnlm.rewards import RewardBatch
+from gfnlm.tools import Calculator
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "arithmetic"
+WORDS = [str(d) for d in range(10)] + ["+", "-", "=", ",", ".", "?", ":", "Question", "Answer", "The", "answer", "is"]
+
+
+def tokenizer():
+    from tokenizers import decoders, pre_tokenizers
+
+    tok = make_tiny_tokenizer(words=WORDS)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.backend_tokenizer.decoder = decoders.Fuse()
+    return tok
+
+
+def write(path: Path, rows) -> str:
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    sup = [{"str_query": "Question: 6 - 0 - 4 = ? Answer:", "num_sol": 2, "str_rationale": "6 - 0 =, 6 - 4 =",
+            "str_sol": ". The answer is 2."},
+           {"str_query": "Question: 5 + 3 = ? Answer:", "num_sol": 8, "str_rationale": "5 + 3 =",
+            "str_sol": ". The answer is 8."}]
+    pool = generate_questions(6, 3, seed=1)
+    test3 = generate_questions(4, 3, seed=2) + [pool[0], sup[0]]  # two leak from training
+    write(tmp_path / "sup.json", sup)
+    write(tmp_path / "pool.json", pool)
+    write(tmp_path / "t3.json", test3)
+    return tmp_path
+
+
+def test_generated_answers_are_exact():
+    for q in generate_questions(200, 5, seed=3):
+        nums = [int(x) for x in question_expression(q["str_query"]).replace("+", " + ").split() if x.isdigit()]
+        ops = [x for x in question_expression(q["str_query"]).split() if x in "+-"]
+        value = nums[0]
+        for op, v in zip(ops, nums[1:]):
+            value = value + v if op == "+" else value - v
+        assert q["num_sol"] == value
+
+
+def test_deduplication_reports_removed():
+    a = generate_questions(5, 3, seed=0)
+    test = a[:2] + generate_questions(3, 4, seed=9) + [dict(a[0])]
+    kept, removed = deduplicate(test, a[1:])
+    assert removed == 2  # a[1] is in training, the second a[0] repeats the first
+    assert [q["str_query"] for q in kept] == [a[0]["str_query"]] + [q["str_query"] for q in test[2:5]]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared arithmetic data not present")
+def test_shared_test_sets_are_deduplicated_against_training():
+    task = ArithmeticTask({"data_dir": str(SHARED)})
+    train = {" ".join(r["str_query"].split()) for r in task.supervised() + task.pool()}
+    for label, (qs, removed) in task.test_sets().items():
+        assert not any(" ".join(q["str_query"].split()) in train for q in qs)
+        assert len(qs) + removed == 500
+    assert task.test_sets()["5"][1] == 0 and task.test_sets()["3"][1] > 0
+
+
+def test_bad_data_files(tmp_path):
+    with pytest.raises(DataError, match="num_sol 3 does not match"):
+        load_questions(write(tmp_path / "a.json", [{"str_query": "Question: 1 + 1 = ? Answer:", "num_sol": 3}]))
+    with pytest.raises(DataError, match="needs 'str_query'"):
+        load_questions(write(tmp_path / "b.json", [{"query": "x"}]))
+    (tmp_path / "c.json").write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_questions(tmp_path / "c.json")
+
+
+def test_rationale_helpers_and_vote():
+    calc = Calculator()
+    assert with_tool_outputs("6 - 0 =, 6 - 4 =, 2 - 8 =", calc) == "6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6"
+    assert answer_of(" 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6") == -6
+    assert answer_of("7 - 5 =") is None and answer_of("") is None
+    assert majority_vote([3, None, 4, 4, 3, 4]) == 4
+    assert majority_vote([3, 4]) == 3  # tie: first seen
+    assert majority_vote([None, None]) is None
+
+
+def test_reward_is_likelihood_of_rationale_and_answer(data_dir):
+    tok = tokenizer()
+    model = make_tiny_lm(vocab_size=len(tok), seed=2, max_positions=128)
+    task = ArithmeticTask({"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json",
+                           "test_files": "3:t3.json", "reward_shots": 1})
+    ctx = task.few_shot_context(1)
+    reward = AnswerLikelihoodReward(model, tok, ctx, stop_token_ids=[2])
+    x = tok.encode("Question: 5 + 3 = ? Answer:", add_special_tokens=False)
+    z = tok.encode("5+3=8", add_special_tokens=False)
+    batch = RewardBatch(prompts=["q"], prompt_ids=[x], prompt_index=torch.tensor([0]),
+                        tokens=torch.tensor([z]), lengths=torch.tensor([len(z)]), completions=["5+3=8"],
+                        columns={"num_sol": [8]}, tokenizer=tok)
+    got = reward(batch)
+    full = tok.encode(ctx, add_special_tokens=False) + x + z + tok.encode(". The answer is 8.", add_special_tokens=False)
+    start = len(full) - len(z) - len(tok.encode(". The answer is 8.", add_special_tokens=False))
+    with torch.no_grad():
+        lp = model(input_ids=torch.tensor([full])).logits[0].log_softmax(-1)
+    expected = sum(lp[i - 1, full[i]].item() for i in range(start, len(full)))
+    assert got.shape == (1,) and got.item() == pytest.approx(expected, abs=1e-4)
+    # the reward depends on the answer column
+    batch.columns = {"num_sol": [9]}
+    assert reward(batch).item() != pytest.approx(expected, abs=1e-4)
+
+
+def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):
+    from gfnlm.trainer import GFNTrainer
+
+    tok = tokenizer()
+    model = make_tiny_lm(vocab_size=len(tok), seed=4, max_positions=256)
+    args = {"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json",
+            "test_files": "3:t3.json", "reward_shots": 1, "vote_samples": 3, "max_operands": 2}
+    cfg = build_config("arithmetic", {"task_args": args, "max_steps": 2, "report_to": [], "disable_tqdm": True,
+                                      "output_dir": str(tmp_path / "run"), "max_new_tokens": 12, "min_new_tokens": 1,
+                                      "samples_per_prompt": 4, "use_peft": False})
+    task = ArithmeticTask(cfg.task_args)
+    cons = task.constraints(cfg, tok)
+    assert set(tok.convert_tokens_to_ids(["?", ":", "Question"])).isdisjoint(cons.allowed_token_ids)
+    trainer = GFNTrainer(model, task.reward_funcs(model, tok, cons), cfg, task.dataset(), tok, constraints=cons,
+                         sample_metrics=task.sample_metrics(), tool=task.tool())
+    task.prepare_trainer(trainer)
+    seeded = trainer.buffer.entries("Question: 6 - 0 - 4 = ? Answer:")
+    assert len(seeded) == 1 and tok.decode(list(seeded[0].tokens)) == "6-0=6,6-4=2"
+    assert seeded[0].action_mask.count(False) == 2  # the two calculator answers are not actions
+    hist = trainer.train()
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    report = task.evaluate(trainer.model, tok, cfg, cons, n=3)
+    assert report["3"]["removed_as_in_training"] == 2 and report["3"]["questions"] == 3
+    assert 0.0 <= report["3"]["vote_accuracy"] <= 1.0
+
+
+def test_eval_prints_table_4(data_dir, tmp_path, capsys):
+    from gfnlm.cli import main
+
+    tok = tokenizer()
+    model = make_tiny_lm(vocab_size=len(tok), seed=4, max_positions=512)
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    code = main(["eval", "--task", "arithmetic", "--model", str(path), "-n", "2", "--shots", "0,1",
+                 f"--task_args.data_dir={data_dir}", "--task_args.supervised_file", "sup.json",
+                 "--task_args.pool_file", "pool.json", "--task_args.test_files", "3:t3.json",
+                 "--task_args.vote_samples", "2", "--output", str(tmp_path / "t4.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| k-shot CoT, k = 0 |" in out and "| k-shot CoT, k = 1 |" in out and "3 operands" in out
+    assert "2 test questions removed" in out
+    saved = json.loads((tmp_path / "t4.json").read_text())
+    assert saved["k-shot CoT, k = 1"]["3"]["questions"] == 2
