@@ -216,7 +216,7 @@ def plot_histograms(results: dict[str, dict], path: str | Path, title: str = "")
         ax.set_ylabel("probability")
         ax.set_title(f"{label}: valid {r['valid_fraction']:.3f}, TV {r['tv_to_uniform']:.3f}, distinct {r['distinct']}",
                      fontsize=10)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
     axes[-1, 0].set_xticks(list(range(0, NUM_VALUES, 10)) + [NUM_VALUES + 3])
     axes[-1, 0].set_xticklabels([str(x) for x in range(0, NUM_VALUES, 10)] + ["inv."])
     axes[-1, 0].set_xlabel("integer")
