@@ -151,6 +151,25 @@ def cmd_train(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_sft(args, rest: list[str]) -> int:
+    """Supervised fine-tuning baseline on the task's labelled completions."""
+    from .config import merge_overrides, parse_overrides, read_yaml
+    from .sft import sft_train
+    from .tasks import build_config
+
+    data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
+    if args.task:
+        data["task"] = args.task
+    data.setdefault("output_dir", f"runs/{data.get('task', 'task')}-sft")
+    config = build_config(data.get("task"), data)
+    task, trainer = make_trainer(config)
+    losses = sft_train(trainer, task.supervised_completions(), batch_size=args.batch_size)
+    if trainer.accelerator.is_main_process:
+        print(f"sft: {len(losses)} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")
+        print(f"checkpoint: {Path(config.output_dir) / f'checkpoint-{trainer.step}'}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -228,6 +247,13 @@ def _eval_arithmetic(args, task, model, tok, config, cons) -> int:
         for k in shots:
             rows.append((f"k-shot CoT, k = {k}", task.evaluate(base, tok, config, cons, n=args.n, seed=args.seed,
                                                                progress=True, context_shots=k)))
+    if args.sft_checkpoint:
+        from .trainer import load_trained
+
+        sft_model = load_trained(args.sft_checkpoint)[0]
+        with torch.no_grad():
+            rows.append(("Supervised fine-tuning", task.evaluate(sft_model, tok, config, cons, n=args.n,
+                                                                 seed=args.seed, progress=True)))
     if args.checkpoint:
         with torch.no_grad():
             rows.append(("GFlowNet fine-tuning", task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed,
@@ -243,7 +269,7 @@ def _eval_arithmetic(args, task, model, tok, config, cons) -> int:
         print(f"{l} operands: {r['questions']} questions evaluated; {r['removed_as_in_training']} test questions "
               "removed because they occur in a training file")
     print("accuracy in %: majority vote over task_args.vote_samples rationales (greedy in brackets); "
-          "SFT and RL (TRL) baselines are not implemented yet")
+          "the RL (TRL) baseline is not implemented yet")
     if args.output:
         Path(args.output).write_text(json.dumps({name: r for name, r in rows}, indent=1))
     return 0
@@ -296,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", default=None, help="write a histogram PNG here")
     e.add_argument("--output", default=None, help="write the metrics JSON here")
     e.add_argument("--shots", default="0,3,5,10,20", help="arithmetic: k of the k-shot CoT rows")
+    e.add_argument("--sft_checkpoint", default=None, help="arithmetic: a `gfnlm sft` checkpoint for the SFT row")
+
+    f = sub.add_parser("sft", help="supervised fine-tuning baseline on the task's labelled completions")
+    f.add_argument("--config", default=None, help="YAML file of GFNConfig fields")
+    f.add_argument("--task", default=None)
+    f.add_argument("--batch_size", type=int, default=8)
 
     sub.add_parser("models", help="list the embedded models")
     return p
@@ -305,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup_runtime()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "eval"):
+    if rest and args.command not in ("train", "eval", "sft"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "train":
             return cmd_train(args, rest)
+        if args.command == "sft":
+            return cmd_sft(args, rest)
         if args.command == "sample":
             return cmd_sample(args)
         if args.command == "eval":

@@ -179,17 +179,19 @@ def check_fits(model, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> 
         )
 
 
-def _base_forward(model):
-    base = model
-    while hasattr(base, "get_base_model") or hasattr(base, "module"):
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
-    return base.forward
+_CACHE_KEYWORD: dict[type, str] = {}
 
 
 def cache_kwargs(model, cache) -> dict:
     """Keyword passing a KV cache: ``cache=`` in transformers >= 5.2x, else ``past_key_values=``."""
-    params = inspect.signature(_base_forward(model)).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    base = model
+    while hasattr(base, "get_base_model") or hasattr(base, "module"):
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+    key = type(base)
+    if key not in _CACHE_KEYWORD:
+        params = inspect.signature(base.forward).parameters
+        _CACHE_KEYWORD[key] = "cache" if "cache" in params else "past_key_values"
+    return {_CACHE_KEYWORD[key]: cache}
 
 
 def output_cache(out):

@@ -62,6 +62,10 @@ class Task:
         """Optional ``f(prompts, completions) -> dict`` logged during training."""
         return None
 
+    def supervised_completions(self) -> dict[str, list[str]]:
+        """Labelled completions by prompt, for the supervised fine-tuning baseline (``gfnlm sft``)."""
+        raise NotImplementedError(f"task {self.name} has no labelled completions")
+
     def prepare_trainer(self, trainer) -> None:
         """Called once the trainer exists (e.g. to seed the replay buffer)."""
 

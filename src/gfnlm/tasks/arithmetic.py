@@ -240,13 +240,17 @@ class ArithmeticTask(Task):
 
         return accuracy
 
+    def supervised_completions(self) -> dict[str, list[str]]:
+        """The labelled rationales (actions only: the calculator fills in the results), by question."""
+        out: dict[str, list[str]] = {}
+        for r in self.supervised():
+            if "str_rationale" in r:
+                out.setdefault(r["str_query"], []).append(" " + r["str_rationale"].strip())
+        return out
+
     def prepare_trainer(self, trainer) -> None:
         if self.args.seed_buffer:
-            seeds: dict[str, list[str]] = {}
-            for r in self.supervised():
-                if "str_rationale" in r:
-                    seeds.setdefault(r["str_query"], []).append(" " + r["str_rationale"].strip())
-            trainer.seed_buffer(seeds)
+            trainer.seed_buffer(self.supervised_completions())
 
     # evaluation
     def predict(self, model, tokenizer, config, constraints, query: str, *, k: int, temperature: float,

@@ -1,0 +1,75 @@
+"""Supervised fine-tuning baseline: maximum likelihood of labelled completions.
+
+The same policy, constraints, tool and checkpoints as GFlowNet training (a :class:`GFNTrainer`
+supplies them), but the loss is the negative log-likelihood of each labelled episode under the
+constrained policy: ``-(Σ_t log q(z_t | z_<t) + log q(⊤ | z))``.  Tool-written tokens are part of
+the state but not of the likelihood (their ``log_pf`` is 0), exactly as in GFlowNet training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+
+def episodes_from_texts(trainer, completions: dict[str, list[str]]):
+    """Tokenise labelled completions into episodes (tool output inserted as the sampler would).
+
+    Returns (row ids [K], tokens [K, N], lengths [K], action_mask [K, N])."""
+    index = {r["prompt"]: i for i, r in enumerate(trainer.rows)}
+    rows, states, masks = [], [], []
+    for prompt, texts in completions.items():
+        if prompt not in index:
+            raise DataError(f"sft: prompt {prompt[:40]!r} is not in the training dataset")
+        for t in texts:
+            ids = trainer.tokenizer.encode(t, add_special_tokens=False)
+            if not trainer.constraints.min_new_tokens <= len(ids) <= trainer.constraints.max_new_tokens:
+                raise DataError(f"sft: completion {t!r} has {len(ids)} tokens, outside "
+                                f"[{trainer.constraints.min_new_tokens}, {trainer.constraints.max_new_tokens}]")
+            state, mask = trainer._with_tool_output(ids)
+            rows.append(index[prompt])
+            states.append(state)
+            masks.append(mask)
+    if not states:
+        raise DataError("sft: no labelled completions")
+    n = max(len(s) for s in states)
+    tokens = torch.full((len(states), n), trainer.pad_id, dtype=torch.long)
+    action_mask = torch.zeros((len(states), n), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(states, masks)):
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        action_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return torch.tensor(rows), tokens, torch.tensor([len(s) for s in states]), action_mask
+
+
+def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> list[float]:
+    """Train ``trainer``'s policy by maximum likelihood for ``trainer.args.max_steps`` steps on the
+    labelled completions (``{prompt: [completion, ...]}``), then write a checkpoint. Returns the
+    per-step mean negative log-likelihood (nats per episode)."""
+    a = trainer.args
+    rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions)
+    device = trainer.accelerator.device
+    losses = []
+    while trainer.step < a.max_steps:
+        pick = torch.randint(len(rows), (min(batch_size, len(rows)),), generator=trainer.generator)
+        row_ids = sorted(set(rows[pick].tolist()))
+        prompt_index = torch.tensor([row_ids.index(r) for r in rows[pick].tolist()], device=device)
+        width = int(lengths[pick].max())
+        log_pf, log_pterm, _ = trainer.policy([trainer.prompt_ids[r] for r in row_ids], prompt_index,
+                                              tokens[pick, :width].to(device), lengths[pick].to(device),
+                                              trainer.constraints, trainer.pad_id,
+                                              action_mask[pick, :width].to(device))
+        nll = -(log_pf.sum(1) + log_pterm.gather(1, lengths[pick].to(device)[:, None]).squeeze(1)).mean()
+        trainer.accelerator.backward(nll)
+        if a.max_grad_norm:
+            trainer.accelerator.clip_grad_norm_([p for p in trainer.policy.parameters() if p.requires_grad],
+                                                a.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.step += 1
+        losses.append(float(nll.detach()))
+    trainer.save_checkpoint(Path(a.output_dir) / f"checkpoint-{trainer.step}")
+    return losses
