@@ -329,3 +329,26 @@ def test_peft_model_sample_and_score():
     assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads)
     assert any(g.abs().sum() > 0 for g in lora_grads)
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("allowed", [None, [3, 4, 5, 7]])
+def test_selected_log_probs_equal_the_full_distribution(allowed):
+    """The scoring path (normaliser only) gives the same numbers as the sampler's full distribution,
+    and its gradient is finite where stopping is impossible."""
+    torch.manual_seed(0)
+    c = Constraints(stop_token_ids=[2, 6], min_new_tokens=2, max_new_tokens=4, allowed_token_ids=allowed,
+                    forbidden_token_ids=[4])
+    logits = torch.randn(3, 6, 16, requires_grad=True)
+    steps = torch.arange(6).expand(3, 6)
+    nxt = torch.randint(0, 16, (3, 6))
+    logp, stop = c.log_probs(logits, steps)
+    tok_sel, stop_sel = c.selected_log_probs(logits, steps, nxt)
+    full = logp.gather(2, nxt[:, :, None]).squeeze(2)
+    # a stop id is not a token action: the scoring path gives it -inf (its mass is in stop_logp)
+    full = torch.where((nxt == 2) | (nxt == 6), torch.full_like(full, float("-inf")), full)
+    assert torch.equal(torch.isinf(full), torch.isinf(tok_sel)) and torch.equal(torch.isinf(stop), torch.isinf(stop_sel))
+    fin = torch.isfinite(full)
+    assert fin.any() and torch.allclose(full[fin], tok_sel[fin], atol=1e-5)
+    assert torch.allclose(stop[torch.isfinite(stop)], stop_sel[torch.isfinite(stop_sel)], atol=1e-5)
+    (torch.where(fin, tok_sel, 0).sum() + torch.where(torch.isfinite(stop_sel), stop_sel, 0).sum()).backward()
+    assert torch.isfinite(logits.grad).all()

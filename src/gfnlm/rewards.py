@@ -170,14 +170,12 @@ class LMLikelihoodReward(Reward):
                                           batch.tokens, batch.lengths, self.pad_id)
         B, N1, _ = logits.shape
         steps = torch.zeros((B, N1), dtype=torch.long, device=logits.device)
-        logp, stop_lp = self.constraints.log_probs(logits.float(), steps)
-        if N1 > 1:
-            tok = logp[:, :-1, :].gather(2, batch.tokens[:, :, None]).squeeze(2)
-            valid = torch.arange(N1 - 1, device=tok.device)[None, :] < batch.lengths[:, None].to(tok.device)
-            tok = torch.where(valid, tok, torch.zeros_like(tok))
-            cum = torch.cat([tok.new_zeros(B, 1), tok.cumsum(1)], dim=1)
-        else:
-            cum = logits.new_zeros((B, 1), dtype=torch.float32)
+        tokens = batch.tokens.to(logits.device)
+        next_tokens = torch.cat([tokens, tokens.new_full((B, 1), self.constraints.stop_token_ids[0])], dim=1)
+        tok, stop_lp = self.constraints.selected_log_probs(logits, steps, next_tokens)
+        valid = torch.arange(N1 - 1, device=tok.device)[None, :] < batch.lengths[:, None].to(tok.device)
+        tok = torch.where(valid, tok[:, :-1], torch.zeros_like(tok[:, :-1]))
+        cum = torch.cat([tok.new_zeros(B, 1), tok.cumsum(1)], dim=1)
         return (cum + stop_lp).cpu()
 
 

@@ -76,6 +76,43 @@ class Constraints:
             self._masks[key] = (m.to(device), stop.to(device))
         return self._masks[key]
 
+    def token_ids(self, vocab_size: int, device) -> Tensor:
+        """Long [K]: the non-stop token ids the policy may emit."""
+        key = ("ids", vocab_size, str(device))
+        if key not in self._masks:
+            self._masks[key] = self.token_mask(vocab_size, device)[0].nonzero().squeeze(1)
+        return self._masks[key]
+
+    def selected_log_probs(self, logits: Tensor, num_generated: Tensor, next_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """log q(next_token | s) and log q(⊤ | s) without materialising the whole distribution.
+
+        Same values as :meth:`log_probs` (gathered), for scoring passes: the normaliser is a
+        log-sum-exp over the allowed tokens (a gather when ``allowed_token_ids`` is small) combined
+        with the stop mass according to the length limits.
+
+        Args:
+            logits: [..., V] raw logits; num_generated: [...] long; next_tokens: [...] long (any id
+                where there is no next token: its value is then ignored by the caller).
+        Returns:
+            token_logp [...] (-inf for a token the constraints forbid there), stop_logp [...].
+        """
+        V = logits.shape[-1]
+        tok_mask, _ = self.token_mask(V, logits.device)
+        x = logits.float()
+        stop_ids = torch.as_tensor(self.stop_token_ids, device=logits.device)
+        lse_stop = torch.logsumexp(x.index_select(-1, stop_ids), dim=-1)
+        if self.allowed_token_ids is not None:
+            lse_tok = torch.logsumexp(x.index_select(-1, self.token_ids(V, logits.device)), dim=-1)
+        else:
+            lse_tok = torch.logsumexp(x.masked_fill(~tok_mask, NEG_INF), dim=-1)
+        can_stop = num_generated >= self.min_new_tokens
+        must_stop = num_generated >= self.max_new_tokens
+        log_norm = torch.where(must_stop, lse_stop, torch.where(can_stop, torch.logaddexp(lse_tok, lse_stop), lse_tok))
+        stop_logp = torch.where(can_stop, lse_stop - log_norm, torch.full_like(log_norm, NEG_INF))
+        tok = x.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - log_norm
+        ok = tok_mask[next_tokens] & ~must_stop
+        return torch.where(ok, tok, torch.full_like(tok, NEG_INF)), stop_logp
+
     def log_probs(self, logits: Tensor, num_generated: Tensor) -> tuple[Tensor, Tensor]:
         """Constrained log-probabilities of the actions at some states.
 

@@ -103,13 +103,10 @@ def score(
     else:
         acts = action_mask.to(device).bool() & in_range[:, :-1]
     steps = torch.cat([torch.zeros_like(lengths)[:, None], acts.long().cumsum(1)], dim=1)  # actions so far
-    logp, stop_lp = constraints.log_probs(logits, steps)  # [B, N+1, V], [B, N+1]
+    next_tokens = torch.cat([tokens, tokens.new_full((B, 1), constraints.stop_token_ids[0])], dim=1)
+    tok, stop_lp = constraints.selected_log_probs(logits, steps, next_tokens)  # [B, N+1] each
     # the policy acts (and may stop) at the end and before each of its own actions, not inside tool output
     real = (positions == lengths[:, None]) | torch.cat([acts, acts.new_zeros((B, 1))], dim=1)
     log_pterm = torch.where(real, stop_lp, torch.full_like(stop_lp, NEG_INF))
-    if N1 > 1:
-        tok = logp[:, :-1, :].gather(2, tokens[:, :, None]).squeeze(2)
-        log_pf = torch.where(acts, tok, torch.zeros_like(tok))
-    else:
-        log_pf = logits.new_zeros((B, 0), dtype=torch.float32)
+    log_pf = torch.where(acts, tok[:, :-1], torch.zeros_like(tok[:, :-1]))
     return PolicyScores(log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden)
