@@ -352,3 +352,25 @@ def test_selected_log_probs_equal_the_full_distribution(allowed):
     assert torch.allclose(stop[torch.isfinite(stop)], stop_sel[torch.isfinite(stop_sel)], atol=1e-5)
     (torch.where(fin, tok_sel, 0).sum() + torch.where(torch.isfinite(stop_sel), stop_sel, 0).sum()).backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_prefix_cache_equals_reading_the_prefix_each_time():
+    """A constant prefix encoded once and reused gives the logits of prefix + prompt + completion."""
+    from gfnlm.scoring import PrefixCache, completion_logits
+
+    model = make_tiny_lm(seed=3)
+    prefix = [1, 7, 8, 9, 10]
+    prompts = [[5, 6], [4, 11, 12, 13]]  # different lengths: left padding sits between prefix and prompt
+    tokens = torch.tensor([[3, 4, 5], [6, 0, 0], [7, 8, 0]])
+    lengths = torch.tensor([3, 1, 2])
+    index = torch.tensor([0, 1, 1])
+    cache = PrefixCache(model, prefix)
+    with torch.no_grad():
+        got, _ = completion_logits(model, prompts, index, tokens, lengths, prefix=cache)
+        again, _ = completion_logits(model, prompts, index, tokens, lengths, prefix=cache)  # reusable
+        for b in range(3):
+            n = int(lengths[b])
+            seq = prefix + prompts[int(index[b])] + tokens[b, :n].tolist()
+            ref = model(input_ids=torch.tensor([seq])).logits[0, -(n + 1):]
+            assert torch.allclose(got[b, : n + 1], ref, atol=1e-4)
+    assert torch.equal(got, again)

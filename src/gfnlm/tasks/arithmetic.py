@@ -297,35 +297,35 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
         super().__init__(model, stop_token_ids=stop_token_ids)
         self.tokenizer = tokenizer
         self.context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
+        self._context_cache = None  # the context's KV cache under the base model, computed once
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
         from .. import rewards as R
-        from ..scoring import completion_logits
+        from ..scoring import PrefixCache, completion_logits
 
         tok = self.tokenizer
         B = batch.tokens.shape[0]
         answers = batch.columns.get("num_sol")
         if answers is None:
             raise DataError("the arithmetic reward needs the dataset column 'num_sol'")
-        rows, lengths, z_lens = [], [], []
+        rows = []
         for b in range(B):
             z = batch.tokens[b, : int(batch.lengths[b])].tolist()
-            y = tok.encode(ANSWER_SUFFIX.format(n=answers[b]), add_special_tokens=False)
-            rows.append(z + y)
-            z_lens.append(len(z))
+            rows.append(z + tok.encode(ANSWER_SUFFIX.format(n=answers[b]), add_special_tokens=False))
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         tokens = torch.full((B, width), pad, dtype=torch.long)
         for b, r in enumerate(rows):
             tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
         lengths = torch.tensor([len(r) for r in rows])
-        prompts = [self.context_ids + list(p) for p in batch.prompt_ids]
         model = self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
         device = next(model.parameters()).device
         with R.base_model(model) as base:
-            logits, _ = completion_logits(base, prompts, batch.prompt_index.to(device), tokens.to(device),
-                                          lengths.to(device), pad)
+            if self.context_ids and self._context_cache is None:
+                self._context_cache = PrefixCache(base, self.context_ids)
+            logits, _ = completion_logits(base, [list(p) for p in batch.prompt_ids], batch.prompt_index.to(device),
+                                          tokens.to(device), lengths.to(device), pad, prefix=self._context_cache)
         logp = logits[:, :-1, :].float().log_softmax(-1).gather(2, tokens.to(device)[:, :, None]).squeeze(2)
         valid = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
         return torch.where(valid, logp, torch.zeros_like(logp)).sum(1).cpu()
