@@ -19,29 +19,21 @@ def episodes_from_texts(trainer, completions: dict[str, list[str]]):
     """Tokenise labelled completions into episodes (tool output inserted as the sampler would).
 
     Returns (row ids [K], tokens [K, N], lengths [K], action_mask [K, N])."""
+    from .trainer import _cat_padded
+
     index = {r["prompt"]: i for i, r in enumerate(trainer.rows)}
-    rows, states, masks = [], [], []
+    rows, tokens, lengths, masks = [], [], [], []
     for prompt, texts in completions.items():
         if prompt not in index:
             raise DataError(f"sft: prompt {prompt[:40]!r} is not in the training dataset")
-        for t in texts:
-            ids = trainer.tokenizer.encode(t, add_special_tokens=False)
-            if not trainer.constraints.min_new_tokens <= len(ids) <= trainer.constraints.max_new_tokens:
-                raise DataError(f"sft: completion {t!r} has {len(ids)} tokens, outside "
-                                f"[{trainer.constraints.min_new_tokens}, {trainer.constraints.max_new_tokens}]")
-            state, mask = trainer._with_tool_output(ids)
-            rows.append(index[prompt])
-            states.append(state)
-            masks.append(mask)
-    if not states:
+        t, n, m = trainer.encode_completions(texts, "sft")
+        rows += [index[prompt]] * len(texts)
+        tokens.append(t)
+        lengths.append(n)
+        masks.append(m)
+    if not rows:
         raise DataError("sft: no labelled completions")
-    n = max(len(s) for s in states)
-    tokens = torch.full((len(states), n), trainer.pad_id, dtype=torch.long)
-    action_mask = torch.zeros((len(states), n), dtype=torch.bool)
-    for i, (s, m) in enumerate(zip(states, masks)):
-        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        action_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-    return torch.tensor(rows), tokens, torch.tensor([len(s) for s in states]), action_mask
+    return (torch.tensor(rows), _cat_padded(tokens, trainer.pad_id), torch.cat(lengths), _cat_padded(masks, False))
 
 
 def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> list[float]:

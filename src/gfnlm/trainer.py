@@ -283,28 +283,37 @@ class GFNTrainer:
         for prompt, texts in pairs:
             if prompt not in index:
                 raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
-            seqs, masks = [], []
-            for t in texts:
-                ids = self.tokenizer.encode(t, add_special_tokens=False)
-                if len(ids) < self.constraints.min_new_tokens:
-                    what = "empty completion" if not ids else f"completion {t!r} ({len(ids)} tokens)"
-                    raise DataError(f"seed_buffer: {what} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
-                if len(ids) > self.constraints.max_new_tokens:
-                    raise DataError(f"seed_buffer: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
-                state, mask = self._with_tool_output(ids)
-                seqs.append(state)
-                masks.append(mask)
-            n = max(len(s) for s in seqs)
-            tokens = torch.full((len(seqs), n), self.pad_id, dtype=torch.long)
-            action_mask = torch.zeros((len(seqs), n), dtype=torch.bool)
-            for i, (s, m) in enumerate(zip(seqs, masks)):
-                tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-                action_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-            lengths = torch.tensor([len(s) for s in seqs])
-            batch = self.reward_batch([index[prompt]], torch.zeros(len(seqs), dtype=torch.long), tokens, lengths)
-            added += self.buffer.add_batch([prompt] * len(seqs), tokens, lengths, self.log_rewards(batch),
+            tokens, lengths, action_mask = self.encode_completions(texts, "seed_buffer")
+            batch = self.reward_batch([index[prompt]], torch.zeros(len(texts), dtype=torch.long), tokens, lengths)
+            added += self.buffer.add_batch([prompt] * len(texts), tokens, lengths, self.log_rewards(batch),
                                            action_mask if self.tool is not None else None)
         return added
+
+    def encode_completions(self, texts: Sequence[str], what: str = "completions") -> tuple[Tensor, Tensor, Tensor]:
+        """Tokenise completion texts into episodes: tokens [K, N], lengths [K], action_mask [K, N].
+
+        Lengths are checked against the constraints (error names ``what``); with a tool, its output
+        is inserted as the sampler would."""
+        states, masks = [], []
+        for t in texts:
+            ids = self.tokenizer.encode(t, add_special_tokens=False)
+            if len(ids) < self.constraints.min_new_tokens:
+                desc = "empty completion" if not ids else f"completion {t!r} ({len(ids)} tokens)"
+                raise DataError(f"{what}: {desc} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
+            if len(ids) > self.constraints.max_new_tokens:
+                raise DataError(f"{what}: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
+            state, mask = self._with_tool_output(ids)
+            states.append(state)
+            masks.append(mask)
+        if not states:
+            raise DataError(f"{what}: no completions given")
+        n = max(len(x) for x in states)
+        tokens = torch.full((len(states), n), self.pad_id, dtype=torch.long)
+        action_mask = torch.zeros((len(states), n), dtype=torch.bool)
+        for i, (x, m) in enumerate(zip(states, masks)):
+            tokens[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            action_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        return tokens, torch.tensor([len(x) for x in states]), action_mask
 
     def _with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
         """The state the sampler would build from these actions: tool output inserted after each
