@@ -82,10 +82,10 @@ def test_shared_test_sets_are_deduplicated_against_training():
 def test_bad_data_files(tmp_path):
     with pytest.raises(DataError, match="num_sol 3 does not match"):
         load_questions(write(tmp_path / "a.json", [{"str_query": "Question: 1 + 1 = ? Answer:", "num_sol": 3}]))
-    with pytest.raises(DataError, match="needs 'str_query'"):
+    with pytest.raises(DataError, match="row 1 has no 'str_query' field"):
         load_questions(write(tmp_path / "b.json", [{"query": "x"}]))
     (tmp_path / "c.json").write_text("[{")
-    with pytest.raises(DataError, match="not valid JSON"):
+    with pytest.raises(DataError, match="not valid JSON at line 1"):
         load_questions(tmp_path / "c.json")
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import render_prompt
+from ..data import load_rows, render_prompt
 from ..errors import DataError
 from ..evaluation import sample_completions
 from ..rewards import LMLikelihoodReward
@@ -48,21 +48,17 @@ ANSWER_SUFFIX = ". The answer is {n}."
 def load_questions(path: str | Path) -> list[dict]:
     """Read a JSON list of ``{str_query, num_sol[, str_rationale, str_sol]}``; checks each row."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"arithmetic data file '{path}' not found: pass a JSON file of questions")
-    try:
-        rows = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}: not valid JSON at line {e.lineno} ({e.msg})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{p}: expected a JSON list of questions")
+    if p.suffix.lower() != ".json":
+        raise DataError(f"arithmetic data file '{path}' must be a .json list of questions")
+    rows = load_rows(p, prompt_column="str_query")  # clear errors for a missing or malformed file
     out = []
     for i, r in enumerate(rows, 1):
-        if not isinstance(r, dict) or "str_query" not in r or "num_sol" not in r:
+        if "num_sol" not in r:
             raise DataError(f"{p}: item {i} needs 'str_query' and 'num_sol'")
         q = question_expression(r["str_query"])
         if q is None or evaluate_expression(q)[0] != int(r["num_sol"]):
             raise DataError(f"{p}: item {i}: num_sol {r['num_sol']} does not match {r['str_query']!r}")
+        r = {k: v for k, v in r.items() if k != "prompt"}
         out.append(dict(r, num_sol=int(r["num_sol"])))
     return out
 
