@@ -149,18 +149,27 @@ def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):
     assert 0.0 <= report["3"]["vote_accuracy"] <= 1.0
 
 
-def test_eval_prints_table_4(data_dir, tmp_path, capsys):
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random model and the arithmetic tokenizer saved as a local HF folder."""
+    tok = tokenizer()
+    path = tmp_path / "tiny"
+    make_tiny_lm(vocab_size=len(tok), seed=4, max_positions=512).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def task_arg_flags(data_dir) -> list[str]:
+    return [f"--task_args.data_dir={data_dir}", "--task_args.supervised_file", "sup.json",
+            "--task_args.pool_file", "pool.json", "--task_args.test_files", "3:t3.json",
+            "--task_args.vote_samples", "2"]
+
+
+def test_eval_prints_table_4(data_dir, tiny_model_dir, tmp_path, capsys):
     from gfnlm.cli import main
 
-    tok = tokenizer()
-    model = make_tiny_lm(vocab_size=len(tok), seed=4, max_positions=512)
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    code = main(["eval", "--task", "arithmetic", "--model", str(path), "-n", "2", "--shots", "0,1",
-                 f"--task_args.data_dir={data_dir}", "--task_args.supervised_file", "sup.json",
-                 "--task_args.pool_file", "pool.json", "--task_args.test_files", "3:t3.json",
-                 "--task_args.vote_samples", "2", "--output", str(tmp_path / "t4.json")])
+    code = main(["eval", "--task", "arithmetic", "--model", str(tiny_model_dir), "-n", "2", "--shots", "0,1",
+                 "--output", str(tmp_path / "t4.json")] + task_arg_flags(data_dir))
     out = capsys.readouterr().out
     assert code == 0
     assert "| k-shot CoT, k = 0 |" in out and "| k-shot CoT, k = 1 |" in out and "3 operands" in out
@@ -169,25 +178,18 @@ def test_eval_prints_table_4(data_dir, tmp_path, capsys):
     assert saved["k-shot CoT, k = 1"]["3"]["questions"] == 2
 
 
-def test_sft_baseline_fits_the_labelled_rationales(data_dir, tmp_path, capsys):
+def test_sft_baseline_fits_the_labelled_rationales(data_dir, tiny_model_dir, tmp_path, capsys):
     from gfnlm.cli import main
 
-    tok = tokenizer()
-    model = make_tiny_lm(vocab_size=len(tok), seed=4, max_positions=512)
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    task_args = [f"--task_args.data_dir={data_dir}", "--task_args.supervised_file", "sup.json",
-                 "--task_args.pool_file", "pool.json", "--task_args.test_files", "3:t3.json",
-                 "--task_args.vote_samples", "2"]
+    task_args = task_arg_flags(data_dir)
     out = tmp_path / "sft"
-    assert main(["sft", "--task", "arithmetic", "--model", str(path), "--max_steps", "40", "--learning_rate", "1e-2",
+    assert main(["sft", "--task", "arithmetic", "--model", str(tiny_model_dir), "--max_steps", "40", "--learning_rate", "1e-2",
                  "--warmup_steps", "0", "--report_to", "[]", "--use_peft", "false", "--output_dir", str(out),
                  "--max_new_tokens", "12", "--min_new_tokens", "1", "--task_args.seed_buffer", "false"] + task_args) == 0
     printed = capsys.readouterr().out
     first, last = [float(x) for x in printed.split("nll ")[1].split(" nats")[0].split(" -> ")]
     assert last < 0.5 * first  # the labelled rationales became much more likely
-    assert main(["eval", "--task", "arithmetic", "--model", str(path), "-n", "2", "--shots", "0",
+    assert main(["eval", "--task", "arithmetic", "--model", str(tiny_model_dir), "-n", "2", "--shots", "0",
                  "--sft_checkpoint", str(out / "checkpoint-40")] + task_args) == 0
     table = capsys.readouterr().out
     assert "| Supervised fine-tuning |" in table and "| k-shot CoT, k = 0 |" in table
