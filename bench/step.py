@@ -105,6 +105,21 @@ def optimiser_step(params, opt, max_grad_norm=1.0):
     opt.zero_grad(set_to_none=True)
 
 
+def backward_and_step(loss, ctx, t: dict, times: dict | None) -> None:
+    """Time backward and the optimiser step into ``t``, then append every part of ``t`` to ``times``."""
+    t0 = now()
+    loss.backward()
+    t["backward"] = now() - t0
+
+    t0 = now()
+    optimiser_step(ctx["params"], ctx["opt"])
+    t["optimiser step"] = now() - t0
+
+    if times is not None:
+        for k, v in t.items():
+            times.setdefault(k, []).append(v)
+
+
 # --------------------------------------------------------------------------------- optimised
 
 
@@ -141,17 +156,7 @@ def optimised_step(ctx, seed, times=None, keep=False):
     loss_value = float(loss.detach())
     t["loss"] = now() - t0
 
-    t0 = now()
-    loss.backward()
-    t["backward"] = now() - t0
-
-    t0 = now()
-    optimiser_step(ctx["params"], ctx["opt"])
-    t["optimiser step"] = now() - t0
-
-    if times is not None:
-        for k, v in t.items():
-            times.setdefault(k, []).append(v)
+    backward_and_step(loss, ctx, t, times)
     out = {"loss": loss_value, "lengths": s.lengths.tolist()}
     if keep:
         out.update(samples=s, log_r_raw=log_r_raw, log_r=log_r, log_pf=sc.log_pf.detach(),
@@ -355,17 +360,7 @@ def naive_step(ctx, seed, times=None, forced=None):
     loss_value = float(loss.detach())
     t["loss"] = now() - t0
 
-    t0 = now()
-    loss.backward()
-    t["backward"] = now() - t0
-
-    t0 = now()
-    optimiser_step(ctx["params"], ctx["opt"])
-    t["optimiser step"] = now() - t0
-
-    if times is not None:
-        for k, v in t.items():
-            times.setdefault(k, []).append(v)
+    backward_and_step(loss, ctx, t, times)
     return {"loss": loss_value, "tokens": toks, "lengths": lengths, "log_r_raw": log_r_raw, "log_r_ref": log_r_ref,
             "log_pf": log_pf.detach(), "log_pterm": log_pterm.detach()}
 
