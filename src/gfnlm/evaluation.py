@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .sampling import Constraints, sample
+from .sampling import Constraints, pad_right, sample
 from .scoring import score
 
 
@@ -37,11 +37,7 @@ def sequence_log_probs(model, prompt_ids: Sequence[int], constraints: Constraint
     out = []
     for i in range(0, len(completions), batch_size):
         chunk = completions[i:i + batch_size]
-        n = max(len(c) for c in chunk)
-        tokens = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-        for j, c in enumerate(chunk):
-            tokens[j, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-        lengths = torch.tensor([len(c) for c in chunk])
+        tokens, lengths = pad_right(chunk, pad_id)
         device = next(model.parameters()).device
         sc = score(model, [list(prompt_ids)], torch.zeros(len(chunk), dtype=torch.long, device=device),
                    tokens.to(device), lengths.to(device), constraints, pad_id=pad_id)

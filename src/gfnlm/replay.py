@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .sampling import pad_right
+
 
 @dataclass
 class Entry:
@@ -100,14 +102,12 @@ class ReplayBuffer:
 
 def pad_entries(entries: Sequence[Entry], pad_id: int = 0) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Stack entries: tokens [K, N], lengths [K], prefix log R [K, N+1] (or None), terminal log R [K]."""
-    n = max((len(e.tokens) for e in entries), default=0)
-    tokens = torch.full((len(entries), n), pad_id, dtype=torch.long)
-    lengths = torch.tensor([len(e.tokens) for e in entries], dtype=torch.long)
+    tokens, lengths = pad_right([e.tokens for e in entries], pad_id)
+    n = tokens.shape[1]
     have_prefix = all(e.log_r_prefix is not None for e in entries)
     prefix = torch.zeros(len(entries), n + 1) if have_prefix else None
-    for i, e in enumerate(entries):
-        tokens[i, : len(e.tokens)] = torch.tensor(e.tokens, dtype=torch.long)
-        if prefix is not None:
+    if prefix is not None:
+        for i, e in enumerate(entries):
             prefix[i, : len(e.tokens) + 1] = e.log_r_prefix
     terminal = torch.tensor([e.log_r_terminal for e in entries])
     return tokens, lengths, prefix, terminal

@@ -162,10 +162,13 @@ class LMLikelihoodReward(Reward):
         self.constraints = constraints
         self.pad_id = pad_id
 
+    def resolved_model(self):
+        """The model (calling the factory if one was given)."""
+        return self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
+
     @torch.no_grad()
     def __call__(self, batch: RewardBatch) -> Tensor:
-        model = self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
-        with base_model(model) as base:
+        with base_model(self.resolved_model()) as base:
             logits, _ = completion_logits(base, batch.prompt_ids, batch.prompt_index.to(batch.tokens.device),
                                           batch.tokens, batch.lengths, self.pad_id)
         B, N1, _ = logits.shape

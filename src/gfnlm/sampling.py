@@ -197,6 +197,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> t
     return ids.to(device), mask.to(device)
 
 
+def pad_right(seqs: Sequence[Sequence], pad, dtype=torch.long) -> tuple[Tensor, Tensor]:
+    """Right-pad lists (token ids, masks...). Returns values [K, N] and lengths [K]."""
+    width = max((len(x) for x in seqs), default=0)
+    out = torch.full((len(seqs), width), pad, dtype=dtype)
+    for i, x in enumerate(seqs):
+        if len(x):
+            out[i, : len(x)] = torch.as_tensor(list(x), dtype=dtype)
+    return out, torch.tensor([len(x) for x in seqs], dtype=torch.long)
+
+
 def context_length(model) -> int | None:
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

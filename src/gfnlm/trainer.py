@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError
 from .losses import LOSSES, tempered
 from .replay import ReplayBuffer, pad_action_masks, pad_entries
 from .rewards import Reward, RewardBatch, as_reward, compute_log_rewards
-from .sampling import Constraints, Samples, check_fits, sample
+from .sampling import Constraints, Samples, check_fits, pad_right, sample
 from .scoring import score
 
 
@@ -307,13 +307,9 @@ class GFNTrainer:
             masks.append(mask)
         if not states:
             raise DataError(f"{what}: no completions given")
-        n = max(len(x) for x in states)
-        tokens = torch.full((len(states), n), self.pad_id, dtype=torch.long)
-        action_mask = torch.zeros((len(states), n), dtype=torch.bool)
-        for i, (x, m) in enumerate(zip(states, masks)):
-            tokens[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            action_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-        return tokens, torch.tensor([len(x) for x in states]), action_mask
+        tokens, lengths = pad_right(states, self.pad_id)
+        action_mask, _ = pad_right(masks, False, dtype=torch.bool)
+        return tokens, lengths, action_mask
 
     def _with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
         """The state the sampler would build from these actions: tool output inserted after each

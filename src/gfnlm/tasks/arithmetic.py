@@ -35,7 +35,7 @@ from ..data import load_rows, render_prompt
 from ..errors import DataError
 from ..evaluation import sample_completions
 from ..rewards import LMLikelihoodReward
-from ..sampling import Constraints
+from ..sampling import Constraints, pad_right
 from ..tools import Calculator, evaluate_expression
 from ..trainer import constraints_from_config
 from . import Task
@@ -309,13 +309,10 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
         for b in range(B):
             z = batch.tokens[b, : int(batch.lengths[b])].tolist()
             rows.append(z + tok.encode(ANSWER_SUFFIX.format(n=answers[b]), add_special_tokens=False))
-        width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        tokens = torch.full((B, width), pad, dtype=torch.long)
-        for b, r in enumerate(rows):
-            tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        lengths = torch.tensor([len(r) for r in rows])
-        model = self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
+        tokens, lengths = pad_right(rows, pad)
+        width = tokens.shape[1]
+        model = self.resolved_model()
         device = next(model.parameters()).device
         with R.base_model(model) as base:
             if self.context_ids and self._context_cache is None:
