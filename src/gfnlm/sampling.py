@@ -197,6 +197,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> t
     return ids.to(device), mask.to(device)
 
 
+def tool_output(tool, tokenizer, state_ids: Sequence[int], used: int, budget: int) -> list[int]:
+    """Token ids a tool writes after the state ``state_ids`` (an action just taken), or [] if it
+    stays silent or its output does not fit in what is left of the episode's ``budget`` (``used``
+    tool tokens so far). The one rule shared by sampling and by re-building seeded episodes."""
+    text = tool(tokenizer.decode(list(state_ids), skip_special_tokens=False))
+    if not text:
+        return []
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return list(ids) if used + len(ids) <= budget else []
+
+
 def pad_right(seqs: Sequence[Sequence], pad, dtype=torch.long) -> tuple[Tensor, Tensor]:
     """Right-pad lists (token ids, masks...). Returns values [K, N] and lengths [K]."""
     width = max((len(x) for x in seqs), default=0)
@@ -352,12 +363,9 @@ def sample(
         alive = cont
         if tool is not None:
             for b in acted.nonzero().squeeze(1).tolist():
-                text = tool(tokenizer.decode(tokens[b, : int(lengths[b])].tolist(), skip_special_tokens=False))
-                if text:
-                    ids = tokenizer.encode(text, add_special_tokens=False)
-                    if tool_used[b] + len(ids) <= max_tool_tokens:
-                        pending[b] = list(ids)
-                        tool_used[b] += len(ids)
+                pending[b] = tool_output(tool, tokenizer, tokens[b, : int(lengths[b])].tolist(), tool_used[b],
+                                         max_tool_tokens)
+                tool_used[b] += len(pending[b])
         if not alive.any():
             break
         # advance the cache by one token for every row (finished rows feed padding, ignored)

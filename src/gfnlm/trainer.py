@@ -38,7 +38,7 @@ from .errors import ConfigError, DataError
 from .losses import LOSSES, tempered
 from .replay import ReplayBuffer, pad_action_masks, pad_entries
 from .rewards import Reward, RewardBatch, as_reward, compute_log_rewards
-from .sampling import Constraints, Samples, check_fits, pad_right, sample
+from .sampling import Constraints, Samples, check_fits, pad_right, sample, tool_output
 from .scoring import score
 
 
@@ -313,20 +313,17 @@ class GFNTrainer:
 
     def _with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
         """The state the sampler would build from these actions: tool output inserted after each
-        action that triggers the tool (same rule and budget as :func:`gfnlm.sampling.sample`)."""
+        action that triggers the tool (:func:`gfnlm.sampling.tool_output`, as in sampling)."""
         if self.tool is None:
             return list(actions), [True] * len(actions)
         state, mask, used = [], [], 0
         for a in actions:
             state.append(a)
             mask.append(True)
-            text = self.tool(self.tokenizer.decode(state, skip_special_tokens=False))
-            if text:
-                out = self.tokenizer.encode(text, add_special_tokens=False)
-                if used + len(out) <= self.args.max_tool_tokens:
-                    state += out
-                    mask += [False] * len(out)
-                    used += len(out)
+            out = tool_output(self.tool, self.tokenizer, state, used, self.args.max_tool_tokens)
+            state += out
+            mask += [False] * len(out)
+            used += len(out)
         return state, mask
 
     def _tool_kwargs(self) -> dict:
