@@ -374,3 +374,20 @@ def test_prefix_cache_equals_reading_the_prefix_each_time():
             ref = model(input_ids=torch.tensor([seq])).logits[0, -(n + 1):]
             assert torch.allclose(got[b, : n + 1], ref, atol=1e-4)
     assert torch.equal(got, again)
+
+
+def test_sampling_after_a_prefix_cache_equals_sampling_the_concatenated_prompt():
+    """sample(prefix=...) draws the same episodes, with the same log q, as prefix + prompt."""
+    from gfnlm.sampling import PrefixCache
+
+    model = make_tiny_lm(seed=4)
+    prefix = [1, 7, 8, 9, 10]
+    prompts = [[5, 6], [4, 11, 12, 13]]
+    cons = Constraints(stop_token_ids=[2], min_new_tokens=1, max_new_tokens=6)
+    index = [0, 0, 1, 1, 1]
+    a = sample(model, prompts, index, cons, generator=torch.Generator().manual_seed(0), prefix=PrefixCache(model, prefix))
+    b = sample(model, [prefix + p for p in prompts], index, cons, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    assert torch.allclose(a.log_pf, b.log_pf, atol=1e-5)
+    fin = torch.isfinite(b.log_pterm)
+    assert torch.equal(fin, torch.isfinite(a.log_pterm)) and torch.allclose(a.log_pterm[fin], b.log_pterm[fin], atol=1e-5)

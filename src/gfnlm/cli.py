@@ -1,4 +1,4 @@
-"""The ``gfnlm`` command: ``demo``, ``train``, ``sample``, ``eval``, ``models``.
+"""The ``gfnlm`` command: ``demo``, ``train``, ``sft``, ``rl``, ``sample``, ``eval``, ``models``.
 
 Errors in the user's input are printed as one line (``error: ...``) with exit status 2.
 """
@@ -170,6 +170,30 @@ def cmd_sft(args, rest: list[str]) -> int:
     return 0
 
 
+def cmd_rl(args, rest: list[str]) -> int:
+    """RL baseline (TRL's GRPO) with the task's correctness reward, the same action space and tool,
+    and the same number of episodes per step as GFlowNet training (prompts_per_step x samples_per_prompt)."""
+    from .config import merge_overrides, parse_overrides, read_yaml
+    from .models import load_model
+    from .rl import grpo_train
+    from .tasks import build_config, get_task_class
+
+    data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
+    if args.task:
+        data["task"] = args.task
+    data.setdefault("output_dir", f"runs/{data.get('task', 'task')}-rl")
+    config = build_config(data.get("task"), data)
+    if config.task is None:
+        raise GFNLMError("rl needs a task (e.g. --task arithmetic)")
+    task = get_task_class(config.task)(config.task_args)
+    model, tok = load_model(config.model)
+    grpo_train(task, model, tok, config, output_dir=config.output_dir, num_generations=config.samples_per_prompt,
+               prompts_per_step=config.prompts_per_step, beta=args.beta,
+               report_to=[r for r in config.report_to] or "none", disable_tqdm=config.disable_tqdm)
+    print(f"checkpoint: {Path(config.output_dir) / f'checkpoint-{config.max_steps}'}")
+    return 0
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -240,38 +264,35 @@ def _eval_arithmetic(args, task, model, tok, config, cons) -> int:
     import torch
 
     from .rewards import base_model
+    from .tasks.arithmetic import table4
+    from .trainer import load_trained
 
     shots = [int(k) for k in args.shots.split(",") if k.strip()]
-    rows: list[tuple[str, dict]] = []
-    with torch.no_grad(), base_model(model) as base:
-        for k in shots:
-            rows.append((f"k-shot CoT, k = {k}", task.evaluate(base, tok, config, cons, n=args.n, seed=args.seed,
-                                                               progress=True, context_shots=k)))
-    if args.sft_checkpoint:
-        from .trainer import load_trained
+    rows: list[tuple[str, list[dict]]] = []
 
-        sft_model = load_trained(args.sft_checkpoint)[0]
-        with torch.no_grad():
-            rows.append(("Supervised fine-tuning", task.evaluate(sft_model, tok, config, cons, n=args.n,
-                                                                 seed=args.seed, progress=True)))
+    with base_model(model) as base:
+        for k in shots:
+            with torch.no_grad():
+                rows.append((f"k-shot CoT, k = {k}", [task.evaluate(base, tok, config, cons, n=args.n, seed=args.seed,
+                                                                    progress=True, context_shots=k)]))
+    for name, path in (("Supervised fine-tuning", args.sft_checkpoint), ("RL (TRL GRPO)", args.rl_checkpoint)):
+        if path:
+            with torch.no_grad():
+                rows.append((name, [task.evaluate(load_trained(path)[0], tok, config, cons, n=args.n, seed=args.seed,
+                                                  progress=True)]))
     if args.checkpoint:
         with torch.no_grad():
-            rows.append(("GFlowNet fine-tuning", task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed,
-                                                               progress=True)))
-    labels = list(rows[0][1]) if rows else []
-    print("| method | " + " | ".join(f"{l} operands" for l in labels) + " |")
-    print("|---|" + "---|" * len(labels))
-    for name, r in rows:
-        print(f"| {name} | " + " | ".join(f"{100 * r[l]['vote_accuracy']:.1f} ({100 * r[l]['greedy_accuracy']:.1f})"
-                                        for l in labels) + " |")
-    for l in labels:
-        r = rows[0][1][l]
-        print(f"{l} operands: {r['questions']} questions evaluated; {r['removed_as_in_training']} test questions "
+            rows.append(("GFlowNet fine-tuning", [task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed,
+                                                                progress=True)]))
+    print(table4(rows))
+    first = rows[0][1][0] if rows else {}
+    for label, r in first.items():
+        print(f"{label} operands: {r['questions']} questions evaluated; {r['removed_as_in_training']} test questions "
               "removed because they occur in a training file")
-    print("accuracy in %: majority vote over task_args.vote_samples rationales (greedy in brackets); "
-          "the RL (TRL) baseline is not implemented yet")
+    print("accuracy in %: majority vote over task_args.vote_samples rationales at task_args.vote_temperature "
+          "(greedy in brackets)")
     if args.output:
-        Path(args.output).write_text(json.dumps({name: r for name, r in rows}, indent=1))
+        Path(args.output).write_text(json.dumps({name: r[0] for name, r in rows}, indent=1))
     return 0
 
 
@@ -323,11 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="write the metrics JSON here")
     e.add_argument("--shots", default="0,3,5,10,20", help="arithmetic: k of the k-shot CoT rows")
     e.add_argument("--sft_checkpoint", default=None, help="arithmetic: a `gfnlm sft` checkpoint for the SFT row")
+    e.add_argument("--rl_checkpoint", default=None, help="arithmetic: a `gfnlm rl` checkpoint for the RL (TRL) row")
 
     f = sub.add_parser("sft", help="supervised fine-tuning baseline on the task's labelled completions")
     f.add_argument("--config", default=None, help="YAML file of GFNConfig fields")
     f.add_argument("--task", default=None)
     f.add_argument("--batch_size", type=int, default=8)
+
+    r = sub.add_parser("rl", help="RL baseline: GRPO through TRL with the task's correct-answer reward")
+    r.add_argument("--config", default=None, help="YAML file of GFNConfig fields")
+    r.add_argument("--task", default=None)
+    r.add_argument("--beta", type=float, default=0.0, help="KL coefficient towards the base model")
 
     sub.add_parser("models", help="list the embedded models")
     return p
@@ -337,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_runtime()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "eval", "sft"):
+    if rest and args.command not in ("train", "eval", "sft", "rl"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "demo":
@@ -346,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, rest)
         if args.command == "sft":
             return cmd_sft(args, rest)
+        if args.command == "rl":
+            return cmd_rl(args, rest)
         if args.command == "sample":
             return cmd_sample(args)
         if args.command == "eval":

@@ -13,8 +13,9 @@ from .scoring import score
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_ids: Sequence[int], constraints: Constraints, n: int, *,
                        batch_size: int = 512, temperature: float = 1.0, seed: int = 0, progress: bool = False,
-                       desc: str = "sampling", tool=None, max_tool_tokens: int = 0) -> list[str]:
-    """Draw ``n`` completions (decoded text, stop token excluded; tool output included) for one prompt."""
+                       desc: str = "sampling", tool=None, max_tool_tokens: int = 0, prefix=None) -> list[str]:
+    """Draw ``n`` completions (decoded text, stop token excluded; tool output included) for one prompt
+    (read after ``prefix``, a :class:`~gfnlm.sampling.PrefixCache`, if given)."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -24,7 +25,7 @@ def sample_completions(model, tokenizer, prompt_ids: Sequence[int], constraints:
         while len(out) < n:
             k = min(batch_size, n - len(out))
             s = sample(model, [list(prompt_ids)], [0] * k, constraints, temperature=temperature, pad_id=pad, generator=g,
-                       tool=tool, tokenizer=tokenizer, max_tool_tokens=max_tool_tokens)
+                       tool=tool, tokenizer=tokenizer, max_tool_tokens=max_tool_tokens, prefix=prefix)
             out += [tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
             bar.update(k)
     return out

@@ -257,14 +257,48 @@ def output_cache(out):
     return out.get("cache", None) if out.get("cache", None) is not None else out.past_key_values
 
 
-def encode_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor, output_hidden_states: bool = False):
-    """Run the (left-padded) prompts through the model.
+class PrefixCache:
+    """The KV cache of a constant token prefix (e.g. a few-shot context), computed once.
 
-    Returns the model output (``logits`` [P, L, V]) and its KV cache."""
-    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
-                output_hidden_states=output_hidden_states)
-    return out, output_cache(out)
+    Valid as long as the model that reads it does not change: a reward computed by the base
+    model with its adapters switched off, or a frozen model evaluated with a k-shot context.
+    ``expand(n)`` gives a fresh cache of n rows."""
+
+    def __init__(self, model, prefix_ids: Sequence[int]):
+        if not prefix_ids:
+            raise ValueError("empty prefix")
+        device = next(model.parameters()).device
+        ids = torch.tensor([list(prefix_ids)], device=device)
+        with torch.no_grad():
+            _, cache, _ = encode_prompts(model, ids, torch.ones_like(ids))
+        self.length = len(prefix_ids)
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def expand(self, n: int):
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
+                                            for k, v in self.layers])
+
+
+def encode_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor, output_hidden_states: bool = False,
+                   prefix: PrefixCache | None = None):
+    """Run the (left-padded) prompts [P, L] through the model, after ``prefix`` if given.
+
+    Returns the model output (``logits`` [P, L, V]), its KV cache, and the attention mask of
+    everything the cache holds ([P, L] or [P, prefix + L], long)."""
+    if prefix is None:
+        pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True,
+                    output_hidden_states=output_hidden_states)
+        return out, output_cache(out), prompt_mask
+    P = prompt_ids.shape[0]
+    full_mask = torch.cat([torch.ones((P, prefix.length), dtype=prompt_mask.dtype, device=prompt_mask.device),
+                           prompt_mask], dim=1)
+    pos = (full_mask.cumsum(-1) - 1)[:, prefix.length:]
+    out = model(input_ids=prompt_ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                output_hidden_states=output_hidden_states, **cache_kwargs(model, prefix.expand(P)))
+    return out, output_cache(out), full_mask
 
 
 @torch.no_grad()
@@ -281,6 +315,7 @@ def sample(
     tool=None,
     tokenizer=None,
     max_tool_tokens: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> Samples:
     """Sample one episode for each entry of ``prompt_index``.
 
@@ -298,20 +333,23 @@ def sample(
             state. Tool tokens are not actions (``action_mask`` False): they count in neither log q
             nor the length limits. At most ``max_tool_tokens`` tool tokens per episode (an output
             that does not fit is not inserted).
+        prefix: optional :class:`PrefixCache` of a constant context read before every prompt
+            (e.g. k solved examples); its keys and values are reused, not recomputed.
 
     The returned ``log_pf``/``log_pterm`` are always those of the policy itself (temperature 1,
     ε = 0), whatever behaviour policy drew the sample.
     """
     device = next(model.parameters()).device
-    check_fits(model, prompts, constraints.max_new_tokens + (max_tool_tokens if tool is not None else 0))
+    check_fits(model, prompts, constraints.max_new_tokens + (max_tool_tokens if tool is not None else 0)
+               + (prefix.length if prefix is not None else 0))
     prompt_index = torch.as_tensor(prompt_index, dtype=torch.long, device=device)
     B = prompt_index.numel()
     N = constraints.max_new_tokens
     p_ids, p_mask = pad_prompts(prompts, pad_id, device)
-    out, cache = encode_prompts(model, p_ids, p_mask)
+    out, cache, full_mask = encode_prompts(model, p_ids, p_mask, prefix=prefix)
     logits = out.logits[prompt_index, -1, :]
     cache.batch_select_indices(prompt_index)
-    attn = p_mask[prompt_index]
+    attn = full_mask[prompt_index]
     next_pos = attn.sum(-1)  # [B] position id of the next token
 
     temp = torch.as_tensor(temperature, dtype=torch.float32, device=device)
@@ -328,6 +366,9 @@ def sample(
     n_act = torch.zeros(B, dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
     _, stop_mask = constraints.token_mask(logits.shape[-1], device)
+    # with a restricted vocabulary, draw among the allowed and stop ids only (a much smaller multinomial)
+    candidates = None if constraints.allowed_token_ids is None else torch.cat(
+        [constraints.token_ids(logits.shape[-1], device), torch.as_tensor(constraints.stop_token_ids, device=device)])
     pending: list[list[int]] = [[] for _ in range(B)]  # tool tokens still to be written, per row
     tool_used = [0] * B
     if tool is not None and tokenizer is None:
@@ -340,13 +381,16 @@ def sample(
         log_pterm[:, t] = torch.where(real, stop_lp, log_pterm[:, t])
         if t == S:
             break
-        # behaviour distribution over the vocabulary: tempered policy, then ε-uniform mix
-        allowed = torch.isfinite(logp)
-        beh = torch.softmax(logp / temp, dim=-1)
+        # behaviour distribution over the candidate actions: tempered policy, then ε-uniform mix
+        cand_logp = logp if candidates is None else logp.index_select(1, candidates)
+        allowed = torch.isfinite(cand_logp)
+        beh = torch.softmax(cand_logp / temp, dim=-1)
         if epsilon > 0:
             uni = allowed.float() / allowed.float().sum(-1, keepdim=True)
             beh = (1 - epsilon) * beh + epsilon * uni
         choice = torch.multinomial(beh, 1, generator=generator).squeeze(1)
+        if candidates is not None:
+            choice = candidates[choice]
         if forced.any():
             written = torch.tensor([q[0] if q else pad_id for q in pending], device=device)
             choice = torch.where(forced, written, choice)

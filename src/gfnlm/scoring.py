@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .sampling import NEG_INF, Constraints, cache_kwargs, check_fits, encode_prompts, output_cache, pad_prompts
+from .sampling import NEG_INF, Constraints, PrefixCache, cache_kwargs, check_fits, encode_prompts, pad_prompts
 
 
 @dataclass
@@ -39,29 +39,6 @@ class PolicyScores:
     prompt_hidden: Tensor | None = None
 
 
-class PrefixCache:
-    """The KV cache of a constant token prefix (e.g. a few-shot context), computed once.
-
-    Valid as long as the model that reads it does not change: e.g. for a reward computed by the
-    base model with its adapters switched off. ``expand(n)`` gives a fresh cache of n rows."""
-
-    def __init__(self, model, prefix_ids: Sequence[int]):
-        if not prefix_ids:
-            raise ValueError("empty prefix")
-        device = next(model.parameters()).device
-        ids = torch.tensor([list(prefix_ids)], device=device)
-        with torch.no_grad():
-            out, cache = encode_prompts(model, ids, torch.ones_like(ids))
-        self.length = len(prefix_ids)
-        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
-
-    def expand(self, n: int):
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
-                                            for k, v in self.layers])
-
-
 def completion_logits(model, prompts: Sequence[Sequence[int]], prompt_index: Tensor, tokens: Tensor, lengths: Tensor,
                       pad_id: int = 0, return_prompt_hidden: bool = False, prefix: PrefixCache | None = None):
     """Logits of the next action at every prefix t = 0..N of each completion.
@@ -74,23 +51,15 @@ def completion_logits(model, prompts: Sequence[Sequence[int]], prompt_index: Ten
     """
     device = tokens.device
     p_ids, p_mask = pad_prompts(prompts, pad_id, device)
-    if prefix is None:
-        out, cache = encode_prompts(model, p_ids, p_mask, output_hidden_states=return_prompt_hidden)
-        full_mask = p_mask
-    else:
-        P = p_ids.shape[0]
-        full_mask = torch.cat([torch.ones((P, prefix.length), dtype=p_mask.dtype, device=device), p_mask], dim=1)
-        pos = (full_mask.cumsum(-1) - 1)[:, prefix.length:]
-        out = model(input_ids=p_ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
-                    output_hidden_states=return_prompt_hidden, **cache_kwargs(model, prefix.expand(P)))
-        cache = output_cache(out)
+    out, cache, full_mask = encode_prompts(model, p_ids, p_mask, output_hidden_states=return_prompt_hidden,
+                                           prefix=prefix)
     hidden = out.hidden_states[-1][:, -1, :] if return_prompt_hidden else None
     first = out.logits[:, -1, :][prompt_index]  # [B, V]
     B, N = tokens.shape
     if N == 0:
         return first[:, None, :], hidden
     cache.batch_select_indices(prompt_index)
-    attn = torch.cat([full_mask[prompt_index], torch.ones((B, N), dtype=p_mask.dtype, device=device)], dim=1)
+    attn = torch.cat([full_mask[prompt_index], torch.ones((B, N), dtype=full_mask.dtype, device=device)], dim=1)
     start = full_mask.sum(-1)[prompt_index]
     positions = start[:, None] + torch.arange(N, device=device)[None, :]
     rest = model(input_ids=tokens, attention_mask=attn, position_ids=positions, use_cache=True,

@@ -231,10 +231,7 @@ class GFNTrainer:
         if getattr(model, "peft_config", None):
             return model
         if peft_config is None and self.args.use_peft:
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(r=self.args.lora_r, lora_alpha=self.args.lora_alpha, lora_dropout=0.0,
-                                     target_modules=self.args.lora_target_modules, task_type="CAUSAL_LM")
+            peft_config = lora_config(self.args)
         if peft_config is None:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -523,18 +520,9 @@ class GFNTrainer:
             torch.save(self.trainable_state(), tmp / "trainable.pt")
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "optimizer.pt")
-            lm = self.model
-            if getattr(lm, "peft_config", None):
-                lm.save_pretrained(tmp / "adapter")
-            self.args.to_yaml(tmp / "gfnlm_config.yaml")
             info = {"step": self.step, "num_processes": acc.num_processes,
-                    "log_z": self.accelerator.unwrap_model(self.policy).log_z_kind,
-                    "constraints": {"stop_token_ids": self.constraints.stop_token_ids,
-                                    "min_new_tokens": self.constraints.min_new_tokens,
-                                    "max_new_tokens": self.constraints.max_new_tokens,
-                                    "allowed_token_ids": self.constraints.allowed_token_ids,
-                                    "forbidden_token_ids": self.constraints.forbidden_token_ids}}
-            (tmp / "trainer_state.json").write_text(json.dumps(info, indent=1))
+                    "log_z": self.accelerator.unwrap_model(self.policy).log_z_kind}
+            write_policy_files(tmp, self.model, self.args, self.constraints, info)
             ckpt.commit(path)
         acc.wait_for_everyone()
         return path
@@ -565,6 +553,30 @@ class GFNTrainer:
         random.setstate(rs["python"])
         np.random.set_state(rs["numpy"])
         self.step = info["step"]
+
+
+def lora_config(args: GFNConfig):
+    """The ``peft.LoraConfig`` of the ``lora_*`` fields (dropout off), as the trainers build it."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                      target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+
+
+def write_policy_files(folder: str | Path, lm, args: GFNConfig, constraints: Constraints, info: dict) -> None:
+    """Write what :func:`load_trained` reads into a checkpoint folder being written (see
+    :mod:`gfnlm.checkpoint`): ``adapter/`` when ``lm`` is a PeftModel, ``gfnlm_config.yaml`` and
+    ``trainer_state.json`` (``info`` plus the ``constraints``)."""
+    folder = Path(folder)
+    if getattr(lm, "peft_config", None):
+        lm.save_pretrained(folder / "adapter")
+    args.to_yaml(folder / "gfnlm_config.yaml")
+    info = dict(info, constraints={"stop_token_ids": constraints.stop_token_ids,
+                                   "min_new_tokens": constraints.min_new_tokens,
+                                   "max_new_tokens": constraints.max_new_tokens,
+                                   "allowed_token_ids": constraints.allowed_token_ids,
+                                   "forbidden_token_ids": constraints.forbidden_token_ids})
+    (folder / "trainer_state.json").write_text(json.dumps(info, indent=1))
 
 
 def _range_mask(lengths: Tensor, width: int) -> Tensor:

@@ -66,6 +66,11 @@ class Task:
         """Labelled completions by prompt, for the supervised fine-tuning baseline (``gfnlm sft``)."""
         raise NotImplementedError(f"task {self.name} has no labelled completions")
 
+    def correct_reward(self):
+        """A TRL-style reward ``f(prompts, completions, **columns) -> list[float]``: 1.0 for a correct
+        completion, else 0.0 (not a log-reward). Used by the RL baseline (:mod:`gfnlm.rl`)."""
+        raise NotImplementedError(f"task {self.name} has no correctness reward")
+
     def prepare_trainer(self, trainer) -> None:
         """Called once the trainer exists (e.g. to seed the replay buffer)."""
 

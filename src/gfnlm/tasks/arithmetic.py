@@ -3,7 +3,7 @@
 Episode: X = "Question: 7 - 5 + 8 - 0 - 6 = ? Answer:", Z = a rationale of steps "a op b ="
 (the :class:`~gfnlm.tools.Calculator` writes each result into the state, not as an action),
 Y = ". The answer is N.".  The policy's vocabulary is restricted to tokens made of digits,
-``+ - = , .`` and spaces, plus the stop (EOS).
+``+ - = , .`` and spaces; the episode stops with EOS or "." (the first character of Y).
 
 Reward: log R(Z) = log p_LM(Z, Y* | C, X), the base model's likelihood of the rationale (with
 the calculator outputs in the state) followed by the correct answer Y*, given a few-shot
@@ -149,7 +149,7 @@ class ArithmeticTask(Task):
     config_defaults = {
         "task": "arithmetic",
         "chat_template": "never",
-        "stop_tokens": ["eos"],
+        "stop_tokens": ["eos", "."],
         "min_new_tokens": 4,
         "max_new_tokens": 40,
         "max_tool_tokens": 16,
@@ -248,14 +248,51 @@ class ArithmeticTask(Task):
         if self.args.seed_buffer:
             trainer.seed_buffer(self.supervised_completions())
 
+    def correct_reward(self):
+        """TRL-style reward for the RL baseline: 1.0 when the state's answer equals ``num_sol``, else 0.0."""
+
+        def correct_answer(prompts, completions, num_sol, **kw) -> list[float]:
+            return [float(answer_of(c) == int(n)) for c, n in zip(completions, num_sol)]
+
+        return correct_answer
+
     # evaluation
-    def predict(self, model, tokenizer, config, constraints, query: str, *, k: int, temperature: float,
-                context: str = "", seed: int = 0) -> tuple[int | None, list[str]]:
-        """Vote over k rationales sampled at ``temperature`` (with the calculator)."""
-        ids = render_prompt(tokenizer, context + query, config.chat_template)
-        states = sample_completions(model, tokenizer, ids, constraints, k, temperature=temperature, seed=seed,
-                                    tool=self.calculator, max_tool_tokens=config.max_tool_tokens)
-        return majority_vote([answer_of(s) for s in states]), states
+    def encode(self, tokenizer, query: str, config, prefix_ids: list[int] | None) -> list[int]:
+        """Token ids of a question (read after a few-shot prefix when ``prefix_ids`` is given)."""
+        if not prefix_ids:
+            return render_prompt(tokenizer, query, config.chat_template)
+        return tokenizer(query, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def predict(self, model, tokenizer, config, constraints, queries: list[str], *, k: int, temperature: float,
+                context: str = "", seed: int = 0, batch_questions: int = 8) -> list[dict]:
+        """Posterior-predictive vote and greedy answer of each question.
+
+        For each question, k rationales are sampled at ``temperature`` and one greedily (all with
+        the calculator), in batches of ``batch_questions`` questions; a few-shot ``context`` is
+        encoded once (:class:`~gfnlm.sampling.PrefixCache`) and reused by every question.
+        Returns, per question, ``{"vote", "greedy", "states"}`` (states: the k sampled texts)."""
+        from ..sampling import PrefixCache, sample
+
+        prefix_ids = render_prompt(tokenizer, context, "never") if context else None
+        prefix = PrefixCache(model, prefix_ids) if prefix_ids else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        g = torch.Generator().manual_seed(seed)
+        temps = torch.tensor([temperature] * k + [1e-4])  # the last row of each question: greedy
+        out = []
+        for i in range(0, len(queries), batch_questions):
+            chunk = queries[i:i + batch_questions]
+            prompts = [self.encode(tokenizer, q, config, prefix_ids) for q in chunk]
+            index = torch.arange(len(chunk)).repeat_interleave(k + 1)
+            s = sample(model, prompts, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad,
+                       generator=g, tool=self.calculator, tokenizer=tokenizer, max_tool_tokens=config.max_tool_tokens,
+                       prefix=prefix)
+            texts = [tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
+            for j in range(len(chunk)):
+                rows = texts[j * (k + 1):(j + 1) * (k + 1)]
+                out.append({"vote": majority_vote([answer_of(t) for t in rows[:k]]), "greedy": answer_of(rows[k]),
+                            "states": rows[:k]})
+        return out
 
     def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
                  progress: bool = False, context_shots: int = 0, **kw) -> dict:
@@ -265,19 +302,36 @@ class ArithmeticTask(Task):
         n = n or self.args.eval_questions
         context = self.few_shot_context(context_shots) if context_shots else ""
         out: dict = {}
-        for label, (questions, removed) in self.test_sets().items():
+        sets = self.test_sets()
+        for label, (questions, removed) in tqdm(sets.items(), disable=not progress, desc="test sets", leave=False):
             qs = questions[:n]
-            vote_right = greedy_right = 0
-            for i, q in enumerate(tqdm(qs, disable=not progress, desc=f"{label} operands", leave=False)):
-                vote, _ = self.predict(model, tokenizer, config, constraints, q["str_query"], k=self.args.vote_samples,
-                                       temperature=self.args.vote_temperature, context=context, seed=seed + i)
-                greedy, _ = self.predict(model, tokenizer, config, constraints, q["str_query"], k=1,
-                                         temperature=1e-4, context=context, seed=seed + i)
-                vote_right += vote == q["num_sol"]
-                greedy_right += greedy == q["num_sol"]
-            out[label] = {"vote_accuracy": vote_right / max(len(qs), 1), "greedy_accuracy": greedy_right / max(len(qs), 1),
-                          "questions": len(qs), "removed_as_in_training": removed}
+            preds = self.predict(model, tokenizer, config, constraints, [q["str_query"] for q in qs],
+                                 k=self.args.vote_samples, temperature=self.args.vote_temperature, context=context,
+                                 seed=seed)
+            vote = sum(p["vote"] == q["num_sol"] for p, q in zip(preds, qs))
+            greedy = sum(p["greedy"] == q["num_sol"] for p, q in zip(preds, qs))
+            out[label] = {"vote_accuracy": vote / max(len(qs), 1), "greedy_accuracy": greedy / max(len(qs), 1),
+                          "questions": len(qs), "removed_as_in_training": removed,
+                          "example": {"question": qs[0]["str_query"], "states": preds[0]["states"][:3]} if qs else None}
         return out
+
+
+def table4(rows: list[tuple[str, list[dict]]]) -> str:
+    """The paper's Table 4: one row per method, one column per test set; cells are the vote
+    accuracy in % (mean ± std over the seeds given, greedy in brackets)."""
+    import statistics
+
+    labels = list(rows[0][1][0]) if rows else []
+
+    def cell(results: list[dict], label: str) -> str:
+        v = [100 * r[label]["vote_accuracy"] for r in results]
+        g = [100 * r[label]["greedy_accuracy"] for r in results]
+        spread = f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else ""
+        return f"{statistics.mean(v):.1f}{spread} ({statistics.mean(g):.1f})"
+
+    lines = ["| method | " + " | ".join(f"{l} operands" for l in labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += [f"| {name} | " + " | ".join(cell(res, l) for l in labels) + " |" for name, res in rows]
+    return "\n".join(lines)
 
 
 class AnswerLikelihoodReward(LMLikelihoodReward):
