@@ -1,0 +1,197 @@
+"""Table 4 of the paper on the embedded model: integer arithmetic with a calculator.
+
+Every method gets the same model (SmolLM2-135M-Instruct by default), the same data
+(``../shared/data/arithmetic``), the same action space and calculator, and is evaluated on the
+same test questions (``--questions`` per operand count, test questions seen in training removed)
+with the same vote (10 rationales at T = 0.1) and greedy decoding:
+
+* k-shot CoT, k = 0, 3, 5, 10, 20: the base model after k solved examples (a reused prefix cache);
+* SFT: LoRA, maximum likelihood of the labelled rationales (``gfnlm.sft``);
+* RL (TRL GRPO): LoRA, correct-answer reward, the same episodes per step as GFlowNet training;
+* GFlowNet fine-tuning: LoRA, the task's reward log p(Z, Y* | 3-shot, X), replay seeded with the
+  labelled rationales.
+
+Each method writes ``<out>/arithmetic/<method>.json`` when it finishes, so methods can run in
+separate processes (``--methods gfn`` in one, ``--methods kshot`` in another) and be combined
+with ``--report``, which writes ``<out>/arithmetic.md`` and ``<out>/arithmetic.json`` and prints
+the table.
+
+    .venv/bin/python bench/arithmetic.py --methods kshot,sft,rl,gfn --questions 30 --steps 100
+    .venv/bin/python bench/arithmetic.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+METHODS = ["kshot", "sft", "rl", "gfn"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--report", action="store_true", help="only combine the per-method results into the table")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--questions", type=int, default=30, help="test questions per operand count")
+    p.add_argument("--shots", default="0,3,5,10,20")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps of GFlowNet and RL training")
+    p.add_argument("--sft_steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the LoRA adapters (all methods)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "arithmetic"))
+    p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-arithmetic"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    return p.parse_args(argv)
+
+
+def build(args, method: str, overrides: dict | None = None):
+    from gfnlm.tasks import build_config
+
+    data = {"model": args.model, "seed": args.seed, "learning_rate": args.lr, "max_steps": args.steps,
+            "reward_temperature_horizon": args.steps, "report_to": [], "output_dir": f"{args.run_dir}/{method}",
+            "task_args": {"data_dir": args.data_dir}, **(overrides or {})}
+    return build_config("arithmetic", data)
+
+
+def evaluate(task, model, tok, config, cons, args, **kw) -> dict:
+    import torch
+
+    with torch.no_grad():
+        return task.evaluate(model, tok, config, cons, n=args.questions, seed=args.seed, progress=True, **kw)
+
+
+def run_method(method: str, args) -> dict:
+    from gfnlm.cli import make_trainer
+    from gfnlm.models import load_model
+    from gfnlm.rewards import base_model
+    from gfnlm.tasks import get_task_class
+
+    t0 = time.perf_counter()
+    rows: list[tuple[str, dict]] = []
+    info: dict = {}
+    if method == "kshot":
+        config = build(args, method)
+        model, tok = load_model(config.model)
+        task = get_task_class("arithmetic")(config.task_args)
+        cons = task.constraints(config, tok)
+        with base_model(model) as base:
+            for k in [int(x) for x in args.shots.split(",")]:
+                rows.append((f"k-shot CoT, k = {k}", evaluate(task, base, tok, config, cons, args, context_shots=k)))
+                print(f"k = {k}: {json.dumps({l: r['vote_accuracy'] for l, r in rows[-1][1].items()})}", flush=True)
+    elif method == "sft":
+        from gfnlm.sft import sft_train
+
+        config = build(args, method, {"max_steps": args.sft_steps, "task_args": {"data_dir": args.data_dir,
+                                                                                   "seed_buffer": False}})
+        task, trainer = make_trainer(config)
+        losses = sft_train(trainer, task.supervised_completions(), batch_size=8)
+        info = {"nll_first": losses[0], "nll_last": losses[-1], "steps": len(losses), "batch": 8,
+                "train_seconds": round(time.perf_counter() - t0, 1)}
+        trainer.model.eval()
+        rows.append(("Supervised fine-tuning", evaluate(task, trainer.model, trainer.tokenizer, config,
+                                                        trainer.constraints, args)))
+    elif method == "rl":
+        from gfnlm.rl import grpo_train
+
+        config = build(args, method)
+        model, tok = load_model(config.model)
+        task = get_task_class("arithmetic")(config.task_args)
+        model = grpo_train(task, model, tok, config, output_dir=config.output_dir,
+                           num_generations=config.samples_per_prompt, prompts_per_step=config.prompts_per_step)
+        hist = json.loads((Path(config.output_dir) / "log_history.json").read_text())
+        rewards = [h["reward"] for h in hist if "reward" in h]
+        info = {"steps": config.max_steps, "episodes_per_step": config.samples_per_prompt * config.prompts_per_step,
+                "reward_first10": sum(rewards[:10]) / max(len(rewards[:10]), 1),
+                "reward_last10": sum(rewards[-10:]) / max(len(rewards[-10:]), 1),
+                "train_seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(("RL (TRL GRPO)", evaluate(task, model, tok, config, task.constraints(config, tok), args)))
+    elif method == "gfn":
+        config = build(args, method)
+        task, trainer = make_trainer(config)
+        trainer.train()
+        info = {"steps": config.max_steps, "episodes_per_step": config.samples_per_prompt * config.prompts_per_step,
+                "loss": config.loss_type, "train_seconds": round(time.perf_counter() - t0, 1)}
+        trainer.model.eval()
+        rows.append(("GFlowNet fine-tuning", evaluate(task, trainer.model, trainer.tokenizer, config,
+                                                      trainer.constraints, args)))
+    else:
+        raise SystemExit(f"unknown method {method!r}: choose from {METHODS}")
+    return {"method": method, "rows": rows, "info": info, "seconds": round(time.perf_counter() - t0, 1),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "report")}}
+
+
+def report(args) -> str:
+    from gfnlm.tasks.arithmetic import table4
+
+    folder = Path(args.out) / "arithmetic"
+    results = {m: json.loads((folder / f"{m}.json").read_text()) for m in METHODS if (folder / f"{m}.json").exists()}
+    rows = [(name, [r]) for m in METHODS if m in results for name, r in results[m]["rows"]]
+    table = table4(rows)
+    acc = {name: {l: 100 * v["vote_accuracy"] for l, v in r[0].items()} for name, r in rows}
+    lines = [f"# Arithmetic (Table 4) on {next(iter(results.values()))['settings']['model'] if results else '?'}", "",
+             table, ""]
+    first = rows[0][1][0] if rows else {}
+    for l, r in first.items():
+        lines.append(f"- {l} operands: {r['questions']} questions; {r['removed_as_in_training']} test questions removed "
+                     "because they occur in a training file.")
+    lines.append("- Cells: accuracy in % of the majority vote over 10 rationales at T = 0.1 (greedy in brackets).")
+    for m, res in results.items():
+        lines.append(f"- {m}: {res['seconds']:.0f} s in all; {json.dumps(res['info'])}")
+    gfn, sft = acc.get("GFlowNet fine-tuning"), acc.get("Supervised fine-tuning")
+    kshot = [v for k, v in acc.items() if k.startswith("k-shot")]
+    checks = {}
+    if gfn and sft:
+        checks["GFN - SFT on 3 operands >= 15 points"] = (round(gfn["3"] - sft["3"], 1), gfn["3"] - sft["3"] >= 15)
+        checks["GFN on 5 operands >= 2 x SFT"] = (f"{gfn['5']:.1f} vs {sft['5']:.1f}", gfn["5"] >= 2 * sft["5"] and gfn["5"] > 0)
+    if gfn and kshot:
+        best = max(v["3"] for v in kshot)
+        checks["GFN - best k-shot on 3 operands >= 30 points"] = (round(gfn["3"] - best, 1), gfn["3"] - best >= 30)
+    if checks:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
+    text = "\n".join(lines) + "\n"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "arithmetic.md").write_text(text)
+    (Path(args.out) / "arithmetic.json").write_text(json.dumps(
+        {"results": results, "accuracy": acc, "targets": {k: {"measured": v, "met": ok} for k, (v, ok) in checks.items()}},
+        indent=1))
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from gfnlm.cli import _setup_runtime
+
+    _setup_runtime()
+    if not args.report:
+        folder = Path(args.out) / "arithmetic"
+        folder.mkdir(parents=True, exist_ok=True)
+        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            print(f"[bench/arithmetic] {m} ...", flush=True)
+            res = run_method(m, args)
+            tmp = folder / f".{m}.json.tmp"
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(folder / f"{m}.json")
+            print(f"[bench/arithmetic] {m} done in {res['seconds']:.0f} s", flush=True)
+    print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
