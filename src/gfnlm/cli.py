@@ -144,8 +144,8 @@ def cmd_train(args, rest: list[str]) -> int:
     if args.task:
         data["task"] = args.task
     config = build_config(data.get("task"), data)
-    _, trainer = make_trainer(config)
-    trainer.train(resume_from_checkpoint=args.resume if args.resume not in (None, "latest") else (True if args.resume else None))
+    task, trainer = make_trainer(config)
+    task.train(trainer, args.resume if args.resume not in (None, "latest") else (True if args.resume else None))
     if trainer.accelerator.is_main_process:
         print(f"checkpoint: {Path(config.output_dir) / f'checkpoint-{trainer.step}'}")
     return 0

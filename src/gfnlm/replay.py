@@ -38,6 +38,10 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return sum(len(v) for v in self._data.values())
 
+    def clear(self) -> None:
+        """Forget every entry (e.g. when the reward changes, as after an EM M-step)."""
+        self._data.clear()
+
     def size(self, key: str) -> int:
         return len(self._data.get(key, {}))
 

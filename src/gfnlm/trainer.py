@@ -637,6 +637,10 @@ def load_trained(path: str | Path):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(path / "adapter"))
+        for extra in sorted((path / "adapter").iterdir()):  # further named adapters (e.g. an EM likelihood model)
+            if (extra / "adapter_config.json").is_file():
+                model.load_adapter(str(extra), adapter_name=extra.name)
+        model.set_adapter("default")
     else:
         state = torch.load(path / "trainable.pt", map_location="cpu")
         lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}

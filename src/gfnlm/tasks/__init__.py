@@ -18,6 +18,7 @@ from ..errors import ConfigError
 REGISTRY: dict[str, str] = {
     "rng": "gfnlm.tasks.rng:RandomIntegerTask",
     "arithmetic": "gfnlm.tasks.arithmetic:ArithmeticTask",
+    "subjectivity": "gfnlm.tasks.subjectivity:SubjectivityTask",
 }
 
 
@@ -73,6 +74,10 @@ class Task:
 
     def prepare_trainer(self, trainer) -> None:
         """Called once the trainer exists (e.g. to seed the replay buffer)."""
+
+    def train(self, trainer, resume_from_checkpoint=None):
+        """Run the task's training (GFlowNet fine-tuning; a latent-variable task may run EM)."""
+        return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
     def evaluate(self, model, tokenizer, config: GFNConfig, constraints, **kw) -> dict:
         """Task metrics of a model."""

@@ -1,0 +1,232 @@
+"""EM for latent-variable tasks: a likelihood model p(Y | X, Z) fitted on rationales from q(Z | X).
+
+The paper's subjectivity experiment alternates
+
+* **E-step**: GFlowNet fine-tuning of the policy q(Z | X) towards the posterior
+  p(Z | X, Y*) ∝ p_LM(Z | X) p(Y* | X, Z) (the trainer, with a reward that reads the likelihood
+  model below);
+* **M-step**: maximum likelihood of the labels under p(Y | X, Z) on rationales Z ~ q(Z | X)
+  sampled for the labelled examples.
+
+:class:`LikelihoodModel` is p(Y | X, Z) over a fixed set of label phrases (e.g. ", so it is
+objective." and ", so it is subjective."). It lives on the policy's own base model as a second
+LoRA adapter (``name``, default "likelihood"): no second copy of the model. Until it is fitted, the
+base model with its adapters switched off is the likelihood model. :func:`run_em` alternates the
+two steps for a configurable number of rounds.
+
+Everything here runs on one process (the M-step is small); a multi-process run fits the likelihood
+on the main process's rationales only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import DataError
+from .sampling import pad_right
+
+#: one labelled M-step example: (prompt ids X, rationale ids Z, index of the true label phrase)
+Example = tuple[list[int], list[int], int]
+
+
+def phrase_log_probs(model, prompts: Sequence[Sequence[int]], middles: Sequence[Sequence[int]],
+                     phrases: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """log p(Z | X) and log p(Y_k | X, Z) for every label phrase Y_k, in one forward pass.
+
+    Args:
+        model: a causal LM (whatever adapters are active are used; grad flows unless disabled).
+        prompts: B prompts X (token ids); middles: B rationales Z (token ids, may be empty).
+        phrases: K label phrases (token ids, each non-empty).
+
+    Returns:
+        log_p_middle [B] (log space; sum over Z's tokens), log_p_phrases [B, K] (log space; sum over
+        each phrase's tokens). Computed in fp32 from B*K right-padded rows X Z Y_k.
+    """
+    B, K = len(prompts), len(phrases)
+    if any(len(p) == 0 for p in phrases):
+        raise DataError("empty label phrase")
+    rows, starts = [], []
+    for b in range(B):
+        for k in range(K):
+            rows.append(list(prompts[b]) + list(middles[b]) + list(phrases[k]))
+            starts.append(len(prompts[b]))
+    tokens, lengths = pad_right(rows, pad_id)
+    device = next(model.parameters()).device
+    tokens, lengths = tokens.to(device), lengths.to(device)
+    width = tokens.shape[1]
+    attn = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].float()
+    logp = logits.log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)  # [BK, W-1]: log p(token t+1 | <= t)
+    pos = torch.arange(1, width, device=device)[None, :]  # position of the predicted token
+    start = torch.tensor(starts, device=device)[:, None]
+    mid_len = torch.tensor([len(middles[b]) for b in range(B) for _ in range(K)], device=device)[:, None]
+    in_mid = (pos >= start) & (pos < start + mid_len)
+    in_phrase = (pos >= start + mid_len) & (pos < lengths[:, None])
+    zeros = torch.zeros_like(logp)
+    mid = torch.where(in_mid, logp, zeros).sum(1).view(B, K)[:, 0]
+    phrase = torch.where(in_phrase, logp, zeros).sum(1).view(B, K)
+    return mid, phrase
+
+
+class LikelihoodModel:
+    """p(Y | X, Z) over K label phrases: a LoRA adapter on the policy's base model (or the base model
+    itself until :meth:`fit` has run).
+
+    Args:
+        model: the policy (a ``PeftModel``: the adapter is added beside the policy's) or a plain
+            causal LM (it is wrapped with PEFT, the adapter being its only one).
+        tokenizer: its tokenizer.
+        label_phrases: K texts, in label order (label k is ``label_phrases[k]``).
+        lora_config: ``peft.LoraConfig`` of the adapter (default: the policy's settings).
+        name: adapter name.
+    """
+
+    def __init__(self, model, tokenizer, label_phrases: Sequence[str], lora_config=None, name: str = "likelihood"):
+        if len(label_phrases) < 2:
+            raise DataError("a likelihood model needs at least two label phrases")
+        self.tokenizer = tokenizer
+        self.phrases = [tokenizer.encode(p, add_special_tokens=False) for p in label_phrases]
+        self.label_phrases = list(label_phrases)
+        self.name = name
+        self.lora_config = lora_config
+        self.model = model
+        self.fitted = False
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # adapters --------------------------------------------------------------------------------------
+    def _ensure_adapter(self):
+        from peft import get_peft_model
+
+        from .trainer import lora_config as default_lora
+
+        cfg = self.lora_config
+        if cfg is None:
+            from .config import GFNConfig
+
+            cfg = default_lora(GFNConfig())
+        if not getattr(self.model, "peft_config", None):
+            self.model = get_peft_model(self.model, cfg, adapter_name=self.name)
+        elif self.name not in self.model.peft_config:
+            self.model.add_adapter(self.name, cfg)
+
+    @contextlib.contextmanager
+    def active(self, fitted: bool | None = None):
+        """The module that computes p(Y | X, Z): the fitted adapter (``fitted`` True, default: if it
+        has been fitted) or the base model with every adapter off. Restores the previously active
+        adapter and every ``requires_grad`` flag on exit."""
+        from .rewards import base_model
+
+        use = self.fitted if fitted is None else fitted
+        if use and not self.fitted:
+            raise DataError("the likelihood model has not been fitted yet")
+        if not use:
+            with base_model(self.model) as base:
+                yield base
+            return
+        model = self.model
+        previous = model.active_adapter
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        was_training = model.training
+        model.set_adapter(self.name)
+        try:
+            yield model
+        finally:
+            model.set_adapter(previous)
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags[n])
+            model.train(was_training)
+
+    # use -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def label_log_probs(self, prompts: Sequence[Sequence[int]], middles: Sequence[Sequence[int]], *,
+                        fitted: bool | None = None, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """(log p_base(Z | X) [B], log p(Y_k | X, Z) [B, K]), log space. log p(Z | X) is always the base
+        model's (adapters off); the label terms come from :meth:`active`."""
+        mids, labels = [], []
+        for i in range(0, len(prompts), batch_size):
+            p, m = prompts[i:i + batch_size], middles[i:i + batch_size]
+            with self.active(False) as base:
+                mid, base_lab = phrase_log_probs(base, p, m, self.phrases, self.pad_id)
+            if (self.fitted if fitted is None else fitted):
+                with self.active(True) as lik:
+                    lik.eval()
+                    _, base_lab = phrase_log_probs(lik, p, m, self.phrases, self.pad_id)
+            mids.append(mid.cpu())
+            labels.append(base_lab.cpu())
+        return torch.cat(mids), torch.cat(labels)
+
+    def predict(self, prompts, middles, **kw) -> Tensor:
+        """argmax_k p(Y_k | X, Z): [B] long."""
+        return self.label_log_probs(prompts, middles, **kw)[1].argmax(-1)
+
+    def fit(self, examples: Sequence[Example], *, steps: int = 50, learning_rate: float = 1e-4,
+            batch_size: int = 16, seed: int = 0, progress: bool = False) -> list[float]:
+        """M-step: fit the adapter by cross-entropy over the K label phrases,
+        -log softmax_k(log p(Y_k | X, Z))[y], on (X, Z, y) examples. Returns the loss of each step."""
+        from tqdm.auto import tqdm
+
+        if not examples:
+            raise DataError("M-step: no labelled rationales to fit the likelihood model on")
+        self._ensure_adapter()
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        with self.active(True) if self.fitted else self._first_fit() as model:
+            model.train()
+            params = [p for n, p in model.named_parameters() if f".{self.name}." in n]
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=learning_rate)
+            order: list[int] = []
+            for _ in tqdm(range(steps), disable=not progress, desc="M-step", leave=False):
+                if len(order) < min(batch_size, len(examples)):  # epochs of a seeded shuffle, no repeats in a batch
+                    order += torch.randperm(len(examples), generator=g).tolist()
+                pick, order = order[:min(batch_size, len(examples))], order[min(batch_size, len(examples)):]
+                p, m, y = zip(*[examples[i] for i in pick])
+                _, lab = phrase_log_probs(model, p, m, self.phrases, self.pad_id)
+                y = torch.tensor(y, device=lab.device)
+                loss = torch.nn.functional.cross_entropy(lab, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            for p in params:
+                p.grad = None
+        self.fitted = True
+        return losses
+
+    @contextlib.contextmanager
+    def _first_fit(self):
+        self.fitted = True  # the adapter exists now; make it active for the fit
+        try:
+            with self.active(True) as m:
+                yield m
+        except BaseException:
+            self.fitted = False
+            raise
+
+
+def run_em(trainer, likelihood: LikelihoodModel, *, rounds: int, e_steps: int,
+           m_step: Callable[[int], dict], log: Callable[[str], None] = print) -> list[dict]:
+    """Alternate ``rounds`` times: ``e_steps`` GFlowNet steps of ``trainer`` (whose reward reads
+    ``likelihood``), then ``m_step(round)`` (which samples rationales and calls ``likelihood.fit``).
+
+    The replay buffer is emptied after each M-step, since its stored rewards were computed under the
+    previous likelihood model. The trainer's checkpoint of the last step is rewritten at the end so
+    that it holds the fitted likelihood adapter too. Returns one dict of statistics per round."""
+    from pathlib import Path
+
+    stats = []
+    for r in range(rounds):
+        trainer.args.max_steps = trainer.step + e_steps
+        trainer.train()
+        log(f"[em] round {r + 1}/{rounds}: E-step done at step {trainer.step}; M-step ...")
+        s = m_step(r)
+        trainer.buffer.clear()
+        stats.append({"round": r + 1, "step": trainer.step, **s})
+        log(f"[em] round {r + 1}/{rounds}: {s}")
+    trainer.save_checkpoint(Path(trainer.args.output_dir) / f"checkpoint-{trainer.step}")
+    return stats

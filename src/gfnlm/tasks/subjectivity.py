@@ -1,0 +1,383 @@
+"""Subjectivity classification with a latent rationale, trained by EM (the paper's Section 5.4).
+
+Episode: X = ``Classify this movie review as objective or subjective: "<text>" This review is``,
+Z = a short rationale of word tokens (at most ``max_new_tokens``, 10 by default), stopped by ","
+or EOS, Y = ``, so it is <label>.``.  The policy q(Z | X) sees X only.
+
+E-step (GFlowNet fine-tuning of q; a terminal reward, VarGrad by default):
+
+    log R(Z) = log p_LM(Z | X) + log p(Y* | X, Z) - penalty * 1[p(Y_wrong | X, Z) > p(Y* | X, Z)]
+
+with p_LM the base model (adapters off) and p(Y | X, Z) the likelihood model
+(:class:`gfnlm.em.LikelihoodModel`: the base model before the first M-step, then a LoRA adapter on
+the same base). The whole log R is divided by the reward temperature (the reference code leaves the
+penalty untempered; with T between 1 and 1.2 the difference is small).
+
+M-step: ``m_samples`` rationales Z ~ q(Z | X) for every labelled example fit the likelihood adapter by
+cross-entropy over the two label phrases. ``em_rounds`` rounds of E then M.
+
+Test (the posterior predictive): sample ``vote_samples`` rationales Z ~ q(Z | X) at
+``vote_temperature``, predict argmax_Y p(Y | X, Z) for each, and vote; greedy decoding is reported
+too. "E-step only" uses the base model as p(Y | X, Z); "E+M" uses the fitted adapter.
+
+Baselines on the same examples: zero-shot (p(" objective." | X) vs p(" subjective." | X)), few-shot
+in-context (the labelled examples as a prompt, encoded once as a prefix cache), and an SFT
+classifier (a LoRA adapter fitted by the same cross-entropy with no rationale).
+
+Data: ``../shared/data/subj`` (``train.<n>.jsonl`` for training; validation is a fixed, seeded
+split of ``train.jsonl`` that excludes every training sentence) or the user's files with
+``text`` and ``label`` (0 objective, 1 subjective) columns.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import load_rows, render_prompt
+from ..errors import DataError
+from ..rewards import Reward
+from ..sampling import PrefixCache, sample
+from ..trainer import constraints_from_config
+from . import Task
+
+LABELS = ["objective", "subjective"]
+PROMPT = 'Classify this movie review as objective or subjective: "{text}" This review is'
+COT_PHRASE = ", so it is {label}."  # Y after a rationale
+DIRECT_PHRASE = " {label}."  # Y right after X (baselines without a rationale)
+WORD = re.compile(r"^ ?[A-Za-z]+$")
+
+
+def load_examples(path: str | Path) -> list[dict]:
+    """Rows ``{text, label}`` (label 0 objective / 1 subjective, or the label's name); checked."""
+    rows = load_rows(path, prompt_column="text")
+    out = []
+    for i, r in enumerate(rows, 1):
+        label = r.get("label")
+        if isinstance(label, str) and label.strip().lower() in LABELS:
+            label = LABELS.index(label.strip().lower())
+        if label not in (0, 1) or not str(r.get("text", "")).strip():
+            raise DataError(f"{path}: row {i} needs a non-empty 'text' and a 'label' of 0/1 (or objective/subjective)")
+        out.append({"text": str(r["text"]).strip(), "label": int(label)})
+    return out
+
+
+def split_validation(pool: list[dict], exclude: list[dict], n: int, seed: int = 0) -> tuple[list[dict], int]:
+    """A fixed validation split: ``n`` rows of ``pool`` whose text is not in ``exclude`` (seeded
+    shuffle). Returns the rows and how many pool rows were excluded as training sentences."""
+    seen = {r["text"] for r in exclude}
+    kept = [r for r in pool if r["text"] not in seen]
+    random.Random(seed).shuffle(kept)
+    return kept[:n], len(pool) - len([r for r in pool if r["text"] not in seen])
+
+
+def majority(labels: list[int]) -> int:
+    """Most frequent label (ties: the smallest label)."""
+    c = Counter(labels)
+    return max(sorted(c), key=lambda k: c[k])
+
+
+@dataclass
+class SubjectivityArgs:
+    data_dir: str = "../shared/data/subj"
+    train_size: int = 20
+    train_file: str = ""  # default: train.<train_size>.jsonl in data_dir
+    pool_file: str = "train.jsonl"
+    val_size: int = 200
+    val_seed: int = 0
+    penalty: float = 50.0
+    seed_rationales: int = 8
+    em_rounds: int = 1
+    m_samples: int = 8
+    m_steps: int = 60
+    m_learning_rate: float = 5e-4
+    vote_samples: int = 10
+    vote_temperature: float = 1.0
+    sft_steps: int = 60
+
+
+class SubjectivityTask(Task):
+    name = "subjectivity"
+    Args = SubjectivityArgs
+    config_defaults = {
+        "task": "subjectivity",
+        "chat_template": "never",
+        "stop_tokens": ["eos", ","],
+        "min_new_tokens": 1,
+        "max_new_tokens": 10,
+        "loss_type": "vargrad",
+        "samples_per_prompt": 8,
+        "prompts_per_step": 2,
+        "tempered_fraction": 0.25,
+        "replay_fraction": 0.5,
+        "reward_temperature": 1.2,
+        "reward_temperature_end": 1.0,
+        "reward_temperature_horizon": 60,
+        "learning_rate": 5e-4,
+        "warmup_steps": 10,
+        "max_steps": 60,
+        "output_dir": "runs/subjectivity",
+    }
+
+    def __init__(self, task_args: dict | None = None):
+        super().__init__(task_args)
+        self._allowed: dict[int, list[int]] = {}
+        self.likelihood = None  # set by reward_funcs: the EM likelihood model
+
+    # data ------------------------------------------------------------------------------------------
+    def _file(self, name: str) -> Path:
+        p = Path(name)
+        return p if p.is_absolute() or p.exists() else Path(self.args.data_dir) / name
+
+    def train_examples(self, size: int | None = None) -> list[dict]:
+        name = self.args.train_file if self.args.train_file and size is None else f"train.{size or self.args.train_size}.jsonl"
+        return load_examples(self._file(name))
+
+    def validation(self) -> tuple[list[dict], int]:
+        """The fixed validation split, excluding every sentence of the 10/20/50 (or given) training files."""
+        exclude = []
+        for f in sorted(Path(self.args.data_dir).glob("train.*.jsonl")):
+            exclude += load_examples(f)
+        if self.args.train_file:
+            exclude += load_examples(self._file(self.args.train_file))
+        return split_validation(load_examples(self._file(self.args.pool_file)), exclude, self.args.val_size,
+                                self.args.val_seed)
+
+    @staticmethod
+    def prompt(text: str) -> str:
+        return PROMPT.format(text=text)
+
+    def dataset(self) -> list[dict]:
+        return [{"prompt": self.prompt(r["text"]), "label": r["label"]} for r in self.train_examples()]
+
+    # policy ----------------------------------------------------------------------------------------
+    def allowed_token_ids(self, tokenizer) -> list[int]:
+        key = id(tokenizer)
+        if key not in self._allowed:
+            ids = [i for i in range(len(tokenizer)) if WORD.match(tokenizer.decode([i]) or "")]
+            if not ids:
+                raise DataError("no token of this tokenizer is a word of letters")
+            self._allowed[key] = ids
+        return self._allowed[key]
+
+    def constraints(self, config, tokenizer):
+        return constraints_from_config(config, tokenizer, allowed_token_ids=self.allowed_token_ids(tokenizer))
+
+    def likelihood_model(self, model, tokenizer):
+        from ..em import LikelihoodModel
+
+        if self.likelihood is None or self.likelihood.model is not model:
+            self.likelihood = LikelihoodModel(model, tokenizer, [COT_PHRASE.format(label=l) for l in LABELS])
+        return self.likelihood
+
+    def reward_funcs(self, model, tokenizer, constraints) -> list:
+        return [RationaleReward(self, tokenizer, self.args.penalty)]
+
+    def prepare_trainer(self, trainer) -> None:
+        """Bind the likelihood model to the trained policy and seed the buffer with rationales the
+        base model writes after being told the label (``X <label> because it is``)."""
+        self.likelihood_model(trainer.model, trainer.tokenizer)
+        if self.args.seed_rationales:
+            seeds = self.label_conditioned_rationales(trainer, self.args.seed_rationales)
+            trainer.seed_buffer(seeds)
+
+    @torch.no_grad()
+    def label_conditioned_rationales(self, trainer, k: int) -> dict[str, list[str]]:
+        from ..rewards import base_model
+
+        out: dict[str, list[str]] = {}
+        tok = trainer.tokenizer
+        rows = trainer.rows
+        prompts = [render_prompt(tok, f"{r['prompt']} {LABELS[r['label']]} because it is", "never") for r in rows]
+        index = torch.arange(len(rows)).repeat_interleave(k)
+        with base_model(trainer.model) as base:
+            s = sample(base, prompts, index, trainer.constraints, pad_id=trainer.pad_id, generator=trainer.generator)
+        c = trainer.constraints
+        for i, ids in enumerate(s.completion_ids()):
+            text = tok.decode(ids, skip_special_tokens=False)
+            if c.min_new_tokens <= len(tok.encode(text, add_special_tokens=False)) <= c.max_new_tokens:
+                out.setdefault(rows[int(index[i])]["prompt"], []).append(text)
+        return out
+
+    def train(self, trainer, resume_from_checkpoint=None) -> list[dict]:
+        """EM: ``em_rounds`` rounds of (E-step: ``max_steps / em_rounds`` GFlowNet steps; M-step)."""
+        from ..em import run_em
+
+        if resume_from_checkpoint:
+            raise DataError("EM training (subjectivity) cannot resume mid-run yet: start it again without --resume")
+
+        lik = self.likelihood_model(trainer.model, trainer.tokenizer)
+        e_steps = max(1, trainer.args.max_steps // self.args.em_rounds)
+
+        def m_step(r: int) -> dict:
+            examples = self.rationale_examples(trainer, self.args.m_samples)
+            losses = lik.fit(examples, steps=self.args.m_steps, learning_rate=self.args.m_learning_rate,
+                             seed=trainer.args.seed + r, progress=not trainer.args.disable_tqdm)
+            return {"m_examples": len(examples), "m_loss_first": round(losses[0], 4), "m_loss_last": round(losses[-1], 4)}
+
+        return run_em(trainer, lik, rounds=self.args.em_rounds, e_steps=e_steps, m_step=m_step)
+
+    @torch.no_grad()
+    def rationale_examples(self, trainer, k: int) -> list[tuple[list[int], list[int], int]]:
+        """k rationales Z ~ q(Z | X) per labelled example, as (X ids, Z ids, label) for the M-step."""
+        was = trainer.model.training
+        trainer.model.eval()
+        prompts = [trainer.prompt_ids[i] for i in range(len(trainer.rows))]
+        index = torch.arange(len(prompts)).repeat_interleave(k)
+        s = sample(trainer.model, prompts, index, trainer.constraints, pad_id=trainer.pad_id, generator=trainer.generator)
+        trainer.model.train(was)
+        return [(prompts[int(index[i])], ids, trainer.rows[int(index[i])]["label"])
+                for i, ids in enumerate(s.completion_ids())]
+
+    # evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def direct_scores(self, model, tokenizer, texts: list[str], context: str = "", batch_size: int = 32) -> torch.Tensor:
+        """log p(" <label>." | [context] X) for each text and label, under ``model`` as it is: [n, 2]."""
+        from ..em import phrase_log_probs
+
+        phrases = [tokenizer.encode(DIRECT_PHRASE.format(label=l), add_special_tokens=False) for l in LABELS]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        out = []
+        if context:
+            prefix_ids = render_prompt(tokenizer, context, "never")
+            prefix = PrefixCache(model, prefix_ids)
+            for text in texts:  # the few-shot prompt is long: its cache is computed once and reused
+                ids = tokenizer(self.prompt(text), add_special_tokens=False)["input_ids"]
+                out.append(self._scores_after_prefix(model, prefix, ids, phrases))
+            return torch.stack(out)
+        for i in range(0, len(texts), batch_size):
+            prompts = [render_prompt(tokenizer, self.prompt(t), "never") for t in texts[i:i + batch_size]]
+            out.append(phrase_log_probs(model, prompts, [[] for _ in prompts], phrases, pad)[1].cpu())
+        return torch.cat(out)
+
+    @staticmethod
+    def _scores_after_prefix(model, prefix: PrefixCache, ids: list[int], phrases: list[list[int]]) -> torch.Tensor:
+        from ..sampling import cache_kwargs
+
+        K = len(phrases)
+        width = max(len(p) for p in phrases)
+        rows = torch.tensor([ids + p + [p[-1]] * (width - len(p)) for p in phrases])  # [K, L + width]
+        pos = torch.arange(prefix.length, prefix.length + rows.shape[1])[None, :].expand(K, -1)
+        logits = model(input_ids=rows, position_ids=pos, **cache_kwargs(model, prefix.expand(K))).logits.float()
+        logp = logits[:, len(ids) - 1:-1].log_softmax(-1).gather(2, rows[:, len(ids):, None]).squeeze(2)
+        return torch.stack([logp[k, :len(p)].sum() for k, p in enumerate(phrases)])
+
+    def few_shot_context(self, examples: list[dict]) -> str:
+        return "".join(f"{self.prompt(r['text'])}{DIRECT_PHRASE.format(label=LABELS[r['label']])}\n" for r in examples)
+
+    def fit_sft_classifier(self, model, tokenizer, examples: list[dict], *, seed: int = 0, progress: bool = False,
+                           name: str = "sft"):
+        """The SFT baseline: a LoRA adapter ``name`` fitted by cross-entropy over the labels, no rationale.
+        Returns the :class:`~gfnlm.em.LikelihoodModel` (its ``model`` is ``model`` wrapped by PEFT if it was not)."""
+        from ..em import LikelihoodModel
+
+        clf = LikelihoodModel(model, tokenizer, [DIRECT_PHRASE.format(label=l) for l in LABELS], name=name)
+        prompts = [render_prompt(tokenizer, self.prompt(r["text"]), "never") for r in examples]
+        clf.fit([(p, [], r["label"]) for p, r in zip(prompts, examples)], steps=self.args.sft_steps,
+                learning_rate=self.args.m_learning_rate, seed=seed, progress=progress)
+        return clf
+
+    @torch.no_grad()
+    def rationale_predictions(self, model, tokenizer, config, constraints, likelihood, texts: list[str], *,
+                              seed: int = 0, fitted: bool | None = None, batch_texts: int = 8) -> list[dict]:
+        """Per text: ``vote`` (majority of argmax_Y p(Y | X, Z) over ``vote_samples`` rationales at
+        ``vote_temperature``), ``greedy`` (the same with the greedy rationale) and the rationales."""
+        k = self.args.vote_samples
+        g = torch.Generator().manual_seed(seed)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        temps = torch.tensor([self.args.vote_temperature] * k + [1e-4])
+        was = model.training
+        model.eval()
+        out = []
+        for i in range(0, len(texts), batch_texts):
+            chunk = texts[i:i + batch_texts]
+            prompts = [render_prompt(tokenizer, self.prompt(t), "never") for t in chunk]
+            index = torch.arange(len(chunk)).repeat_interleave(k + 1)
+            s = sample(model, prompts, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad, generator=g)
+            z = s.completion_ids()
+            pred = likelihood.predict([prompts[int(j)] for j in index], z, fitted=fitted).tolist()
+            for j in range(len(chunk)):
+                rows = pred[j * (k + 1):(j + 1) * (k + 1)]
+                out.append({"vote": majority(rows[:k]), "greedy": rows[k],
+                            "rationales": [tokenizer.decode(z[j * (k + 1) + m]) for m in range(min(k, 3))]})
+        model.train(was)
+        return out
+
+    def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
+                 progress: bool = False, **kw) -> dict:
+        """E-step-only and E+M accuracy of a trained policy (with its likelihood adapter, if fitted)."""
+        val, excluded = self.validation()
+        val = val[:n] if n else val
+        texts, gold = [r["text"] for r in val], [r["label"] for r in val]
+        lik = self.likelihood_model(model, tokenizer)
+        lik.fitted = bool(getattr(model, "peft_config", None)) and "likelihood" in model.peft_config
+        out = {"examples": len(val), "excluded_training_sentences": excluded}
+        for name, fitted in (("E-step only", False), ("E+M", True)):
+            if fitted and not lik.fitted:
+                continue
+            preds = self.rationale_predictions(model, tokenizer, config, constraints, lik, texts, seed=seed,
+                                               fitted=fitted)
+            out[name] = {"vote_accuracy": sum(p["vote"] == y for p, y in zip(preds, gold)) / len(val),
+                         "greedy_accuracy": sum(p["greedy"] == y for p, y in zip(preds, gold)) / len(val),
+                         "example": {"text": texts[0], "rationales": preds[0]["rationales"]}}
+        return out
+
+    def evaluate_baselines(self, model, tokenizer, sizes: list[int], *, n: int | None = None, seed: int = 0,
+                           progress: bool = False) -> dict:
+        """Zero-shot, few-shot (the size's examples in context) and SFT-classifier accuracy per size."""
+        from ..rewards import base_model
+
+        val, _ = self.validation()
+        val = val[:n] if n else val
+        texts, gold = [r["text"] for r in val], torch.tensor([r["label"] for r in val])
+
+        def acc(scores):
+            return float((scores.argmax(-1) == gold).float().mean())
+
+        out: dict = {}
+        with base_model(model) as base:
+            out["zero-shot"] = {str(s): acc(self.direct_scores(base, tokenizer, texts)) for s in sizes}
+            out["few-shot"] = {str(s): acc(self.direct_scores(base, tokenizer, texts,
+                                                              context=self.few_shot_context(self.train_examples(s))))
+                               for s in sizes}
+        out["SFT classifier"] = {}
+        for s in sizes:
+            clf = self.fit_sft_classifier(model, tokenizer, self.train_examples(s), seed=seed, progress=progress,
+                                          name=f"sft{s}")
+            with clf.active(True) as m:
+                m.eval()
+                out["SFT classifier"][str(s)] = acc(self.direct_scores(m, tokenizer, texts))
+            model = clf.model  # one PEFT model holds every size's adapter
+        return out
+
+
+class RationaleReward(Reward):
+    """Terminal log R(Z) = log p_LM(Z | X) + log p(Y* | X, Z) - penalty * 1[the likelihood model
+    prefers the wrong label given Z]. Y* from the dataset column ``label``. [B], log space."""
+
+    prefix = False
+    name = "rationale_posterior"
+
+    def __init__(self, task: SubjectivityTask, tokenizer, penalty: float):
+        self.task, self.tokenizer, self.penalty = task, tokenizer, penalty
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        labels = batch.columns.get("label")
+        if labels is None:
+            raise DataError("the subjectivity reward needs the dataset column 'label'")
+        lik = self.task.likelihood
+        if lik is None:
+            raise DataError("the subjectivity reward needs the task's likelihood model: call task.prepare_trainer")
+        prompts = [list(batch.prompt_ids[int(i)]) for i in batch.prompt_index]
+        z = [batch.tokens[b, : int(batch.lengths[b])].tolist() for b in range(batch.tokens.shape[0])]
+        log_pz, log_py = lik.label_log_probs(prompts, z)
+        y = torch.tensor([int(l) for l in labels])
+        true = log_py.gather(1, y[:, None]).squeeze(1)
+        wrong = log_py.gather(1, (1 - y)[:, None]).squeeze(1)
+        return log_pz + true - self.penalty * (wrong > true).float()

@@ -1,0 +1,209 @@
+"""Subjectivity with EM on a tiny model: data split, likelihood model, reward, one EM round, baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm, make_tiny_tokenizer
+from gfnlm.em import LikelihoodModel, phrase_log_probs
+from gfnlm.errors import DataError
+from gfnlm.rewards import RewardBatch
+from gfnlm.tasks import build_config
+from gfnlm.tasks.subjectivity import (COT_PHRASE, LABELS, RationaleReward, SubjectivityTask, load_examples, majority,
+                                      split_validation)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "subj"
+CONTENT = ["the", "film", "man", "walks", "home", "great", "boring", "story", "about", "a", "dull", "fun", "city"]
+WORDS = ['"', ",", ".", "Classify", "this", "movie", "review", "as", "objective", "or", "subjective", ":", "This",
+         "is", "so", "it", "because"] + CONTENT
+
+
+def tokenizer():
+    from tokenizers import pre_tokenizers
+
+    tok = make_tiny_tokenizer(words=WORDS)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                                   pre_tokenizers.Punctuation()])
+    return tok
+
+
+def tiny_model(seed=0):
+    return make_tiny_lm(vocab_size=len(tokenizer()), hidden=32, seed=seed, max_positions=128)
+
+
+def write_jsonl(path: Path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    pool = []
+    for i in range(30):
+        words = [CONTENT[(i * 3 + j) % len(CONTENT)] for j in range(4)]
+        pool.append({"text": " ".join(words) + f" {CONTENT[i % 5]}", "label": i % 2})
+    write_jsonl(tmp_path / "train.jsonl", pool)
+    write_jsonl(tmp_path / "train.4.jsonl", pool[:4])
+    write_jsonl(tmp_path / "train.6.jsonl", pool[:6])
+    return tmp_path
+
+
+def make_task(data_dir, **kw):
+    return SubjectivityTask({"data_dir": str(data_dir), "train_size": 4, "val_size": 8, "seed_rationales": 2,
+                             "m_samples": 2, "m_steps": 3, "vote_samples": 3, "sft_steps": 3, **kw})
+
+
+def config(**kw):
+    return build_config("subjectivity", {"report_to": [], "max_steps": 2, "max_new_tokens": 4, "disable_tqdm": True,
+                                         "samples_per_prompt": 4, "prompts_per_step": 2, **kw})
+
+
+def test_examples_are_checked(tmp_path):
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": "a film", "label": 3}])
+    with pytest.raises(DataError, match="row 1 needs"):
+        load_examples(tmp_path / "bad.jsonl")
+    write_jsonl(tmp_path / "named.jsonl", [{"text": "a film", "label": "Subjective"}])
+    assert load_examples(tmp_path / "named.jsonl") == [{"text": "a film", "label": 1}]
+
+
+def test_validation_excludes_every_training_sentence(data_dir):
+    task = make_task(data_dir)
+    val, excluded = task.validation()
+    train = {r["text"] for f in ("train.4.jsonl", "train.6.jsonl") for r in load_examples(data_dir / f)}
+    assert excluded == 6 and len(val) == 8 and not train & {r["text"] for r in val}
+    assert val == task.validation()[0]  # fixed split
+    assert split_validation(load_examples(data_dir / "train.jsonl"), [], 5, seed=1)[0] != \
+        split_validation(load_examples(data_dir / "train.jsonl"), [], 5, seed=2)[0]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/subj")
+def test_shared_validation_split_has_no_training_sentence():
+    task = SubjectivityTask({"data_dir": str(SHARED), "val_size": 500})
+    val, excluded = task.validation()
+    train = {r["text"] for n in (10, 20, 50) for r in task.train_examples(n)}
+    assert len(val) == 500 and excluded >= 50 and not train & {r["text"] for r in val}
+
+
+def test_majority_vote():
+    assert majority([1, 0, 1]) == 1 and majority([0, 0, 1]) == 0 and majority([1, 0]) == 0
+
+
+def test_phrase_log_probs_match_a_forward_pass_per_sequence():
+    model = tiny_model()
+    prompts, middles, phrases = [[1, 5, 6], [1, 7]], [[8, 9], []], [[10, 11], [12]]
+    with torch.no_grad():
+        mid, lab = phrase_log_probs(model, prompts, middles, phrases)
+    for b in range(2):
+        for k in range(2):
+            seq = prompts[b] + middles[b] + phrases[k]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([seq])).logits[0, :-1].log_softmax(-1)
+            lp = [float(logp[t - 1, seq[t]]) for t in range(len(seq))[1:]]
+            n_p, n_m = len(prompts[b]), len(middles[b])
+            assert mid[b] == pytest.approx(sum(lp[n_p - 1:n_p - 1 + n_m]), abs=1e-4)
+            assert lab[b, k] == pytest.approx(sum(lp[n_p - 1 + n_m:]), abs=1e-4)
+
+
+def test_likelihood_adapter_sits_beside_the_policy_and_restores_it():
+    from peft import get_peft_model
+
+    from gfnlm.trainer import lora_config
+
+    tok = tokenizer()
+    policy = get_peft_model(tiny_model(), lora_config(config()))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    lik = LikelihoodModel(policy, tok, [COT_PHRASE.format(label=l) for l in LABELS])
+    x = [tok.encode('"the film" This review is')] * 4
+    z = [tok.encode("great fun", add_special_tokens=False)] * 2 + [tok.encode("a story", add_special_tokens=False)] * 2
+    before = lik.label_log_probs(x, z)
+    losses = lik.fit([(x[i], z[i], int(i < 2)) for i in range(4)], steps=30, learning_rate=3e-3)
+    after = lik.label_log_probs(x, z)
+    assert losses[-1] < 0.5 * losses[0]
+    assert torch.equal(before[0], after[0])  # log p(Z|X) is the base model's
+    assert (after[1].argmax(-1) == torch.tensor([1, 1, 0, 0])).all() and lik.predict(x, z).tolist() == [1, 1, 0, 0]
+    assert torch.allclose(lik.label_log_probs(x, z, fitted=False)[1], before[1])  # base unchanged
+    assert policy.active_adapter == "default"
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == trainable  # only the policy trains
+
+
+def test_reward_shape_tempering_and_penalty(data_dir):
+    tok = tokenizer()
+    task = make_task(data_dir, penalty=50.0)
+    lik = task.likelihood_model(tiny_model(), tok)
+    prompt = tok.encode('Classify this movie review as objective or subjective : " the film " This review is')
+    z = torch.tensor([tok.encode("great fun", add_special_tokens=False)] * 2)
+    batch = RewardBatch(prompts=["p", "p"], prompt_ids=[prompt], prompt_index=torch.tensor([0, 0]), tokens=z,
+                        lengths=torch.tensor([2, 2]), completions=["great fun"] * 2, columns={"label": [0, 1]},
+                        tokenizer=tok)
+    r = RationaleReward(task, tok, 50.0)(batch)
+    log_pz, log_py = lik.label_log_probs([prompt] * 2, [z[0].tolist()] * 2)
+    assert r.shape == (2,) and not RationaleReward.prefix
+    wrong_first = log_py[0, 1] > log_py[0, 0]
+    for b, y in enumerate([0, 1]):
+        expect = log_pz[b] + log_py[b, y] - 50.0 * float(log_py[b, 1 - y] > log_py[b, y])
+        assert r[b] == pytest.approx(float(expect), abs=1e-4)
+    assert abs(float(r[0] - r[1])) > 49 and bool(wrong_first) == bool(r[0] < r[1])  # exactly one label is penalised
+    from gfnlm.rewards import compute_log_rewards
+
+    assert torch.allclose(compute_log_rewards([RationaleReward(task, tok, 50.0)], None, batch) / 2.0, r / 2.0)
+
+
+def test_one_em_round_end_to_end_and_its_checkpoint(data_dir, tmp_path):
+    from gfnlm.cli import make_trainer
+    from gfnlm.trainer import load_trained
+
+    tok = tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = config(model=str(model_dir), output_dir=str(tmp_path / "run"),
+                 task_args={"data_dir": str(data_dir), "train_size": 4, "val_size": 6, "seed_rationales": 2,
+                            "m_samples": 2, "m_steps": 3, "vote_samples": 3})
+    task, trainer = make_trainer(cfg)
+    assert len(trainer.buffer) > 0  # seeded with label-conditioned rationales
+    policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    stats = task.train(trainer)
+    assert [s["round"] for s in stats] == [1] and stats[0]["m_examples"] == 8 and trainer.step == 2
+    assert task.likelihood.fitted and "likelihood" in trainer.model.peft_config
+    assert any(not torch.equal(p, policy_before[n]) for n, p in trainer.model.named_parameters() if n in policy_before)
+    assert len(trainer.buffer) == 0  # stale rewards dropped after the M-step
+    report = task.evaluate(trainer.model, tok, cfg, trainer.constraints)
+    assert set(report) >= {"E-step only", "E+M"} and report["examples"] == 6
+    # the checkpoint holds the likelihood adapter; the loaded model reproduces the in-memory predictions
+    model, tok2, cfg2, cons = load_trained(tmp_path / "run" / "checkpoint-2")
+    assert "likelihood" in model.peft_config and model.active_adapter == "default"
+    again = SubjectivityTask(cfg2.task_args).evaluate(model, tok2, cfg2, cons)
+    assert again["E+M"]["vote_accuracy"] == report["E+M"]["vote_accuracy"]
+    assert again["E-step only"]["vote_accuracy"] == report["E-step only"]["vote_accuracy"]
+
+
+def test_baselines_run_and_sft_fits_the_examples(data_dir):
+    tok = tokenizer()
+    task = make_task(data_dir, sft_steps=40, m_learning_rate=3e-3, val_size=4)
+    res = task.evaluate_baselines(tiny_model(), tok, [4, 6])
+    assert set(res) == {"zero-shot", "few-shot", "SFT classifier"}
+    assert all(0.0 <= v <= 1.0 for row in res.values() for v in row.values()) and set(res["few-shot"]) == {"4", "6"}
+    # the SFT classifier fits its own training examples
+    ex = task.train_examples(6)
+    clf = task.fit_sft_classifier(tiny_model(), tok, ex, name="sft")
+    with clf.active(True) as m:
+        m.eval()
+        scores = task.direct_scores(m, tok, [r["text"] for r in ex])
+    assert (scores.argmax(-1) == torch.tensor([r["label"] for r in ex])).all()
+
+
+def test_few_shot_scores_equal_reading_the_context_each_time(data_dir):
+    tok = tokenizer()
+    task = make_task(data_dir)
+    model = tiny_model()
+    ctx = task.few_shot_context(task.train_examples(4))
+    texts = ["the film is fun", "a man walks home"]
+    got = task.direct_scores(model, tok, texts, context=ctx)
+    from gfnlm.em import phrase_log_probs
+
+    phrases = [tok.encode(f" {l}.", add_special_tokens=False) for l in LABELS]
+    ref = phrase_log_probs(model, [tok.encode(ctx + task.prompt(t)) for t in texts], [[], []], phrases)[1]
+    assert torch.allclose(got, ref, atol=1e-4)
