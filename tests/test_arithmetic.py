@@ -121,6 +121,12 @@ def test_reward_is_likelihood_of_rationale_and_answer(data_dir):
     # the reward depends on the answer column
     batch.columns = {"num_sol": [9]}
     assert reward(batch).item() != pytest.approx(expected, abs=1e-4)
+    # a rationale that does not end with a computed result gets the invalid log-reward
+    floor = AnswerLikelihoodReward(model, tok, ctx, stop_token_ids=[2], invalid_log_reward=-77.0)
+    batch.columns = {"num_sol": [8]}
+    assert floor(batch).item() == pytest.approx(expected, abs=1e-4)
+    batch.completions = ["5+3"]
+    assert floor(batch).item() == -77.0
 
 
 def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):
@@ -193,3 +199,13 @@ def test_sft_baseline_fits_the_labelled_rationales(data_dir, tiny_model_dir, tmp
                  "--sft_checkpoint", str(out / "checkpoint-40")] + task_args) == 0
     table = capsys.readouterr().out
     assert "| Supervised fine-tuning |" in table and "| k-shot CoT, k = 0 |" in table
+
+
+def test_question_generator_command_writes_a_loadable_file(tmp_path):
+    from gfnlm.tasks.arithmetic import main
+
+    out = tmp_path / "q5.json"
+    assert main(["--n", "20", "--operands", "5", "--seed", "4", "--out", str(out)]) == 0
+    rows = load_questions(out)  # checks every answer against the expression
+    assert len(rows) == 20 and all(question_expression(r["str_query"]).count(" ") == 8 for r in rows)
+    assert main(["--operands", "1"]) == 2

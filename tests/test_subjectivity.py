@@ -207,3 +207,28 @@ def test_few_shot_scores_equal_reading_the_context_each_time(data_dir):
     phrases = [tok.encode(f" {l}.", add_special_tokens=False) for l in LABELS]
     ref = phrase_log_probs(model, [tok.encode(ctx + task.prompt(t)) for t in texts], [[], []], phrases)[1]
     assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_cli_trains_em_and_prints_accuracy_per_method_and_size(data_dir, tmp_path, capsys):
+    from gfnlm.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    tokenizer().save_pretrained(model_dir)
+    common = ["--task_args.data_dir", str(data_dir), "--task_args.val_size", "4", "--task_args.m_steps", "2",
+              "--task_args.seed_rationales", "1", "--task_args.vote_samples", "3", "--task_args.sft_steps", "2"]
+    ckpts = []
+    for size in (4, 6):
+        out = tmp_path / f"run{size}"
+        assert main(["train", "--task", "subjectivity", "--model", str(model_dir), "--max_steps", "2", "--report_to", "[]",
+                     "--max_new_tokens", "3", "--samples_per_prompt", "2", "--output_dir", str(out), "--disable_tqdm",
+                     "true", "--task_args.train_size", str(size)] + common) == 0
+        ckpts += ["--checkpoint", str(out / "checkpoint-2")]
+    capsys.readouterr()
+    assert main(["eval", "--task", "subjectivity", "--output", str(tmp_path / "s.json")] + ckpts + common) == 0
+    out = capsys.readouterr().out
+    for row in ("| zero-shot |", "| few-shot |", "| SFT classifier |", "| E-step only |", "| E+M |"):
+        assert row in out
+    assert "| method | 4 examples | 6 examples |" in out and "4 validation sentences" in out
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert set(saved) == {"EM 4", "EM 6", "baselines"} and saved["EM 6"]["examples"] == 4

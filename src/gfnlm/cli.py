@@ -231,6 +231,12 @@ def cmd_eval(args, rest: list[str] | None = None) -> int:
     extra = parse_overrides(rest or [])
     if set(extra) - {"task_args"}:
         raise GFNLMError(f"eval takes only --task_args.<name> overrides, not {sorted(set(extra) - {'task_args'})}")
+    checkpoints = args.checkpoint or []
+    if args.task == "subjectivity" or (checkpoints and not args.task and _task_of(checkpoints[0]) == "subjectivity"):
+        return _eval_subjectivity(args, checkpoints, extra)
+    if len(checkpoints) > 1:
+        raise GFNLMError("give one --checkpoint (several are for --task subjectivity, one per training-set size)")
+    args.checkpoint = checkpoints[0] if checkpoints else None
     if args.checkpoint:
         model, tok, config, cons = load_trained(args.checkpoint)
         task_name = args.task or config.task
@@ -296,6 +302,60 @@ def _eval_arithmetic(args, task, model, tok, config, cons) -> int:
     return 0
 
 
+def _task_of(checkpoint: str) -> str | None:
+    from . import checkpoint as ckpt
+    from .config import GFNConfig
+
+    path = Path(checkpoint)
+    path = path if ckpt.is_complete(path) else (ckpt.latest(path) or path)
+    cfg = path / "gfnlm_config.yaml"
+    return GFNConfig.from_yaml(cfg).task if cfg.is_file() else None
+
+
+def _eval_subjectivity(args, checkpoints: list[str], extra: dict) -> int:
+    """Accuracy per method and training-set size: zero-shot, few-shot, SFT classifier (base model),
+    and E-step only / E+M for each EM checkpoint (its size from its task_args.train_size)."""
+    import torch
+
+    from .models import load_model
+    from .tasks import build_config
+    from .tasks.subjectivity import SubjectivityTask, results_table
+    from .trainer import load_trained
+
+    rows: dict[str, dict[str, str]] = {}
+    results: dict = {}
+    sizes: list[int] = []
+    config = build_config("subjectivity", {"model": args.model, **extra})
+    for path in checkpoints:
+        model, tok, cfg, cons = load_trained(path)
+        task = SubjectivityTask({**cfg.task_args, **extra.get("task_args", {})})
+        size = task.args.train_size
+        sizes.append(size)
+        config = cfg
+        with torch.no_grad():
+            r = task.evaluate(model, tok, cfg, cons, n=args.n, seed=args.seed, progress=True)
+        results[f"EM {size}"] = r
+        for name in ("E-step only", "E+M"):
+            if name in r:
+                rows.setdefault(name, {})[str(size)] = (f"{100 * r[name]['vote_accuracy']:.1f} "
+                                                        f"({100 * r[name]['greedy_accuracy']:.1f})")
+    if not sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    task = SubjectivityTask({**config.task_args, **extra.get("task_args", {})})
+    base, tok = load_model(config.model)
+    base_res = task.evaluate_baselines(base, tok, sizes, n=args.n, seed=args.seed, progress=True)
+    results["baselines"] = base_res
+    rows = {**{m: {s: f"{100 * v:.1f}" for s, v in r.items()} for m, r in base_res.items()}, **rows}
+    print(results_table(rows, [str(s) for s in sizes]))
+    val, excluded = task.validation()
+    print(f"{min(len(val), args.n or len(val))} validation sentences (a fixed split of {task.args.pool_file}; "
+          f"{excluded} training sentences excluded); accuracy in %; E rows: vote over "
+          f"{task.args.vote_samples} rationales at T = {task.args.vote_temperature} (greedy rationale in brackets)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import EMBEDDED_MODELS, cache_dir
 
@@ -336,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (or a base model) on a task")
     e.add_argument("--task", default=None)
-    e.add_argument("--checkpoint", default=None)
+    e.add_argument("--checkpoint", action="append", default=None,
+                   help="a trained checkpoint (subjectivity: one per training-set size, repeat the flag)")
     e.add_argument("--model", default="smollm2-135m", help="base model to evaluate when no --checkpoint")
     e.add_argument("-n", type=int, default=None, help="samples (rng) or questions per test set (arithmetic); default: the task's")
     e.add_argument("--seed", type=int, default=0)
@@ -344,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="write the metrics JSON here")
     e.add_argument("--shots", default="0,3,5,10,20", help="arithmetic: k of the k-shot CoT rows")
     e.add_argument("--sft_checkpoint", default=None, help="arithmetic: a `gfnlm sft` checkpoint for the SFT row")
+    e.add_argument("--sizes", default="10,20,50", help="subjectivity without --checkpoint: training-set sizes")
     e.add_argument("--rl_checkpoint", default=None, help="arithmetic: a `gfnlm rl` checkpoint for the RL (TRL) row")
 
     f = sub.add_parser("sft", help="supervised fine-tuning baseline on the task's labelled completions")

@@ -7,7 +7,9 @@ Y = ". The answer is N.".  The policy's vocabulary is restricted to tokens made 
 
 Reward: log R(Z) = log p_LM(Z, Y* | C, X), the base model's likelihood of the rationale (with
 the calculator outputs in the state) followed by the correct answer Y*, given a few-shot
-context C of solved examples.  It is a *terminal* reward (one forward pass per episode), so the
+context C of solved examples.  A rationale that does not end with a computed result ("... = 2")
+gets ``invalid_log_reward`` instead: on SmolLM2-135M the unconstrained posterior's mode was to copy
+the question (" 6 - 0 - 4", stop), which is cheap under the LM and answers nothing.  It is a *terminal* reward (one forward pass per episode), so the
 default objective is VarGrad over the samples of each question (TB with a prompt-conditioned log Z
 also works); per-prefix rewards would need one answer-scoring pass per prefix.
 
@@ -136,6 +138,7 @@ class ArithmeticArgs:
     pool_file: str = "1digit_34_op+-_hw.json"
     test_files: str = "3:1digit_3_op+-_test.json,4:1digit_4_op+-_test.json,5:1digit_5_op+-_test.json"
     reward_shots: int = 3
+    invalid_log_reward: float = -50.0
     max_operands: int = 2
     seed_buffer: bool = True
     vote_samples: int = 10
@@ -227,7 +230,8 @@ class ArithmeticTask(Task):
 
     def reward_funcs(self, model, tokenizer, constraints) -> list:
         return [AnswerLikelihoodReward(model, tokenizer, self.few_shot_context(self.args.reward_shots),
-                                       stop_token_ids=constraints.stop_token_ids)]
+                                       stop_token_ids=constraints.stop_token_ids,
+                                       invalid_log_reward=self.args.invalid_log_reward)]
 
     def sample_metrics(self):
         def accuracy(prompts, completions):
@@ -343,8 +347,9 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
     prefix = False
     name = "rationale_and_answer_likelihood"
 
-    def __init__(self, model, tokenizer, context: str, stop_token_ids):
+    def __init__(self, model, tokenizer, context: str, stop_token_ids, invalid_log_reward: float | None = None):
         super().__init__(model, stop_token_ids=stop_token_ids)
+        self.invalid_log_reward = invalid_log_reward
         self.tokenizer = tokenizer
         self.context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
         self._context_cache = None  # the context's KV cache under the base model, computed once
@@ -375,4 +380,38 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
                                           tokens.to(device), lengths.to(device), pad, prefix=self._context_cache)
         logp = logits[:, :-1, :].float().log_softmax(-1).gather(2, tokens.to(device)[:, :, None]).squeeze(2)
         valid = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
-        return torch.where(valid, logp, torch.zeros_like(logp)).sum(1).cpu()
+        log_r = torch.where(valid, logp, torch.zeros_like(logp)).sum(1).cpu()
+        if self.invalid_log_reward is not None:  # a rationale must end with a computed result ("... = 2")
+            ok = torch.tensor([answer_of(c) is not None for c in batch.completions])
+            log_r = torch.where(ok, log_r, torch.full_like(log_r, self.invalid_log_reward))
+        return log_r
+
+
+def main(argv=None) -> int:
+    """``python -m gfnlm.tasks.arithmetic --operands 5 --n 100 --seed 1 --out q.json``: fresh questions
+    in the data files' format (answers computed exactly), e.g. a new test set for ``task_args.test_files``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m gfnlm.tasks.arithmetic", description=main.__doc__)
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--operands", type=int, default=3)
+    p.add_argument("--ops", default="+-", help="operators to draw from (+ and/or -)")
+    p.add_argument("--max_digit", type=int, default=9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write a .json file (default: print)")
+    a = p.parse_args(argv)
+    if a.operands < 2 or not a.ops or set(a.ops) - set("+-"):
+        print("error: need --operands >= 2 and --ops made of + and -", file=sys.stderr)
+        return 2
+    rows = generate_questions(a.n, a.operands, a.ops, a.seed, a.max_digit)
+    text = json.dumps(rows, indent=1)
+    if a.out:
+        Path(a.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

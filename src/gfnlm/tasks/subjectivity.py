@@ -356,6 +356,13 @@ class SubjectivityTask(Task):
         return out
 
 
+def results_table(rows: dict[str, dict[str, str]], sizes: list[str]) -> str:
+    """Markdown: one row per method, one column per training-set size."""
+    lines = ["| method | " + " | ".join(f"{s} examples" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    lines += [f"| {m} | " + " | ".join(r.get(s, "-") for s in sizes) + " |" for m, r in rows.items()]
+    return "\n".join(lines)
+
+
 class RationaleReward(Reward):
     """Terminal log R(Z) = log p_LM(Z | X) + log p(Y* | X, Z) - penalty * 1[the likelihood model
     prefers the wrong label given Z]. Y* from the dataset column ``label``. [B], log space."""
