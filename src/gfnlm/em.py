@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from .errors import DataError
-from .sampling import pad_right
 
 #: one labelled M-step example: (prompt ids X, rationale ids Z, index of the true label phrase)
 Example = tuple[list[int], list[int], int]
@@ -44,28 +43,35 @@ def phrase_log_probs(model, prompts: Sequence[Sequence[int]], middles: Sequence[
 
     Returns:
         log_p_middle [B] (log space; sum over Z's tokens), log_p_phrases [B, K] (log space; sum over
-        each phrase's tokens). Computed in fp32 from B*K right-padded rows X Z Y_k.
+        each phrase's tokens). Computed in fp32 from B*K left-padded rows X Z Y_k; only the scored
+        positions' logits are materialised (``logits_to_keep``).
     """
     B, K = len(prompts), len(phrases)
     if any(len(p) == 0 for p in phrases):
         raise DataError("empty label phrase")
-    rows, starts = [], []
+    rows, tails = [], []
     for b in range(B):
         for k in range(K):
             rows.append(list(prompts[b]) + list(middles[b]) + list(phrases[k]))
-            starts.append(len(prompts[b]))
-    tokens, lengths = pad_right(rows, pad_id)
+            tails.append((len(middles[b]), len(phrases[k])))
     device = next(model.parameters()).device
-    tokens, lengths = tokens.to(device), lengths.to(device)
-    width = tokens.shape[1]
-    attn = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
-    logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].float()
-    logp = logits.log_softmax(-1).gather(2, tokens[:, 1:, None]).squeeze(2)  # [BK, W-1]: log p(token t+1 | <= t)
-    pos = torch.arange(1, width, device=device)[None, :]  # position of the predicted token
-    start = torch.tensor(starts, device=device)[:, None]
-    mid_len = torch.tensor([len(middles[b]) for b in range(B) for _ in range(K)], device=device)[:, None]
-    in_mid = (pos >= start) & (pos < start + mid_len)
-    in_phrase = (pos >= start + mid_len) & (pos < lengths[:, None])
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every row's scored tokens sit at its end
+        tokens[i, width - len(r):] = torch.tensor(r)
+        attn[i, width - len(r):] = 1
+    tokens, attn = tokens.to(device), attn.to(device)
+    keep = max(m + p for m, p in tails) + 1  # logits of the last prompt token onwards: all that is scored
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=tokens, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
+    logits = logits[:, -keep:-1].float()  # [BK, keep-1]: predicts tokens width-keep+1 .. width-1
+    logp = logits.log_softmax(-1).gather(2, tokens[:, width - keep + 1:, None]).squeeze(2)
+    from_end = torch.arange(keep - 1, 0, -1, device=device)[None, :]  # distance of the predicted token from the end
+    mid_len = torch.tensor([m for m, _ in tails], device=device)[:, None]
+    ph_len = torch.tensor([p for _, p in tails], device=device)[:, None]
+    in_phrase = from_end <= ph_len
+    in_mid = (from_end > ph_len) & (from_end <= ph_len + mid_len)
     zeros = torch.zeros_like(logp)
     mid = torch.where(in_mid, logp, zeros).sum(1).view(B, K)[:, 0]
     phrase = torch.where(in_phrase, logp, zeros).sum(1).view(B, K)

@@ -284,47 +284,51 @@ class SubjectivityTask(Task):
 
     @torch.no_grad()
     def rationale_predictions(self, model, tokenizer, config, constraints, likelihood, texts: list[str], *,
-                              seed: int = 0, fitted: bool | None = None, batch_texts: int = 8) -> list[dict]:
-        """Per text: ``vote`` (majority of argmax_Y p(Y | X, Z) over ``vote_samples`` rationales at
-        ``vote_temperature``), ``greedy`` (the same with the greedy rationale) and the rationales."""
+                              seed: int = 0, fitted: tuple[bool, ...] = (False,), batch_texts: int = 8) -> dict:
+        """Sample ``vote_samples`` rationales at ``vote_temperature`` and one greedily per text, then
+        predict argmax_Y p(Y | X, Z) under each likelihood in ``fitted`` (False: base model, True: the
+        fitted adapter), on the same rationales. Returns ``{fitted: [{"vote", "greedy", "rationales"}]}``."""
         k = self.args.vote_samples
         g = torch.Generator().manual_seed(seed)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         temps = torch.tensor([self.args.vote_temperature] * k + [1e-4])
         was = model.training
         model.eval()
-        out = []
+        out: dict = {f: [] for f in fitted}
         for i in range(0, len(texts), batch_texts):
             chunk = texts[i:i + batch_texts]
             prompts = [render_prompt(tokenizer, self.prompt(t), "never") for t in chunk]
             index = torch.arange(len(chunk)).repeat_interleave(k + 1)
             s = sample(model, prompts, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad, generator=g)
             z = s.completion_ids()
-            pred = likelihood.predict([prompts[int(j)] for j in index], z, fitted=fitted).tolist()
-            for j in range(len(chunk)):
-                rows = pred[j * (k + 1):(j + 1) * (k + 1)]
-                out.append({"vote": majority(rows[:k]), "greedy": rows[k],
-                            "rationales": [tokenizer.decode(z[j * (k + 1) + m]) for m in range(min(k, 3))]})
+            for f in fitted:
+                pred = likelihood.predict([prompts[int(j)] for j in index], z, fitted=f).tolist()
+                for j in range(len(chunk)):
+                    rows = pred[j * (k + 1):(j + 1) * (k + 1)]
+                    out[f].append({"vote": majority(rows[:k]), "greedy": rows[k],
+                                   "rationales": [tokenizer.decode(z[j * (k + 1) + m]) for m in range(min(k, 3))]})
         model.train(was)
         return out
 
     def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
                  progress: bool = False, **kw) -> dict:
-        """E-step-only and E+M accuracy of a trained policy (with its likelihood adapter, if fitted)."""
+        """E-step-only and E+M accuracy of a trained policy (E+M when it has a fitted likelihood adapter),
+        on the same sampled rationales."""
         val, excluded = self.validation()
         val = val[:n] if n else val
         texts, gold = [r["text"] for r in val], [r["label"] for r in val]
         lik = self.likelihood_model(model, tokenizer)
         lik.fitted = bool(getattr(model, "peft_config", None)) and "likelihood" in model.peft_config
+        options = (False, True) if lik.fitted else (False,)
+        preds = self.rationale_predictions(model, tokenizer, config, constraints, lik, texts, seed=seed,
+                                           fitted=options)
         out = {"examples": len(val), "excluded_training_sentences": excluded}
-        for name, fitted in (("E-step only", False), ("E+M", True)):
-            if fitted and not lik.fitted:
-                continue
-            preds = self.rationale_predictions(model, tokenizer, config, constraints, lik, texts, seed=seed,
-                                               fitted=fitted)
-            out[name] = {"vote_accuracy": sum(p["vote"] == y for p, y in zip(preds, gold)) / len(val),
-                         "greedy_accuracy": sum(p["greedy"] == y for p, y in zip(preds, gold)) / len(val),
-                         "example": {"text": texts[0], "rationales": preds[0]["rationales"]}}
+        for name, f in (("E-step only", False), ("E+M", True)):
+            if f in preds:
+                p = preds[f]
+                out[name] = {"vote_accuracy": sum(x["vote"] == y for x, y in zip(p, gold)) / len(val),
+                             "greedy_accuracy": sum(x["greedy"] == y for x, y in zip(p, gold)) / len(val),
+                             "example": {"text": texts[0], "rationales": p[0]["rationales"]}}
         return out
 
     def evaluate_baselines(self, model, tokenizer, sizes: list[int], *, n: int | None = None, seed: int = 0,
