@@ -181,3 +181,22 @@ def test_answer_reward_scores_the_calculator_state(setup):
     reward = answer_reward(task)
     assert reward(prompts=[Q1, Q1, Q2], completions=["6-0=6,6-4=2", "6-0=6,6-4=3", "5+3=8"],
                   num_sol=[2, 2, 8]) == [1.0, 0.0, 1.0]
+
+
+def test_cli_rl_then_table_4_has_the_rl_row(setup, tmp_path, capsys):
+    from gfnlm.cli import main
+
+    task, tok, cfg = setup
+    d = cfg.task_args["data_dir"]
+    flags = ["--task_args.data_dir", d, "--task_args.supervised_file", "sup.json", "--task_args.pool_file", "pool.json",
+             "--task_args.test_files", "3:pool.json", "--task_args.vote_samples", "2"]
+    out = tmp_path / "rl"
+    assert main(["rl", "--task", "arithmetic", "--model", cfg.model, "--max_steps", "2", "--samples_per_prompt", "2",
+                 "--max_new_tokens", "6", "--report_to", "[]", "--disable_tqdm", "true", "--output_dir", str(out)]
+                + flags) == 0
+    assert (out / "checkpoint-2" / "adapter").is_dir()
+    capsys.readouterr()
+    assert main(["eval", "--task", "arithmetic", "--model", cfg.model, "-n", "2", "--shots", "0",
+                 "--rl_checkpoint", str(out / "checkpoint-2")] + flags) == 0
+    table = capsys.readouterr().out
+    assert "| RL (TRL GRPO) |" in table and "| k-shot CoT, k = 0 |" in table
