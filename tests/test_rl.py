@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import make_tiny_lm, make_tiny_tokenizer
+from conftest import make_tiny_lm
 from gfnlm.data import render_prompt
 from gfnlm.rl import STATE_FIELD, GFNRollout, answer_reward, grpo_train, make_grpo_trainer
 from gfnlm.sampling import sample
@@ -21,18 +21,9 @@ from gfnlm.tasks.arithmetic import ArithmeticTask, answer_of, generate_questions
 from gfnlm.tools import Calculator
 from gfnlm.trainer import load_trained
 
-WORDS = [str(d) for d in range(10)] + ["+", "-", "=", ",", ".", "?", ":", "Question", "Answer", "The", "answer", "is"]
+from test_arithmetic import tokenizer  # noqa: E402  (the tiny arithmetic tokenizer)
+
 Q1, Q2 = "Question: 6 - 0 - 4 = ? Answer:", "Question: 5 + 3 = ? Answer:"
-
-
-def tokenizer():
-    from tokenizers import decoders, pre_tokenizers
-
-    tok = make_tiny_tokenizer(words=WORDS)
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
-    tok.backend_tokenizer.decoder = decoders.Fuse()
-    return tok
 
 
 @pytest.fixture

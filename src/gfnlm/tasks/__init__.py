@@ -41,6 +41,25 @@ class Task:
 
     def __init__(self, task_args: dict | None = None):
         self.args = parse_args(self.Args, task_args or {}, self.name)
+        self._vocab: dict[int, list[int]] = {}
+
+    def data_file(self, name: str):
+        """A data file: ``name`` itself if it exists (or is absolute), else ``task_args.data_dir/name``."""
+        from pathlib import Path
+
+        p = Path(name)
+        return p if p.is_absolute() or p.exists() else Path(self.args.data_dir) / name
+
+    def tokens_where(self, tokenizer, keep, what: str) -> list[int]:
+        """Ids of the tokens whose decoded text satisfies ``keep`` (computed once per tokenizer): a
+        task's restricted vocabulary. ``what`` names the rule in the error when no token qualifies."""
+        key = id(tokenizer)
+        if key not in self._vocab:
+            ids = [i for i in range(len(tokenizer)) if keep(tokenizer.decode([i]) or "")]
+            if not ids:
+                raise ConfigError(f"no token of this tokenizer is {what}: the task cannot run with this model")
+            self._vocab[key] = ids
+        return self._vocab[key]
 
     # hooks -------------------------------------------------------------------------------------
     def dataset(self) -> list[dict]:

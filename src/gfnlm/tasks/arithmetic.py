@@ -173,18 +173,13 @@ class ArithmeticTask(Task):
     def __init__(self, task_args: dict | None = None):
         super().__init__(task_args)
         self.calculator = Calculator(max_operands=self.args.max_operands)
-        self._allowed: dict[int, list[int]] = {}
 
     # data
-    def _file(self, name: str) -> Path:
-        p = Path(name)
-        return p if p.is_absolute() or p.exists() else Path(self.args.data_dir) / name
-
     def supervised(self) -> list[dict]:
-        return load_questions(self._file(self.args.supervised_file))
+        return load_questions(self.data_file(self.args.supervised_file))
 
     def pool(self) -> list[dict]:
-        return load_questions(self._file(self.args.pool_file))
+        return load_questions(self.data_file(self.args.pool_file))
 
     def test_sets(self) -> dict[str, tuple[list[dict], int]]:
         """{operand count: (deduplicated questions, number removed)}."""
@@ -192,7 +187,7 @@ class ArithmeticTask(Task):
         out = {}
         for item in self.args.test_files.split(","):
             label, name = item.split(":", 1)
-            out[label] = deduplicate(load_questions(self._file(name)), *train)
+            out[label] = deduplicate(load_questions(self.data_file(name)), *train)
         return out
 
     def dataset(self) -> list[dict]:
@@ -209,17 +204,8 @@ class ArithmeticTask(Task):
 
     # policy
     def allowed_token_ids(self, tokenizer) -> list[int]:
-        key = id(tokenizer)
-        if key not in self._allowed:
-            ids = []
-            for i in range(len(tokenizer)):
-                text = tokenizer.decode([i])
-                if text and set(text) <= ALLOWED_CHARS:
-                    ids.append(i)
-            if not ids:
-                raise DataError("no token of this tokenizer is made of digits, + - = , . and spaces")
-            self._allowed[key] = ids
-        return self._allowed[key]
+        return self.tokens_where(tokenizer, lambda t: bool(t) and set(t) <= ALLOWED_CHARS,
+                                 "made of digits, + - = , . and spaces")
 
     def constraints(self, config, tokenizer) -> Constraints:
         return constraints_from_config(config, tokenizer, allowed_token_ids=self.allowed_token_ids(tokenizer))

@@ -126,17 +126,12 @@ class SubjectivityTask(Task):
 
     def __init__(self, task_args: dict | None = None):
         super().__init__(task_args)
-        self._allowed: dict[int, list[int]] = {}
         self.likelihood = None  # set by reward_funcs: the EM likelihood model
 
     # data ------------------------------------------------------------------------------------------
-    def _file(self, name: str) -> Path:
-        p = Path(name)
-        return p if p.is_absolute() or p.exists() else Path(self.args.data_dir) / name
-
     def train_examples(self, size: int | None = None) -> list[dict]:
         name = self.args.train_file if self.args.train_file and size is None else f"train.{size or self.args.train_size}.jsonl"
-        return load_examples(self._file(name))
+        return load_examples(self.data_file(name))
 
     def validation(self) -> tuple[list[dict], int]:
         """The fixed validation split, excluding every sentence of the 10/20/50 (or given) training files."""
@@ -144,8 +139,8 @@ class SubjectivityTask(Task):
         for f in sorted(Path(self.args.data_dir).glob("train.*.jsonl")):
             exclude += load_examples(f)
         if self.args.train_file:
-            exclude += load_examples(self._file(self.args.train_file))
-        return split_validation(load_examples(self._file(self.args.pool_file)), exclude, self.args.val_size,
+            exclude += load_examples(self.data_file(self.args.train_file))
+        return split_validation(load_examples(self.data_file(self.args.pool_file)), exclude, self.args.val_size,
                                 self.args.val_seed)
 
     @staticmethod
@@ -157,13 +152,7 @@ class SubjectivityTask(Task):
 
     # policy ----------------------------------------------------------------------------------------
     def allowed_token_ids(self, tokenizer) -> list[int]:
-        key = id(tokenizer)
-        if key not in self._allowed:
-            ids = [i for i in range(len(tokenizer)) if WORD.match(tokenizer.decode([i]) or "")]
-            if not ids:
-                raise DataError("no token of this tokenizer is a word of letters")
-            self._allowed[key] = ids
-        return self._allowed[key]
+        return self.tokens_where(tokenizer, lambda t: bool(WORD.match(t)), "a word of letters")
 
     def constraints(self, config, tokenizer):
         return constraints_from_config(config, tokenizer, allowed_token_ids=self.allowed_token_ids(tokenizer))
