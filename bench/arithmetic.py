@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-METHODS = ["kshot", "sft", "rl", "gfn"]
+METHODS = ["kshot", "sft", "rl", "gfn", "gfn_sft"]
 
 
 def parse_args(argv=None):
@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--shots", default="0,3,5,10,20")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps of GFlowNet and RL training")
     p.add_argument("--sft_steps", type=int, default=100)
+    p.add_argument("--gfn_sft_steps", type=int, default=60, help="GFlowNet steps after SFT (gfn_sft)")
+    p.add_argument("--gfn_sft_lr", type=float, default=2e-4)
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the LoRA adapters (all methods)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -126,6 +128,20 @@ def run_method(method: str, args) -> dict:
         trainer.model.eval()
         rows.append(("GFlowNet fine-tuning", evaluate(task, trainer.model, trainer.tokenizer, config,
                                                       trainer.constraints, args)))
+    elif method == "gfn_sft":
+        start = Path(args.run_dir) / "sft" / f"checkpoint-{args.sft_steps}"
+        if not start.is_dir():
+            raise SystemExit(f"gfn_sft starts from the SFT run: run --methods sft first ({start} is missing)")
+        config = build(args, method, {"init_from": str(start), "max_steps": args.gfn_sft_steps,
+                                      "learning_rate": args.gfn_sft_lr, "reward_temperature_horizon": args.gfn_sft_steps})
+        task, trainer = make_trainer(config)
+        trainer.train()
+        info = {"steps": config.max_steps, "episodes_per_step": config.samples_per_prompt * config.prompts_per_step,
+                "loss": config.loss_type, "init_from": str(start), "learning_rate": config.learning_rate,
+                "train_seconds": round(time.perf_counter() - t0, 1)}
+        trainer.model.eval()
+        rows.append(("GFlowNet fine-tuning from SFT", evaluate(task, trainer.model, trainer.tokenizer, config,
+                                                               trainer.constraints, args)))
     else:
         raise SystemExit(f"unknown method {method!r}: choose from {METHODS}")
     return {"method": method, "rows": rows, "info": info, "seconds": round(time.perf_counter() - t0, 1),

@@ -209,3 +209,33 @@ def test_question_generator_command_writes_a_loadable_file(tmp_path):
     rows = load_questions(out)  # checks every answer against the expression
     assert len(rows) == 20 and all(question_expression(r["str_query"]).count(" ") == 8 for r in rows)
     assert main(["--operands", "1"]) == 2
+
+
+def test_gfn_training_can_start_from_an_sft_checkpoint(data_dir, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from gfnlm.cli import main, make_trainer
+    from gfnlm.errors import GFNLMError
+
+    flags = task_arg_flags(data_dir)
+    sft = tmp_path / "sft"
+    assert main(["sft", "--task", "arithmetic", "--model", str(tiny_model_dir), "--max_steps", "3", "--report_to", "[]",
+                 "--learning_rate", "1e-2", "--output_dir", str(sft), "--max_new_tokens", "12", "--min_new_tokens", "1",
+                 "--task_args.seed_buffer", "false"] + flags) == 0
+    saved = load_file(sft / "checkpoint-3" / "adapter" / "adapter_model.safetensors")
+    args = {"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json", "test_files": "3:t3.json"}
+    cfg = build_config("arithmetic", {"model": str(tiny_model_dir), "init_from": str(sft / "checkpoint-3"),
+                                      "max_steps": 2, "report_to": [], "disable_tqdm": True, "max_new_tokens": 12,
+                                      "min_new_tokens": 1, "output_dir": str(tmp_path / "gfn"), "learning_rate": 1e-2,
+                                      "task_args": args})
+    _, trainer = make_trainer(cfg)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert start and all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
+    for name, value in saved.items():  # the SFT adapter is where GFlowNet training starts
+        match = [n for n in start if n.replace(".default", "") == name]
+        assert match and torch.equal(start[match[0]], value)
+    trainer.train()
+    assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters() if n in start)
+    with pytest.raises(GFNLMError, match="set --model"):
+        make_trainer(build_config("arithmetic", {"model": "smollm2-135m", "init_from": str(sft / "checkpoint-3"),
+                                                 "task_args": args}))

@@ -37,6 +37,13 @@ def make_trainer(config, model=None, tokenizer=None):
     if config.task is None:
         raise GFNLMError("the command line needs a task (e.g. --task rng); custom rewards are set up from Python")
     task = get_task_class(config.task)(config.task_args)
+    if model is None and config.init_from:
+        from .trainer import load_trained
+
+        model, tokenizer, start, _ = load_trained(config.init_from, trainable=True)
+        if start.model != config.model:
+            raise GFNLMError(f"init_from {config.init_from} was trained on {start.model}, not {config.model}: "
+                             "set --model to match")
     if model is None:
         model, tokenizer = load_model(config.model)
     constraints = task.constraints(config, tokenizer)

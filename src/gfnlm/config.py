@@ -80,6 +80,7 @@ class GFNConfig:
     buffer_priority_temperature: float = _f(1.0, "Replay sampling is proportional to exp(log R / this); large values approach uniform.")
 
     # --- LoRA (PEFT) ---------------------------------------------------------------------------
+    init_from: str | None = _f(None, "Start from the policy of this checkpoint (its LoRA adapters or weights), e.g. a `gfnlm sft` run; the base model is still `model`.")
     use_peft: bool = _f(True, "Train LoRA adapters (PEFT) on a frozen base; False trains all weights.")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")

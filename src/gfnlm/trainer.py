@@ -618,10 +618,11 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(cfg, name, 0.0)
 
 
-def load_trained(path: str | Path):
-    """Load a checkpoint written by :class:`GFNTrainer` for sampling or evaluation.
+def load_trained(path: str | Path, trainable: bool = False):
+    """Load a checkpoint written by :class:`GFNTrainer` (or ``gfnlm sft`` / ``gfnlm rl``).
 
-    Returns ``(model, tokenizer, config, constraints)``; the model is in eval mode."""
+    Returns ``(model, tokenizer, config, constraints)``; the model is in eval mode. ``trainable``:
+    its policy adapter (or weights) can be trained further (e.g. GFlowNet fine-tuning from SFT)."""
     from .models import load_model
 
     path = Path(path)
@@ -636,7 +637,7 @@ def load_trained(path: str | Path):
     if (path / "adapter").is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path / "adapter"))
+        model = PeftModel.from_pretrained(model, str(path / "adapter"), is_trainable=trainable)
         for extra in sorted((path / "adapter").iterdir()):  # further named adapters (e.g. an EM likelihood model)
             if (extra / "adapter_config.json").is_file():
                 model.load_adapter(str(extra), adapter_name=extra.name)
