@@ -9,7 +9,9 @@ Reward: log R(Z) = log p_LM(Z, Y* | C, X), the base model's likelihood of the ra
 the calculator outputs in the state) followed by the correct answer Y*, given a few-shot
 context C of solved examples.  A rationale that does not end with a computed result ("... = 2")
 gets ``invalid_log_reward`` instead: on SmolLM2-135M the unconstrained posterior's mode was to copy
-the question (" 6 - 0 - 4", stop), which is cheap under the LM and answers nothing.  It is a *terminal* reward (one forward pass per episode), so the
+the question (" 6 - 0 - 4", stop), which is cheap under the LM and answers nothing.  The default,
+-200, is below -(max_new_tokens * log |vocabulary|) ≈ -40 * 4.6: with ~V^L invalid strings, a
+milder floor would put most of the target's mass on them (a floor of -50 did, in a 100-step run).  It is a *terminal* reward (one forward pass per episode), so the
 default objective is VarGrad over the samples of each question (TB with a prompt-conditioned log Z
 also works); per-prefix rewards would need one answer-scoring pass per prefix.
 
@@ -138,7 +140,7 @@ class ArithmeticArgs:
     pool_file: str = "1digit_34_op+-_hw.json"
     test_files: str = "3:1digit_3_op+-_test.json,4:1digit_4_op+-_test.json,5:1digit_5_op+-_test.json"
     reward_shots: int = 3
-    invalid_log_reward: float = -50.0
+    invalid_log_reward: float = -200.0
     max_operands: int = 2
     seed_buffer: bool = True
     vote_samples: int = 10
