@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--gfn_sft_steps", type=int, default=60, help="GFlowNet steps after SFT (gfn_sft)")
     p.add_argument("--gfn_sft_lr", type=float, default=2e-4)
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the LoRA adapters (all methods)")
+    p.add_argument("--gfn_set", action="append", default=[],
+                   help="extra GFNConfig field for the gfn method, as name=value (e.g. reward_temperature_end=1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "arithmetic"))
@@ -120,11 +122,15 @@ def run_method(method: str, args) -> dict:
                 "train_seconds": round(time.perf_counter() - t0, 1)}
         rows.append(("RL (TRL GRPO)", evaluate(task, model, tok, config, task.constraints(config, tok), args)))
     elif method == "gfn":
-        config = build(args, method)
+        import yaml
+
+        config = build(args, method, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.gfn_set)})
         task, trainer = make_trainer(config)
         trainer.train()
         info = {"steps": config.max_steps, "episodes_per_step": config.samples_per_prompt * config.prompts_per_step,
-                "loss": config.loss_type, "train_seconds": round(time.perf_counter() - t0, 1)}
+                "loss": config.loss_type, "learning_rate": config.learning_rate,
+                "reward_temperature": [config.reward_temperature, config.reward_temperature_end],
+                "train_seconds": round(time.perf_counter() - t0, 1)}
         trainer.model.eval()
         rows.append(("GFlowNet fine-tuning", evaluate(task, trainer.model, trainer.tokenizer, config,
                                                       trainer.constraints, args)))
