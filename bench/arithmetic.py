@@ -166,8 +166,11 @@ def report(args) -> str:
              table, ""]
     first = rows[0][1][0] if rows else {}
     for l, r in first.items():
-        lines.append(f"- {l} operands: {r['questions']} questions; {r['removed_as_in_training']} test questions removed "
-                     "because they occur in a training file.")
+        lines.append(f"- {l} operands: {r['removed_as_in_training']} test questions removed because they occur in a "
+                     "training file.")
+    for name, r in rows:  # every row is scored on the first n of the same (deduplicated) test questions
+        lines.append(f"- {name}: the first {', '.join(str(v['questions']) for v in r[0].values())} questions "
+                     f"of the {'/'.join(r[0])}-operand test sets.")
     lines.append("- Cells: accuracy in % of the majority vote over 10 rationales at T = 0.1 (greedy in brackets).")
     for m, res in results.items():
         lines.append(f"- {m}: {res['seconds']:.0f} s in all; {json.dumps(res['info'])}")
