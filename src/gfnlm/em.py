@@ -43,38 +43,36 @@ def phrase_log_probs(model, prompts: Sequence[Sequence[int]], middles: Sequence[
 
     Returns:
         log_p_middle [B] (log space; sum over Z's tokens), log_p_phrases [B, K] (log space; sum over
-        each phrase's tokens). Computed in fp32 from B*K left-padded rows X Z Y_k; only the scored
-        positions' logits are materialised (``logits_to_keep``).
+        each phrase's tokens). Computed in fp32; each distinct X is encoded once and its KV cache
+        reused by its B*K rows Z Y_k (:func:`gfnlm.scoring.completion_logits`).
     """
+    from .scoring import completion_logits
+
     B, K = len(prompts), len(phrases)
     if any(len(p) == 0 for p in phrases):
         raise DataError("empty label phrase")
-    rows, tails = [], []
+    device = next(model.parameters()).device
+    # each distinct prompt is encoded once; its KV cache serves every (rationale, label) row
+    uniq: dict[tuple, int] = {}
+    for p in prompts:
+        uniq.setdefault(tuple(p), len(uniq))
+    index, rows, mid_len = [], [], []
     for b in range(B):
         for k in range(K):
-            rows.append(list(prompts[b]) + list(middles[b]) + list(phrases[k]))
-            tails.append((len(middles[b]), len(phrases[k])))
-    device = next(model.parameters()).device
+            index.append(uniq[tuple(prompts[b])])
+            rows.append(list(middles[b]) + list(phrases[k]))
+            mid_len.append(len(middles[b]))
     width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's scored tokens sit at its end
-        tokens[i, width - len(r):] = torch.tensor(r)
-        attn[i, width - len(r):] = 1
-    tokens, attn = tokens.to(device), attn.to(device)
-    keep = max(m + p for m, p in tails) + 1  # logits of the last prompt token onwards: all that is scored
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=tokens, attention_mask=attn, position_ids=pos, logits_to_keep=keep).logits
-    logits = logits[:, -keep:-1].float()  # [BK, keep-1]: predicts tokens width-keep+1 .. width-1
-    logp = logits.log_softmax(-1).gather(2, tokens[:, width - keep + 1:, None]).squeeze(2)
-    from_end = torch.arange(keep - 1, 0, -1, device=device)[None, :]  # distance of the predicted token from the end
-    mid_len = torch.tensor([m for m, _ in tails], device=device)[:, None]
-    ph_len = torch.tensor([p for _, p in tails], device=device)[:, None]
-    in_phrase = from_end <= ph_len
-    in_mid = (from_end > ph_len) & (from_end <= ph_len + mid_len)
+    tokens = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    logits, _ = completion_logits(model, [list(p) for p in uniq], torch.tensor(index, device=device), tokens, lengths,
+                                  pad_id)  # [BK, width+1, V]: next-token logits after X, X z_1, ...
+    logp = logits[:, :-1].float().log_softmax(-1).gather(2, tokens[:, :, None]).squeeze(2)  # [BK, width]
+    pos = torch.arange(width, device=device)[None, :]
+    m = torch.tensor(mid_len, device=device)[:, None]
     zeros = torch.zeros_like(logp)
-    mid = torch.where(in_mid, logp, zeros).sum(1).view(B, K)[:, 0]
-    phrase = torch.where(in_phrase, logp, zeros).sum(1).view(B, K)
+    mid = torch.where(pos < m, logp, zeros).sum(1).view(B, K)[:, 0]
+    phrase = torch.where((pos >= m) & (pos < lengths[:, None]), logp, zeros).sum(1).view(B, K)
     return mid, phrase
 
 
@@ -149,25 +147,29 @@ class LikelihoodModel:
     # use -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def label_log_probs(self, prompts: Sequence[Sequence[int]], middles: Sequence[Sequence[int]], *,
-                        fitted: bool | None = None, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+                        fitted: bool | None = None, batch_size: int = 64,
+                        with_middle: bool = True) -> tuple[Tensor | None, Tensor]:
         """(log p_base(Z | X) [B], log p(Y_k | X, Z) [B, K]), log space. log p(Z | X) is always the base
-        model's (adapters off); the label terms come from :meth:`active`."""
+        model's (adapters off); the label terms come from :meth:`active`. ``with_middle=False`` skips
+        the base pass when only the (fitted) label terms are needed (the first value is then None)."""
+        use_fitted = self.fitted if fitted is None else fitted
         mids, labels = [], []
         for i in range(0, len(prompts), batch_size):
             p, m = prompts[i:i + batch_size], middles[i:i + batch_size]
-            with self.active(False) as base:
-                mid, base_lab = phrase_log_probs(base, p, m, self.phrases, self.pad_id)
-            if (self.fitted if fitted is None else fitted):
+            if with_middle or not use_fitted:
+                with self.active(False) as base:
+                    mid, lab = phrase_log_probs(base, p, m, self.phrases, self.pad_id)
+                mids.append(mid.cpu())
+            if use_fitted:
                 with self.active(True) as lik:
                     lik.eval()
-                    _, base_lab = phrase_log_probs(lik, p, m, self.phrases, self.pad_id)
-            mids.append(mid.cpu())
-            labels.append(base_lab.cpu())
-        return torch.cat(mids), torch.cat(labels)
+                    _, lab = phrase_log_probs(lik, p, m, self.phrases, self.pad_id)
+            labels.append(lab.cpu())
+        return (torch.cat(mids) if with_middle else None), torch.cat(labels)
 
     def predict(self, prompts, middles, **kw) -> Tensor:
         """argmax_k p(Y_k | X, Z): [B] long."""
-        return self.label_log_probs(prompts, middles, **kw)[1].argmax(-1)
+        return self.label_log_probs(prompts, middles, with_middle=False, **kw)[1].argmax(-1)
 
     def fit(self, examples: Sequence[Example], *, steps: int = 50, learning_rate: float = 1e-4,
             batch_size: int = 16, seed: int = 0, progress: bool = False) -> list[float]:
