@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="10,20,50")
     p.add_argument("--steps", type=int, default=60, help="GFlowNet (E-step) steps in all")
     p.add_argument("--em_rounds", type=int, default=1)
-    p.add_argument("--val", type=int, default=200, help="validation sentences")
+    p.add_argument("--val", type=int, default=200, help="validation sentences (pass the same value to --report)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--task_arg", action="append", default=[], help="extra task_args as name=value")
