@@ -14,8 +14,8 @@ LoRA adapter (``name``, default "likelihood"): no second copy of the model. Unti
 base model with its adapters switched off is the likelihood model. :func:`run_em` alternates the
 two steps for a configurable number of rounds.
 
-Everything here runs on one process (the M-step is small); a multi-process run fits the likelihood
-on the main process's rationales only.
+EM is meant for one process: under a multi-process launch every rank would fit its own likelihood
+adapter on its own rationales (not synchronised; not supported yet).
 """
 
 from __future__ import annotations
