@@ -33,13 +33,14 @@ Example = tuple[list[int], list[int], int]
 
 
 def phrase_log_probs(model, prompts: Sequence[Sequence[int]], middles: Sequence[Sequence[int]],
-                     phrases: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+                     phrases: Sequence[Sequence[int]], pad_id: int = 0, prefix=None) -> tuple[Tensor, Tensor]:
     """log p(Z | X) and log p(Y_k | X, Z) for every label phrase Y_k, in one forward pass.
 
     Args:
         model: a causal LM (whatever adapters are active are used; grad flows unless disabled).
         prompts: B prompts X (token ids); middles: B rationales Z (token ids, may be empty).
         phrases: K label phrases (token ids, each non-empty).
+        prefix: optional :class:`~gfnlm.sampling.PrefixCache` of a constant context read before every X.
 
     Returns:
         log_p_middle [B] (log space; sum over Z's tokens), log_p_phrases [B, K] (log space; sum over
@@ -66,7 +67,7 @@ def phrase_log_probs(model, prompts: Sequence[Sequence[int]], middles: Sequence[
     tokens = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
     lengths = torch.tensor([len(r) for r in rows], device=device)
     logits, _ = completion_logits(model, [list(p) for p in uniq], torch.tensor(index, device=device), tokens, lengths,
-                                  pad_id)  # [BK, width+1, V]: next-token logits after X, X z_1, ...
+                                  pad_id, prefix=prefix)  # [BK, width+1, V]: next-token logits after X, X z_1, ...
     logp = logits[:, :-1].float().log_softmax(-1).gather(2, tokens[:, :, None]).squeeze(2)  # [BK, width]
     pos = torch.arange(width, device=device)[None, :]
     m = torch.tensor(mid_len, device=device)[:, None]

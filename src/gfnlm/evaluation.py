@@ -32,6 +32,30 @@ def sample_completions(model, tokenizer, prompt_ids: Sequence[int], constraints:
 
 
 @torch.no_grad()
+def sample_votes(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, k: int,
+                 temperature: float, *, seed: int = 0, batch_prompts: int = 8, tool=None, max_tool_tokens: int = 0,
+                 prefix=None) -> list[tuple[list[list[int]], list[int]]]:
+    """What a posterior-predictive vote reads: for each prompt, ``k`` completions sampled at
+    ``temperature`` and one greedy completion (token id lists; tool output included, stop excluded).
+
+    Prompts are sampled ``batch_prompts`` at a time, k + 1 rows each; ``prefix`` (a
+    :class:`~gfnlm.sampling.PrefixCache`) is a constant context read before every prompt.
+    Returns ``[(sampled [k], greedy)]`` in the order of ``prompts``."""
+    g = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    temps = torch.tensor([temperature] * k + [1e-4])  # the last row of each prompt: greedy
+    out = []
+    for i in range(0, len(prompts), batch_prompts):
+        chunk = [list(p) for p in prompts[i:i + batch_prompts]]
+        index = torch.arange(len(chunk)).repeat_interleave(k + 1)
+        s = sample(model, chunk, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad, generator=g,
+                   tool=tool, tokenizer=tokenizer, max_tool_tokens=max_tool_tokens, prefix=prefix)
+        ids = s.completion_ids()
+        out += [(ids[j * (k + 1):j * (k + 1) + k], ids[j * (k + 1) + k]) for j in range(len(chunk))]
+    return out
+
+
+@torch.no_grad()
 def sequence_log_probs(model, prompt_ids: Sequence[int], constraints: Constraints, completions: Sequence[Sequence[int]],
                        *, pad_id: int = 0, batch_size: int = 256) -> torch.Tensor:
     """Exact log q(z ⊤ | X) of each completion (token id lists) under the constrained policy. [K], log space."""

@@ -37,7 +37,6 @@ import torch
 
 from ..data import load_rows, render_prompt
 from ..errors import DataError
-from ..evaluation import sample_completions
 from ..rewards import LMLikelihoodReward
 from ..sampling import Constraints, pad_right
 from ..tools import Calculator, evaluate_expression
@@ -264,26 +263,19 @@ class ArithmeticTask(Task):
         the calculator), in batches of ``batch_questions`` questions; a few-shot ``context`` is
         encoded once (:class:`~gfnlm.sampling.PrefixCache`) and reused by every question.
         Returns, per question, ``{"vote", "greedy", "states"}`` (states: the k sampled texts)."""
-        from ..sampling import PrefixCache, sample
+        from ..evaluation import sample_votes
+        from ..sampling import PrefixCache
 
         prefix_ids = render_prompt(tokenizer, context, "never") if context else None
         prefix = PrefixCache(model, prefix_ids) if prefix_ids else None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        g = torch.Generator().manual_seed(seed)
-        temps = torch.tensor([temperature] * k + [1e-4])  # the last row of each question: greedy
+        prompts = [self.encode(tokenizer, q, config, prefix_ids) for q in queries]
         out = []
-        for i in range(0, len(queries), batch_questions):
-            chunk = queries[i:i + batch_questions]
-            prompts = [self.encode(tokenizer, q, config, prefix_ids) for q in chunk]
-            index = torch.arange(len(chunk)).repeat_interleave(k + 1)
-            s = sample(model, prompts, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad,
-                       generator=g, tool=self.calculator, tokenizer=tokenizer, max_tool_tokens=config.max_tool_tokens,
-                       prefix=prefix)
-            texts = [tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
-            for j in range(len(chunk)):
-                rows = texts[j * (k + 1):(j + 1) * (k + 1)]
-                out.append({"vote": majority_vote([answer_of(t) for t in rows[:k]]), "greedy": answer_of(rows[k]),
-                            "states": rows[:k]})
+        for sampled, greedy in sample_votes(model, tokenizer, prompts, constraints, k, temperature, seed=seed,
+                                            batch_prompts=batch_questions, tool=self.calculator,
+                                            max_tool_tokens=config.max_tool_tokens, prefix=prefix):
+            states = [tokenizer.decode(c, skip_special_tokens=False) for c in sampled]
+            out.append({"vote": majority_vote([answer_of(t) for t in states]),
+                        "greedy": answer_of(tokenizer.decode(greedy, skip_special_tokens=False)), "states": states})
         return out
 
     def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,

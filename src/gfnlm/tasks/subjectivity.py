@@ -231,30 +231,14 @@ class SubjectivityTask(Task):
 
         phrases = [tokenizer.encode(DIRECT_PHRASE.format(label=l), add_special_tokens=False) for l in LABELS]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # a few-shot context is long: its KV cache is computed once and read before every sentence
+        prefix = PrefixCache(model, render_prompt(tokenizer, context, "never")) if context else None
         out = []
-        if context:
-            prefix_ids = render_prompt(tokenizer, context, "never")
-            prefix = PrefixCache(model, prefix_ids)
-            for text in texts:  # the few-shot prompt is long: its cache is computed once and reused
-                ids = tokenizer(self.prompt(text), add_special_tokens=False)["input_ids"]
-                out.append(self._scores_after_prefix(model, prefix, ids, phrases))
-            return torch.stack(out)
         for i in range(0, len(texts), batch_size):
-            prompts = [render_prompt(tokenizer, self.prompt(t), "never") for t in texts[i:i + batch_size]]
-            out.append(phrase_log_probs(model, prompts, [[] for _ in prompts], phrases, pad)[1].cpu())
+            prompts = [tokenizer(self.prompt(t), add_special_tokens=False)["input_ids"] if prefix else
+                       render_prompt(tokenizer, self.prompt(t), "never") for t in texts[i:i + batch_size]]
+            out.append(phrase_log_probs(model, prompts, [[] for _ in prompts], phrases, pad, prefix=prefix)[1].cpu())
         return torch.cat(out)
-
-    @staticmethod
-    def _scores_after_prefix(model, prefix: PrefixCache, ids: list[int], phrases: list[list[int]]) -> torch.Tensor:
-        from ..sampling import cache_kwargs
-
-        K = len(phrases)
-        width = max(len(p) for p in phrases)
-        rows = torch.tensor([ids + p + [p[-1]] * (width - len(p)) for p in phrases])  # [K, L + width]
-        pos = torch.arange(prefix.length, prefix.length + rows.shape[1])[None, :].expand(K, -1)
-        logits = model(input_ids=rows, position_ids=pos, **cache_kwargs(model, prefix.expand(K))).logits.float()
-        logp = logits[:, len(ids) - 1:-1].log_softmax(-1).gather(2, rows[:, len(ids):, None]).squeeze(2)
-        return torch.stack([logp[k, :len(p)].sum() for k, p in enumerate(phrases)])
 
     def few_shot_context(self, examples: list[dict]) -> str:
         return "".join(f"{self.prompt(r['text'])}{DIRECT_PHRASE.format(label=LABELS[r['label']])}\n" for r in examples)
@@ -277,26 +261,22 @@ class SubjectivityTask(Task):
         """Sample ``vote_samples`` rationales at ``vote_temperature`` and one greedily per text, then
         predict argmax_Y p(Y | X, Z) under each likelihood in ``fitted`` (False: base model, True: the
         fitted adapter), on the same rationales. Returns ``{fitted: [{"vote", "greedy", "rationales"}]}``."""
+        from ..evaluation import sample_votes
+
         k = self.args.vote_samples
-        g = torch.Generator().manual_seed(seed)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        temps = torch.tensor([self.args.vote_temperature] * k + [1e-4])
         was = model.training
         model.eval()
-        out: dict = {f: [] for f in fitted}
-        for i in range(0, len(texts), batch_texts):
-            chunk = texts[i:i + batch_texts]
-            prompts = [render_prompt(tokenizer, self.prompt(t), "never") for t in chunk]
-            index = torch.arange(len(chunk)).repeat_interleave(k + 1)
-            s = sample(model, prompts, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad, generator=g)
-            z = s.completion_ids()
-            for f in fitted:
-                pred = likelihood.predict([prompts[int(j)] for j in index], z, fitted=f).tolist()
-                for j in range(len(chunk)):
-                    rows = pred[j * (k + 1):(j + 1) * (k + 1)]
-                    out[f].append({"vote": majority(rows[:k]), "greedy": rows[k],
-                                   "rationales": [tokenizer.decode(z[j * (k + 1) + m]) for m in range(min(k, 3))]})
+        prompts = [render_prompt(tokenizer, self.prompt(t), "never") for t in texts]
+        groups = sample_votes(model, tokenizer, prompts, constraints, k, self.args.vote_temperature, seed=seed,
+                              batch_prompts=batch_texts)
         model.train(was)
+        rows = [(p, z) for p, (sampled, greedy) in zip(prompts, groups) for z in sampled + [greedy]]
+        out: dict = {}
+        for f in fitted:  # the same rationales under each likelihood model
+            pred = likelihood.predict([p for p, _ in rows], [z for _, z in rows], fitted=f).tolist()
+            out[f] = [{"vote": majority(pred[j * (k + 1):j * (k + 1) + k]), "greedy": pred[j * (k + 1) + k],
+                       "rationales": [tokenizer.decode(z) for z in sampled[:3]]}
+                      for j, (sampled, _) in enumerate(groups)]
         return out
 
     def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
