@@ -99,34 +99,44 @@ def test_rationale_helpers_and_vote():
     assert majority_vote([None, None]) is None
 
 
-def test_reward_is_likelihood_of_rationale_and_answer(data_dir):
+def test_reward_is_likelihood_of_each_result_prefix_and_answer(data_dir):
     tok = tokenizer()
     model = make_tiny_lm(vocab_size=len(tok), seed=2, max_positions=128)
     task = ArithmeticTask({"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json",
                            "test_files": "3:t3.json", "reward_shots": 1})
     ctx = task.few_shot_context(1)
-    reward = AnswerLikelihoodReward(model, tok, ctx, stop_token_ids=[2])
-    x = tok.encode("Question: 5 + 3 = ? Answer:", add_special_tokens=False)
-    z = tok.encode("5+3=8", add_special_tokens=False)
-    batch = RewardBatch(prompts=["q"], prompt_ids=[x], prompt_index=torch.tensor([0]),
-                        tokens=torch.tensor([z]), lengths=torch.tensor([len(z)]), completions=["5+3=8"],
-                        columns={"num_sol": [8]}, tokenizer=tok)
+    reward = AnswerLikelihoodReward(model, tok, ctx, stop_token_ids=[2], invalid_log_reward=-77.0, rows_per_pass=1)
+    assert reward.prefix
+    x = tok.encode("Question: 6 - 0 - 4 = ? Answer:", add_special_tokens=False)
+    z = tok.encode("6-0=6,6-4=2", add_special_tokens=False)
+    mask = [True] * len(z)
+    mask[4] = mask[10] = False  # the calculator wrote the "6" after "6-0=" and the final "2"
+    suffix = tok.encode(". The answer is 2.", add_special_tokens=False)
+    batch = RewardBatch(prompts=["q"], prompt_ids=[x], prompt_index=torch.tensor([0]), tokens=torch.tensor([z]),
+                        lengths=torch.tensor([len(z)]), completions=["6-0=6,6-4=2"], columns={"num_sol": [2]},
+                        tokenizer=tok, action_mask=torch.tensor([mask]))
+
+    def brute(t):  # log p(z_1:t, Y* | C, X), one forward pass over the whole text
+        full = tok.encode(ctx, add_special_tokens=False) + x + z[:t] + suffix
+        start = len(full) - t - len(suffix)
+        with torch.no_grad():
+            lp = model(input_ids=torch.tensor([full])).logits[0].log_softmax(-1)
+        return sum(lp[i - 1, full[i]].item() for i in range(start, len(full)))
+
     got = reward(batch)
-    full = tok.encode(ctx, add_special_tokens=False) + x + z + tok.encode(". The answer is 8.", add_special_tokens=False)
-    start = len(full) - len(z) - len(tok.encode(". The answer is 8.", add_special_tokens=False))
-    with torch.no_grad():
-        lp = model(input_ids=torch.tensor([full])).logits[0].log_softmax(-1)
-    expected = sum(lp[i - 1, full[i]].item() for i in range(start, len(full)))
-    assert got.shape == (1,) and got.item() == pytest.approx(expected, abs=1e-4)
+    assert got.shape == (1, len(z) + 1)
+    for t in range(len(z) + 1):  # the prefixes that end with a computed result: after "6-0=6" and at the end
+        want = brute(t) if t in (5, 11) else -77.0
+        assert got[0, t].item() == pytest.approx(want, abs=1e-4), t
     # the reward depends on the answer column
     batch.columns = {"num_sol": [9]}
-    assert reward(batch).item() != pytest.approx(expected, abs=1e-4)
-    # a rationale that does not end with a computed result gets the invalid log-reward
-    floor = AnswerLikelihoodReward(model, tok, ctx, stop_token_ids=[2], invalid_log_reward=-77.0)
-    batch.columns = {"num_sol": [8]}
-    assert floor(batch).item() == pytest.approx(expected, abs=1e-4)
-    batch.completions = ["5+3"]
-    assert floor(batch).item() == -77.0
+    assert reward(batch)[0, 11].item() != pytest.approx(brute(11), abs=1e-4)
+    # without a tool mask only the complete episode is scored, and only if it ends with a result
+    batch.columns, batch.action_mask = {"num_sol": [2]}, None
+    got = reward(batch)
+    assert got[0, 11].item() == pytest.approx(brute(11), abs=1e-4) and (got[0, :11] == -77.0).all()
+    batch.completions = ["6-0=6,6-4="]
+    assert (reward(batch) == -77.0).all()
 
 
 def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):

@@ -131,3 +131,52 @@ def test_trainer_with_calculator_trains_and_seeds_tool_states(tmp_path):
     hist = trainer.train()
     assert len(hist) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
     assert any("=" in t and t.split("=")[-1] for t in seen)  # states with calculator answers were rewarded
+
+
+def test_stop_after_tool_only_stops_after_a_result_and_scoring_agrees():
+    tok = tokenizer()
+    model, cons = model_and_constraints(tok, max_new=8)
+    cons.stop_after_tool = True
+    prompts = [tok.convert_tokens_to_ids(["<s>", "<q>", "3", "+", "4"]), tok.convert_tokens_to_ids(["<s>", "<r>"])]
+    s = sample(model, prompts, [0] * 48 + [1] * 48, cons, generator=torch.Generator().manual_seed(3), temperature=2.0,
+               tool=Calculator(max_operands=None), tokenizer=tok, max_tool_tokens=8)
+    after_result = 0
+    for b in range(s.tokens.shape[0]):
+        n = int(s.lengths[b])
+        mask = s.action_mask[b, :n].tolist()
+        finite = torch.isfinite(s.log_pterm[b, : n + 1]).nonzero().squeeze(1).tolist()
+        for t in finite:  # stopping possible only right after tool output, or when forced at the length limit
+            ends_with_tool = t > 0 and not mask[t - 1] and (t == n or mask[t])
+            assert ends_with_tool or sum(mask[:t]) >= cons.max_new_tokens, (t, mask)
+        if sum(mask) < cons.max_new_tokens:  # the episode stopped by choice: right after a result
+            assert n > 0 and not mask[-1]
+            after_result += 1
+    assert after_result > 0, "the test should see episodes that stop after a result"
+    with torch.no_grad():
+        sc = score(model, prompts, s.prompt_index, s.tokens, s.lengths, cons, action_mask=s.action_mask)
+    assert torch.allclose(sc.log_pf, s.log_pf, atol=1e-5)
+    assert torch.equal(torch.isinf(sc.log_pterm), torch.isinf(s.log_pterm))
+    ok = torch.isfinite(s.log_pterm)
+    assert torch.allclose(sc.log_pterm[ok], s.log_pterm[ok], atol=1e-5)
+    # the rule changes the policy: token probabilities are renormalised where stopping is impossible
+    free = Constraints(stop_token_ids=[2], min_new_tokens=1, max_new_tokens=8, allowed_token_ids=cons.allowed_token_ids)
+    with torch.no_grad():
+        other = score(model, prompts, s.prompt_index, s.tokens, s.lengths, free, action_mask=s.action_mask)
+    assert not torch.allclose(other.log_pf, sc.log_pf, atol=1e-4)
+
+
+def test_stop_after_tool_needs_a_tool(tmp_path):
+    import pytest
+
+    from gfnlm.errors import ConfigError, DataError
+
+    tok = tokenizer()
+    model, cons = model_and_constraints(tok)
+    cons.stop_after_tool = True
+    with pytest.raises(DataError, match="no tool"):
+        sample(model, [[1, 5]], [0], cons)
+    cfg = GFNConfig(use_peft=False, chat_template="never", report_to=[], output_dir=str(tmp_path), stop_after_tool=True,
+                    loss_type="vargrad")
+    with pytest.raises(ConfigError, match="stop_after_tool"):
+        GFNTrainer(model, lambda prompts, completions, **kw: [0.0] * len(prompts), cfg, train_dataset=["<s> 3"],
+                   processing_class=tok)

@@ -68,6 +68,7 @@ class GFNConfig:
     stop_tokens: list = _f(["eos"], "Tokens that mean stop: 'eos', or literal strings that are single tokens ('.', '\\n'), or integer ids.")
     allowed_tokens: list | None = _f(None, "If set, the only tokens (strings or ids) the policy may emit besides stop.")
     forbidden_tokens: list = _f([], "Tokens (strings or ids) the policy may never emit.")
+    stop_after_tool: bool = _f(False, "With a tool, episodes may stop only right after its output (e.g. after a computed result), besides the forced stop at max_new_tokens.")
     max_tool_tokens: int = _f(32, "With a tool (e.g. a calculator), at most this many tool-written tokens per episode; they are not actions.")
 
     # --- exploration and replay ----------------------------------------------------------------

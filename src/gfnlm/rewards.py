@@ -42,6 +42,7 @@ class RewardBatch:
         completions: [B] decoded completions (text, without the stop token).
         columns: extra dataset columns, each a list of B values.
         tokenizer: the policy's tokenizer.
+        action_mask: [B, N] bool, False on tokens a tool wrote (None without a tool).
     """
 
     prompts: list[str]
@@ -52,6 +53,7 @@ class RewardBatch:
     completions: list[str]
     columns: dict[str, list] = field(default_factory=dict)
     tokenizer: Any = None
+    action_mask: Tensor | None = None
 
     def prefix_ids(self, b: int, t: int) -> list[int]:
         return self.tokens[b, :t].tolist()

@@ -25,7 +25,8 @@ Log-probabilities in the loss: TRL's log-probs are recomputed by :class:`GFNGRPO
 task's restricted vocabulary (allowed tokens and stop tokens; the others' logits are pushed 50 nats
 below the row's minimum), so they equal the sampler's except where the *length* rules apply
 (before ``min_new_tokens`` stopping is impossible for the sampler but keeps its mass in TRL's
-normaliser); the stop token's log-prob is that of the stop action (the sum over all stop ids, as
+normaliser; a task's ``stop_after_tool`` rule is switched off for RL, as TRL's pass cannot see
+which tokens a tool wrote); the stop token's log-prob is that of the stop action (the sum over all stop ids, as
 in the sampler), and forced stops are masked out. Entropies (logged) are over tokens.
 """
 
@@ -245,6 +246,10 @@ def make_grpo_trainer(task, model, tokenizer, config: GFNConfig, *, output_dir: 
     if num_generations < 2:
         raise ConfigError("GRPO needs num_generations >= 2 (advantages are relative to the prompt's group)")
     constraints = task.constraints(config, tokenizer) or constraints_from_config(config, tokenizer)
+    # TRL's log-prob pass sees token ids only, not which tokens a tool wrote, so it cannot apply a
+    # state-dependent stop rule: the RL policy may stop anywhere (its correct-answer reward is 0
+    # for a rationale without a result anyway)
+    constraints = dataclasses.replace(constraints, stop_after_tool=False)
     tool = task.tool()
     rows = as_rows(dataset if dataset is not None else (config.dataset or task.dataset()))
     rollout = GFNRollout(tokenizer, constraints, chat_template=config.chat_template, tool=tool,

@@ -39,6 +39,9 @@ class Constraints:
         allowed_token_ids: if given, the only non-stop tokens the policy may emit
             (the distribution is renormalised over them and the stop tokens).
         forbidden_token_ids: tokens the policy may never emit.
+        stop_after_tool: if True, the policy may stop only in a state that ends with a tool's
+            output (e.g. a rationale ending in a computed result, "... 6 - 4 = 2"), besides the
+            forced stop at ``max_new_tokens``. Needs a tool when sampling.
     """
 
     stop_token_ids: list[int]
@@ -46,6 +49,7 @@ class Constraints:
     max_new_tokens: int = 20
     allowed_token_ids: list[int] | None = None
     forbidden_token_ids: list[int] = field(default_factory=list)
+    stop_after_tool: bool = False
 
     def __post_init__(self):
         if not self.stop_token_ids:
@@ -83,7 +87,19 @@ class Constraints:
             self._masks[key] = self.token_mask(vocab_size, device)[0].nonzero().squeeze(1)
         return self._masks[key]
 
-    def selected_log_probs(self, logits: Tensor, num_generated: Tensor, next_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def _can_stop(self, num_generated: Tensor, after_tool: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(can_stop, must_stop), bool like ``num_generated``: the length limits and, with
+        ``stop_after_tool``, whether the state ends with tool output (``after_tool``)."""
+        must_stop = num_generated >= self.max_new_tokens
+        can_stop = num_generated >= self.min_new_tokens
+        if self.stop_after_tool:
+            if after_tool is None:
+                raise ValueError("stop_after_tool needs after_tool: whether each state ends with tool output")
+            can_stop = (can_stop & after_tool.to(can_stop.device).bool()) | must_stop
+        return can_stop, must_stop
+
+    def selected_log_probs(self, logits: Tensor, num_generated: Tensor, next_tokens: Tensor,
+                           after_tool: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """log q(next_token | s) and log q(⊤ | s) without materialising the whole distribution.
 
         Same values as :meth:`log_probs` (gathered), for scoring passes: the normaliser is a
@@ -92,7 +108,8 @@ class Constraints:
 
         Args:
             logits: [..., V] raw logits; num_generated: [...] long; next_tokens: [...] long (any id
-                where there is no next token: its value is then ignored by the caller).
+                where there is no next token: its value is then ignored by the caller);
+                after_tool: [...] bool, the state ends with tool output (read with ``stop_after_tool``).
         Returns:
             token_logp [...] (-inf for a token the constraints forbid there), stop_logp [...].
         """
@@ -105,20 +122,20 @@ class Constraints:
             lse_tok = torch.logsumexp(x.index_select(-1, self.token_ids(V, logits.device)), dim=-1)
         else:
             lse_tok = torch.logsumexp(x.masked_fill(~tok_mask, NEG_INF), dim=-1)
-        can_stop = num_generated >= self.min_new_tokens
-        must_stop = num_generated >= self.max_new_tokens
+        can_stop, must_stop = self._can_stop(num_generated, after_tool)
         log_norm = torch.where(must_stop, lse_stop, torch.where(can_stop, torch.logaddexp(lse_tok, lse_stop), lse_tok))
         stop_logp = torch.where(can_stop, lse_stop - log_norm, torch.full_like(log_norm, NEG_INF))
         tok = x.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - log_norm
         ok = tok_mask[next_tokens] & ~must_stop
         return torch.where(ok, tok, torch.full_like(tok, NEG_INF)), stop_logp
 
-    def log_probs(self, logits: Tensor, num_generated: Tensor) -> tuple[Tensor, Tensor]:
+    def log_probs(self, logits: Tensor, num_generated: Tensor, after_tool: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Constrained log-probabilities of the actions at some states.
 
         Args:
             logits: [..., V] raw next-token logits (any dtype; computed in fp32).
             num_generated: [...] long, tokens generated so far at each state (t).
+            after_tool: [...] bool, the state ends with tool output (read with ``stop_after_tool``).
 
         Returns:
             logp: [..., V] log-probability of each token id under the constraints; for a
@@ -127,9 +144,8 @@ class Constraints:
                 ``min_new_tokens``; 0 at ``max_new_tokens``.
         """
         tok_mask, stop_mask = self.token_mask(logits.shape[-1], logits.device)
-        t = num_generated.unsqueeze(-1)
-        can_stop = t >= self.min_new_tokens
-        must_stop = t >= self.max_new_tokens
+        can_stop, must_stop = self._can_stop(num_generated, after_tool)
+        can_stop, must_stop = can_stop.unsqueeze(-1), must_stop.unsqueeze(-1)
         allowed = (tok_mask & ~must_stop) | (stop_mask & can_stop)  # never empty: stop or a token
         x = logits.float()
         log_norm = torch.logsumexp(x.masked_fill(~allowed, NEG_INF), dim=-1, keepdim=True)
@@ -373,11 +389,14 @@ def sample(
     tool_used = [0] * B
     if tool is not None and tokenizer is None:
         raise DataError("sampling with a tool needs the tokenizer (tokenizer=...)")
+    if constraints.stop_after_tool and tool is None:
+        raise DataError("stop_after_tool: episodes may stop only after a tool's output, but no tool was given")
+    after_tool = torch.zeros(B, dtype=torch.bool, device=device)  # the state ends with tool output
 
     for t in range(S + 1):
         forced = torch.tensor([bool(q) for q in pending], device=device) & alive
         real = alive & ~forced  # states where the policy acts (may stop)
-        logp, stop_lp = constraints.log_probs(logits, n_act)
+        logp, stop_lp = constraints.log_probs(logits, n_act, after_tool)
         log_pterm[:, t] = torch.where(real, stop_lp, log_pterm[:, t])
         if t == S:
             break
@@ -404,6 +423,7 @@ def sample(
         log_pf[:, t] = torch.where(acted, logp.gather(1, choice[:, None]).squeeze(1), log_pf[:, t])
         lengths = lengths + cont.long()
         n_act = n_act + acted.long()
+        after_tool = cont & ~acted  # a tool token was just written
         alive = cont
         if tool is not None:
             for b in acted.nonzero().squeeze(1).tolist():

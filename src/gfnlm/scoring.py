@@ -90,7 +90,8 @@ def score(
         constraints: the same constraints as used for sampling.
         action_mask: [B, N] bool, False on tokens a tool wrote (see :func:`gfnlm.sampling.sample`);
             those get log_pf 0, states inside tool output cannot stop, and only actions count
-            towards the length limits. None: every token is an action.
+            towards the length limits (with ``constraints.stop_after_tool``, only states that end
+            with tool output may stop). None: every token is an action.
 
     Returns:
         :class:`PolicyScores` (log space).
@@ -108,7 +109,9 @@ def score(
         acts = action_mask.to(device).bool() & in_range[:, :-1]
     steps = torch.cat([torch.zeros_like(lengths)[:, None], acts.long().cumsum(1)], dim=1)  # actions so far
     next_tokens = torch.cat([tokens, tokens.new_full((B, 1), constraints.stop_token_ids[0])], dim=1)
-    tok, stop_lp = constraints.selected_log_probs(logits, steps, next_tokens)  # [B, N+1] each
+    # state t ends with tool output when token t-1 is in range and not an action
+    after_tool = torch.cat([in_range.new_zeros((B, 1)), in_range[:, :-1] & ~acts], dim=1)
+    tok, stop_lp = constraints.selected_log_probs(logits, steps, next_tokens, after_tool)  # [B, N+1] each
     # the policy acts (and may stop) at the end and before each of its own actions, not inside tool output
     real = (positions == lengths[:, None]) | torch.cat([acts, acts.new_zeros((B, 1))], dim=1)
     log_pterm = torch.where(real, stop_lp, torch.full_like(stop_lp, NEG_INF))

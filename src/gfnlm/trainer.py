@@ -112,6 +112,7 @@ def constraints_from_config(args: GFNConfig, tokenizer, allowed_token_ids: list[
         max_new_tokens=args.max_new_tokens,
         allowed_token_ids=allowed_token_ids,
         forbidden_token_ids=resolve_token_ids(tokenizer, args.forbidden_tokens, "forbidden_tokens"),
+        stop_after_tool=args.stop_after_tool,
     )
 
 
@@ -189,6 +190,8 @@ class GFNTrainer:
             )
 
         self.constraints = constraints or constraints_from_config(args, self.tokenizer)
+        if self.constraints.stop_after_tool and tool is None:
+            raise ConfigError("stop_after_tool is set but there is no tool: pass tool=... or set stop_after_tool false")
         self.rows = as_rows(train_dataset)
         self.prompt_ids = [render_prompt(self.tokenizer, r["prompt"], args.chat_template) for r in self.rows]
         episode_room = self.constraints.max_new_tokens + (args.max_tool_tokens if tool is not None else 0)
@@ -200,7 +203,8 @@ class GFNTrainer:
 
         kind = args.log_z
         if kind == "auto":
-            needs_anchor = args.loss_type in ("modified_subtb", "subtb") and self.constraints.min_new_tokens > 0
+            needs_anchor = args.loss_type in ("modified_subtb", "subtb") and (
+                self.constraints.min_new_tokens > 0 or self.constraints.stop_after_tool)
             kind = "scalar" if args.loss_type == "tb" or needs_anchor else "none"
         if args.loss_type == "tb" and kind == "none":
             raise ConfigError("loss_type tb needs a learned log Z: set log_z to scalar or prompt")
@@ -246,8 +250,10 @@ class GFNTrainer:
         return self.accelerator.unwrap_model(self.policy).lm
 
     # --- episodes ------------------------------------------------------------------------------
-    def reward_batch(self, row_ids: Sequence[int], prompt_index: Tensor, tokens: Tensor, lengths: Tensor) -> RewardBatch:
-        """Build what rewards see for episodes continuing ``self.rows[row_ids[prompt_index]]``."""
+    def reward_batch(self, row_ids: Sequence[int], prompt_index: Tensor, tokens: Tensor, lengths: Tensor,
+                     action_mask: Tensor | None = None) -> RewardBatch:
+        """Build what rewards see for episodes continuing ``self.rows[row_ids[prompt_index]]``
+        (``action_mask``: False on tool-written tokens, None without a tool)."""
         rows = [self.rows[row_ids[i]] for i in prompt_index.tolist()]
         completions = [self.tokenizer.decode(tokens[b, : int(lengths[b])].tolist(), skip_special_tokens=False)
                        for b in range(tokens.shape[0])]
@@ -261,6 +267,7 @@ class GFNTrainer:
             completions=completions,
             columns=columns,
             tokenizer=self.tokenizer,
+            action_mask=None if action_mask is None else action_mask.cpu(),
         )
 
     def log_rewards(self, batch: RewardBatch) -> Tensor:
@@ -281,7 +288,8 @@ class GFNTrainer:
             if prompt not in index:
                 raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
             tokens, lengths, action_mask = self.encode_completions(texts, "seed_buffer")
-            batch = self.reward_batch([index[prompt]], torch.zeros(len(texts), dtype=torch.long), tokens, lengths)
+            batch = self.reward_batch([index[prompt]], torch.zeros(len(texts), dtype=torch.long), tokens, lengths,
+                                      action_mask if self.tool is not None else None)
             added += self.buffer.add_batch([prompt] * len(texts), tokens, lengths, self.log_rewards(batch),
                                            action_mask if self.tool is not None else None)
         return added
@@ -359,7 +367,7 @@ class GFNTrainer:
         on_policy = torch.tensor(on_policy)
         s = sample(self.model, prompts, fresh_idx_t.to(device), self.constraints, temperature=torch.tensor(temps),
                    epsilon=a.epsilon, pad_id=self.pad_id, generator=g, **self._tool_kwargs())
-        fresh_batch = self.reward_batch(row_ids, fresh_idx_t, s.tokens, s.lengths)
+        fresh_batch = self.reward_batch(row_ids, fresh_idx_t, s.tokens, s.lengths, s.action_mask)
         fresh_log_r = self.log_rewards(fresh_batch)
         keys = [self.rows[row_ids[i]]["prompt"] for i in fresh_idx]
         fresh_mask = None if s.action_mask is None else s.action_mask.cpu()
@@ -575,7 +583,8 @@ def write_policy_files(folder: str | Path, lm, args: GFNConfig, constraints: Con
                                    "min_new_tokens": constraints.min_new_tokens,
                                    "max_new_tokens": constraints.max_new_tokens,
                                    "allowed_token_ids": constraints.allowed_token_ids,
-                                   "forbidden_token_ids": constraints.forbidden_token_ids})
+                                   "forbidden_token_ids": constraints.forbidden_token_ids,
+                                   "stop_after_tool": constraints.stop_after_tool})
     (folder / "trainer_state.json").write_text(json.dumps(info, indent=1))
 
 

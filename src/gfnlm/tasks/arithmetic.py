@@ -5,15 +5,15 @@ Episode: X = "Question: 7 - 5 + 8 - 0 - 6 = ? Answer:", Z = a rationale of steps
 Y = ". The answer is N.".  The policy's vocabulary is restricted to tokens made of digits,
 ``+ - = , .`` and spaces; the episode stops with EOS or "." (the first character of Y).
 
-Reward: log R(Z) = log p_LM(Z, Y* | C, X), the base model's likelihood of the rationale (with
-the calculator outputs in the state) followed by the correct answer Y*, given a few-shot
-context C of solved examples.  A rationale that does not end with a computed result ("... = 2")
-gets ``invalid_log_reward`` instead: on SmolLM2-135M the unconstrained posterior's mode was to copy
-the question (" 6 - 0 - 4", stop), which is cheap under the LM and answers nothing.  The default,
--200, is below -(max_new_tokens * log |vocabulary|) ≈ -40 * 4.6: with ~V^L invalid strings, a
-milder floor would put most of the target's mass on them (a floor of -50 did, in a 100-step run).  It is a *terminal* reward (one forward pass per episode), so the
-default objective is VarGrad over the samples of each question (TB with a prompt-conditioned log Z
-also works); per-prefix rewards would need one answer-scoring pass per prefix.
+Reward: log R(z_1:t ⊤) = log p_LM(z_1:t, Y* | C, X), the base model's likelihood of the state up
+to t (rationale with calculator outputs) followed by the correct answer Y* = ". The answer is N.",
+given a few-shot context C of solved examples, for every prefix t that ends with a computed
+result ("... 6 - 4 = 2").  The policy may stop only there (``stop_after_tool``): without that rule
+the posterior's mode on SmolLM2-135M was to copy the question (" 6 - 0 - 4", stop), which is cheap
+under the LM and answers nothing.  Every such prefix is a terminal state with its own reward, so
+the default objective is the paper's modified SubTB over those prefixes (anchored at the empty
+prefix by a learned log Z, as stopping there is impossible).  An episode forced to stop at
+``max_new_tokens`` without a result gets ``invalid_log_reward``.
 
 Data (``../shared/data/arithmetic`` or the user's files in the same format): supervised
 rationales seed the replay buffer, training questions come from the unsupervised pool, and test
@@ -157,7 +157,8 @@ class ArithmeticTask(Task):
         "min_new_tokens": 4,
         "max_new_tokens": 40,
         "max_tool_tokens": 16,
-        "loss_type": "vargrad",
+        "loss_type": "modified_subtb",
+        "stop_after_tool": True,
         "samples_per_prompt": 8,
         "prompts_per_step": 2,
         "tempered_fraction": 0.25,
@@ -319,20 +320,42 @@ def table4(rows: list[tuple[str, list[dict]]]) -> str:
 
 
 class AnswerLikelihoodReward(LMLikelihoodReward):
-    """Terminal log R = log p_LM(Z, Y* | C, X): the base model's likelihood of the state (rationale
-    with calculator outputs) and of the correct answer Y* = ". The answer is N." after it, given a
-    few-shot context C.  Y* comes from the dataset column ``num_sol``; no stop token is scored
-    (Y* ends the text)."""
+    """log R(z_1:t ⊤) = log p_LM(z_1:t, Y* | C, X) for every prefix that ends with a computed result.
 
-    prefix = False
+    The base model's likelihood of the state (rationale with calculator outputs) up to t, followed
+    by the correct answer Y* = ". The answer is N.", given a few-shot context C.  Y* comes from the
+    dataset column ``num_sol``; no stop token is scored (Y* ends the text).  A prefix "ends with a
+    computed result" when the tool's output was the last thing written (read from the batch's
+    ``action_mask``); without a tool only the complete episode is scored, if its text ends with
+    "= N".  Every other prefix, and a complete episode with no result, gets ``invalid_log_reward``
+    (the policy cannot stop there when the constraints have ``stop_after_tool``, so the loss skips
+    those positions).  Prefixes are scored in chunks of ``rows_per_pass`` sequences, all after the
+    context's KV cache (computed once).
+
+    Returns [B, N+1] (log space, untempered)."""
+
+    prefix = True
     name = "rationale_and_answer_likelihood"
 
-    def __init__(self, model, tokenizer, context: str, stop_token_ids, invalid_log_reward: float | None = None):
+    def __init__(self, model, tokenizer, context: str, stop_token_ids, invalid_log_reward: float | None = None,
+                 rows_per_pass: int = 32):
         super().__init__(model, stop_token_ids=stop_token_ids)
-        self.invalid_log_reward = invalid_log_reward
+        self.invalid_log_reward = -200.0 if invalid_log_reward is None else float(invalid_log_reward)
         self.tokenizer = tokenizer
+        self.rows_per_pass = rows_per_pass
         self.context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
         self._context_cache = None  # the context's KV cache under the base model, computed once
+
+    @staticmethod
+    def result_positions(n: int, action_mask: list[bool] | None, complete_ok: bool) -> list[int]:
+        """Prefix lengths t (0..n) at which the state ends with a computed result: right after
+        the tool's output (``action_mask`` False on its tokens), and t = n when ``complete_ok``."""
+        out = []
+        if action_mask is not None:
+            out = [t for t in range(1, n + 1) if not action_mask[t - 1] and (t == n or action_mask[t])]
+        if complete_ok and n not in out:
+            out.append(n)
+        return out
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
@@ -340,31 +363,40 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
         from ..scoring import PrefixCache, completion_logits
 
         tok = self.tokenizer
-        B = batch.tokens.shape[0]
+        B, N = batch.tokens.shape
         answers = batch.columns.get("num_sol")
         if answers is None:
             raise DataError("the arithmetic reward needs the dataset column 'num_sol'")
-        rows = []
+        jobs, rows = [], []  # (b, t), state up to t followed by Y*
         for b in range(B):
-            z = batch.tokens[b, : int(batch.lengths[b])].tolist()
-            rows.append(z + tok.encode(ANSWER_SUFFIX.format(n=answers[b]), add_special_tokens=False))
+            n = int(batch.lengths[b])
+            mask = None if batch.action_mask is None else batch.action_mask[b, :n].tolist()
+            suffix = tok.encode(ANSWER_SUFFIX.format(n=answers[b]), add_special_tokens=False)
+            for t in self.result_positions(n, mask, answer_of(batch.completions[b]) is not None):
+                jobs.append((b, t))
+                rows.append(batch.tokens[b, :t].tolist() + suffix)
+        out = torch.full((B, N + 1), self.invalid_log_reward)
+        if not jobs:
+            return out
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        tokens, lengths = pad_right(rows, pad)
-        width = tokens.shape[1]
         model = self.resolved_model()
         device = next(model.parameters()).device
+        prompts = [list(p) for p in batch.prompt_ids]
         with R.base_model(model) as base:
             if self.context_ids and self._context_cache is None:
                 self._context_cache = PrefixCache(base, self.context_ids)
-            logits, _ = completion_logits(base, [list(p) for p in batch.prompt_ids], batch.prompt_index.to(device),
-                                          tokens.to(device), lengths.to(device), pad, prefix=self._context_cache)
-        logp = logits[:, :-1, :].float().log_softmax(-1).gather(2, tokens.to(device)[:, :, None]).squeeze(2)
-        valid = torch.arange(width, device=device)[None, :] < lengths.to(device)[:, None]
-        log_r = torch.where(valid, logp, torch.zeros_like(logp)).sum(1).cpu()
-        if self.invalid_log_reward is not None:  # a rationale must end with a computed result ("... = 2")
-            ok = torch.tensor([answer_of(c) is not None for c in batch.completions])
-            log_r = torch.where(ok, log_r, torch.full_like(log_r, self.invalid_log_reward))
-        return log_r
+            for lo in range(0, len(jobs), self.rows_per_pass):
+                part = jobs[lo:lo + self.rows_per_pass]
+                tokens, lengths = pad_right(rows[lo:lo + self.rows_per_pass], pad)
+                tokens, lengths = tokens.to(device), lengths.to(device)
+                index = batch.prompt_index[[b for b, _ in part]].to(device)
+                logits, _ = completion_logits(base, prompts, index, tokens, lengths, pad, prefix=self._context_cache)
+                logp = logits[:, :-1, :].float().log_softmax(-1).gather(2, tokens[:, :, None]).squeeze(2)
+                valid = torch.arange(tokens.shape[1], device=device)[None, :] < lengths[:, None]
+                values = torch.where(valid, logp, torch.zeros_like(logp)).sum(1).cpu()
+                for (b, t), v in zip(part, values.tolist()):
+                    out[b, t] = v
+        return out
 
 
 def main(argv=None) -> int:
