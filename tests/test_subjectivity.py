@@ -232,3 +232,16 @@ def test_cli_trains_em_and_prints_accuracy_per_method_and_size(data_dir, tmp_pat
     assert "| method | 4 examples | 6 examples |" in out and "4 validation sentences" in out
     saved = json.loads((tmp_path / "s.json").read_text())
     assert set(saved) == {"EM 4", "EM 6", "baselines"} and saved["EM 6"]["examples"] == 4
+
+
+def test_rationales_can_be_kept_from_naming_a_label(data_dir):
+    from gfnlm.tasks.subjectivity import is_label_word
+
+    tok = tokenizer()
+    free = make_task(data_dir).allowed_token_ids(tok)
+    strict = make_task(data_dir, forbid_label_words=True).allowed_token_ids(tok)
+    labels = set(tok.convert_tokens_to_ids(["objective", "subjective"]))
+    assert labels <= set(free) and labels.isdisjoint(strict)
+    assert set(free) - set(strict) == labels  # every other word stays
+    assert is_label_word(" Subjectivity") and is_label_word("objecti") and not is_label_word(" objects")
+    assert not is_label_word(" the") and not is_label_word("obj")

@@ -53,6 +53,13 @@ DIRECT_PHRASE = " {label}."  # Y right after X (baselines without a rationale)
 WORD = re.compile(r"^ ?[A-Za-z]+$")
 
 
+def is_label_word(token_text: str) -> bool:
+    """True for a token that starts a label word: "subject...", "object..." (any case, with or
+    without a leading space; pieces of 4 letters or more, such as " subj" or "Objective")."""
+    w = token_text.strip().lower()
+    return len(w) >= 4 and any(label.startswith(w) or w.startswith(label[:7]) for label in LABELS)
+
+
 def load_examples(path: str | Path) -> list[dict]:
     """Rows ``{text, label}`` (label 0 objective / 1 subjective, or the label's name); checked."""
     rows = load_rows(path, prompt_column="text")
@@ -99,6 +106,7 @@ class SubjectivityArgs:
     vote_samples: int = 10
     vote_temperature: float = 1.0
     sft_steps: int = 60
+    forbid_label_words: bool = False  # Z may not use words starting with "subject" or "object"
 
 
 class SubjectivityTask(Task):
@@ -152,6 +160,11 @@ class SubjectivityTask(Task):
 
     # policy ----------------------------------------------------------------------------------------
     def allowed_token_ids(self, tokenizer) -> list[int]:
+        """Word tokens; with ``forbid_label_words``, none that starts a label word ("subject...",
+        "object..."), so a rationale has to say something about X instead of naming a label."""
+        if self.args.forbid_label_words:
+            return self.tokens_where(tokenizer, lambda t: bool(WORD.match(t)) and not is_label_word(t),
+                                     "a word of letters that does not name a label")
         return self.tokens_where(tokenizer, lambda t: bool(WORD.match(t)), "a word of letters")
 
     def constraints(self, config, tokenizer):
