@@ -245,3 +245,53 @@ def test_rationales_can_be_kept_from_naming_a_label(data_dir):
     assert set(free) - set(strict) == labels  # every other word stays
     assert is_label_word(" Subjectivity") and is_label_word("objecti") and not is_label_word(" objects")
     assert not is_label_word(" the") and not is_label_word("obj")
+
+
+def test_em_resumes_exactly_inside_an_e_step_and_before_an_m_step(data_dir, tmp_path, monkeypatch):
+    from gfnlm.cli import make_trainer
+    from gfnlm.em import LikelihoodModel
+
+    tok = tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    targs = {"data_dir": str(data_dir), "train_size": 4, "val_size": 6, "seed_rationales": 2, "m_samples": 2,
+             "m_steps": 3, "vote_samples": 3, "em_rounds": 2}
+
+    def run(out, resume=None):
+        cfg = config(model=str(model_dir), output_dir=str(tmp_path / out), max_steps=4, save_steps=1,
+                     save_total_limit=None, task_args=targs)
+        task, trainer = make_trainer(cfg)
+        task.train(trainer, resume)
+        return trainer, {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                         if ".default." in n or ".likelihood." in n}
+
+    full, want = run("a")
+    assert full.step == 4 and any(".likelihood." in n for n in want)
+    # resume inside the second E-step (after round 1's M-step): the likelihood adapter comes back too
+    resumed, got = run("b", tmp_path / "a" / "checkpoint-3")
+    assert resumed.step == 4 and got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    # a run that stops during its first M-step resumes with that M-step
+    calls = {"n": 0}
+    fit = LikelihoodModel.fit
+
+    def crash_once(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return fit(self, *a, **kw)
+
+    monkeypatch.setattr(LikelihoodModel, "fit", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        run("c")
+    state = json.loads((tmp_path / "c" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["em"] == {"rounds_done": 0, "e_steps": 2, "fitted": False}
+    again, got = run("c", True)
+    assert again.step == 4 and all(torch.equal(got[n], want[n]) for n in want)
+    # a checkpoint from a plain (non-EM) run cannot resume EM
+    plain = json.loads((tmp_path / "a" / "checkpoint-1" / "trainer_state.json").read_text())
+    del plain["em"]
+    (tmp_path / "a" / "checkpoint-1" / "trainer_state.json").write_text(json.dumps(plain))
+    with pytest.raises(DataError, match="not written by an EM run"):
+        run("d", tmp_path / "a" / "checkpoint-1")

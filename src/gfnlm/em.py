@@ -12,7 +12,8 @@ The paper's subjectivity experiment alternates
 objective." and ", so it is subjective."). It lives on the policy's own base model as a second
 LoRA adapter (``name``, default "likelihood"): no second copy of the model. Until it is fitted, the
 base model with its adapters switched off is the likelihood model. :func:`run_em` alternates the
-two steps for a configurable number of rounds.
+two steps for a configurable number of rounds, and can resume from any of its checkpoints: each one
+records how many rounds are done, and holds the likelihood adapter once it is fitted.
 
 EM is meant for one process: under a multi-process launch every rank would fit its own likelihood
 adapter on its own rationales (not synchronised; not supported yet).
@@ -21,6 +22,8 @@ adapter on its own rationales (not synchronised; not supported yet).
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -117,6 +120,19 @@ class LikelihoodModel:
             self.model = get_peft_model(self.model, cfg, adapter_name=self.name)
         elif self.name not in self.model.peft_config:
             self.model.add_adapter(self.name, cfg)
+
+    def load(self, adapter_dir: str | Path) -> None:
+        """Load fitted weights that the policy's ``save_pretrained`` wrote (``adapter_dir/<name>``,
+        e.g. a checkpoint's ``adapter`` folder); the model counts as fitted afterwards."""
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        folder = Path(adapter_dir) / self.name
+        if not (folder / "adapter_config.json").is_file():
+            raise DataError(f"no fitted likelihood adapter '{self.name}' in {adapter_dir}: "
+                            "resume from a checkpoint written after an M-step")
+        self._ensure_adapter()
+        set_peft_model_state_dict(self.model, load_peft_weights(str(folder)), adapter_name=self.name)
+        self.fitted = True
 
     @contextlib.contextmanager
     def active(self, fitted: bool | None = None):
@@ -219,23 +235,55 @@ class LikelihoodModel:
 
 
 def run_em(trainer, likelihood: LikelihoodModel, *, rounds: int, e_steps: int,
-           m_step: Callable[[int], dict], log: Callable[[str], None] = print) -> list[dict]:
+           m_step: Callable[[int], dict], log: Callable[[str], None] = print,
+           resume_from_checkpoint: str | Path | bool | None = None) -> list[dict]:
     """Alternate ``rounds`` times: ``e_steps`` GFlowNet steps of ``trainer`` (whose reward reads
     ``likelihood``), then ``m_step(round)`` (which samples rationales and calls ``likelihood.fit``).
 
     The replay buffer is emptied after each M-step, since its stored rewards were computed under the
-    previous likelihood model. The trainer's checkpoint of the last step is rewritten at the end so
-    that it holds the fitted likelihood adapter too. Returns one dict of statistics per round."""
-    from pathlib import Path
+    previous likelihood model, and the checkpoint of that step is rewritten after the M-step so that
+    it holds the fitted adapter. Every checkpoint records the EM progress (``em`` in
+    ``trainer_state.json``), so ``resume_from_checkpoint`` (a folder, or True for the latest in
+    ``output_dir``) continues exactly where the run stopped: inside an E-step, or with the M-step of
+    a round whose E-step had finished. Returns one dict of statistics per round run here."""
+    from . import checkpoint as ckpt
+
+    start = 0
+    if resume_from_checkpoint:
+        out = trainer.args.output_dir
+        path = ckpt.latest(out) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+        if path is None:
+            raise DataError(f"no complete checkpoint in {out} to resume EM from")
+        info = json.loads((Path(path) / "trainer_state.json").read_text()) if Path(path).is_dir() else {}
+        em = info.get("em")
+        if em is None:
+            raise DataError(f"'{path}' was not written by an EM run (no 'em' entry): resume EM from one of its checkpoints")
+        if em["e_steps"] != e_steps:
+            raise DataError(f"'{path}' was written with {em['e_steps']} E-steps a round, this run has {e_steps}: "
+                            "keep max_steps / em_rounds as it was")
+        if em["fitted"]:
+            likelihood._ensure_adapter()  # before the trainer restores the RNG states, as in the original run
+        trainer.load_checkpoint(path)
+        if em["fitted"]:
+            likelihood.load(Path(path) / "adapter")
+        start = em["rounds_done"]
+        log(f"[em] resumed from {path}: step {trainer.step}, {start} of {rounds} rounds done")
+
+    def progress(done: int) -> None:
+        trainer.extra_info["em"] = {"rounds_done": done, "e_steps": e_steps, "fitted": likelihood.fitted}
 
     stats = []
-    for r in range(rounds):
-        trainer.args.max_steps = trainer.step + e_steps
-        trainer.train()
+    for r in range(start, rounds):
+        progress(r)
+        end = (r + 1) * e_steps
+        if trainer.step < end:
+            trainer.args.max_steps = end
+            trainer.train()
         log(f"[em] round {r + 1}/{rounds}: E-step done at step {trainer.step}; M-step ...")
         s = m_step(r)
         trainer.buffer.clear()
+        progress(r + 1)
+        trainer.save_checkpoint(Path(trainer.args.output_dir) / f"checkpoint-{trainer.step}")
         stats.append({"round": r + 1, "step": trainer.step, **s})
         log(f"[em] round {r + 1}/{rounds}: {s}")
-    trainer.save_checkpoint(Path(trainer.args.output_dir) / f"checkpoint-{trainer.step}")
     return stats

@@ -228,6 +228,8 @@ class GFNTrainer:
         self.tool = tool
         self.step = 0
         self.history: list[dict] = []
+        #: extra JSON-able entries written into every checkpoint's trainer_state.json (e.g. EM progress)
+        self.extra_info: dict = {}
         self._trackers_started = False
 
     # ------------------------------------------------------------------------------------------
@@ -529,7 +531,7 @@ class GFNTrainer:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "optimizer.pt")
             info = {"step": self.step, "num_processes": acc.num_processes,
-                    "log_z": self.accelerator.unwrap_model(self.policy).log_z_kind}
+                    "log_z": self.accelerator.unwrap_model(self.policy).log_z_kind, **self.extra_info}
             write_policy_files(tmp, self.model, self.args, self.constraints, info)
             ckpt.commit(path)
         acc.wait_for_everyone()

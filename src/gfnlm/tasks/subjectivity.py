@@ -207,11 +207,9 @@ class SubjectivityTask(Task):
         return out
 
     def train(self, trainer, resume_from_checkpoint=None) -> list[dict]:
-        """EM: ``em_rounds`` rounds of (E-step: ``max_steps / em_rounds`` GFlowNet steps; M-step)."""
+        """EM: ``em_rounds`` rounds of (E-step: ``max_steps / em_rounds`` GFlowNet steps; M-step);
+        ``resume_from_checkpoint`` continues an interrupted run (see :func:`gfnlm.em.run_em`)."""
         from ..em import run_em
-
-        if resume_from_checkpoint:
-            raise DataError("EM training (subjectivity) cannot resume mid-run yet: start it again without --resume")
 
         lik = self.likelihood_model(trainer.model, trainer.tokenizer)
         e_steps = max(1, trainer.args.max_steps // self.args.em_rounds)
@@ -222,7 +220,8 @@ class SubjectivityTask(Task):
                              seed=trainer.args.seed + r, progress=not trainer.args.disable_tqdm)
             return {"m_examples": len(examples), "m_loss_first": round(losses[0], 4), "m_loss_last": round(losses[-1], 4)}
 
-        return run_em(trainer, lik, rounds=self.args.em_rounds, e_steps=e_steps, m_step=m_step)
+        return run_em(trainer, lik, rounds=self.args.em_rounds, e_steps=e_steps, m_step=m_step,
+                      resume_from_checkpoint=resume_from_checkpoint)
 
     @torch.no_grad()
     def rationale_examples(self, trainer, k: int) -> list[tuple[list[int], list[int], int]]:
