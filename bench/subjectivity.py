@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--task_arg", action="append", default=[], help="extra task_args as name=value")
+    p.add_argument("--variant", default="", help="name of a variant of the EM rows (e.g. with --task_arg): its "
+                   "results go to em-<size>-<variant>.json and rows 'E-step only (<variant>)', 'E+M (<variant>)'")
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "subj"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-subjectivity"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -58,6 +60,10 @@ def task_args(args, size: int) -> dict:
     return {"data_dir": args.data_dir, "train_size": size, "val_size": args.val, "em_rounds": args.em_rounds, **extra}
 
 
+def em_part(args, size: int) -> str:
+    return f"em-{size}" + (f"-{args.variant}" if args.variant else "")
+
+
 def run_em(args, size: int) -> dict:
     from gfnlm.cli import make_trainer
     from gfnlm.tasks import build_config
@@ -65,14 +71,15 @@ def run_em(args, size: int) -> dict:
     t0 = time.perf_counter()
     config = build_config("subjectivity", {"model": args.model, "seed": args.seed, "max_steps": args.steps,
                                            "reward_temperature_horizon": args.steps, "report_to": [],
-                                           "output_dir": f"{args.run_dir}/em-{size}",
+                                           "output_dir": f"{args.run_dir}/{em_part(args, size)}",
                                            "task_args": task_args(args, size)})
     task, trainer = make_trainer(config)
     stats = task.train(trainer)
     train_s = time.perf_counter() - t0
     hist = trainer.history
     res = task.evaluate(trainer.model, trainer.tokenizer, config, trainer.constraints, seed=args.seed, progress=True)
-    return {"size": size, "result": res, "em": stats, "train_seconds": round(train_s, 1),
+    return {"size": size, "variant": args.variant, "task_args": task_args(args, size), "result": res, "em": stats,
+            "train_seconds": round(train_s, 1),
             "seconds": round(time.perf_counter() - t0, 1),
             "log_r_first5": sum(h["reward/log_r_mean"] for h in hist[:5]) / max(len(hist[:5]), 1),
             "log_r_last5": sum(h["reward/log_r_mean"] for h in hist[-5:]) / max(len(hist[-5:]), 1)}
@@ -101,15 +108,16 @@ def report(args) -> str:
         for m, r in parts["baselines"]["result"].items():
             rows[m] = {s: f"{100 * v:.1f}" for s, v in r.items()}
             acc[m] = {s: 100 * v for s, v in r.items()}
-    for s in sizes:
-        part = parts.get(f"em-{s}")
-        if not part:
+    for name, part in parts.items():  # em-<size> and em-<size>-<variant>
+        if not name.startswith("em-") or str(part.get("size")) not in sizes:
             continue
+        s, variant = str(part["size"]), part.get("variant", "")
         for m in ("E-step only", "E+M"):
             if m in part["result"]:
                 r = part["result"][m]
-                rows.setdefault(m, {})[s] = f"{100 * r['vote_accuracy']:.1f} ({100 * r['greedy_accuracy']:.1f})"
-                acc.setdefault(m, {})[s] = 100 * r["vote_accuracy"]
+                row = f"{m} ({variant})" if variant else m
+                rows.setdefault(row, {})[s] = f"{100 * r['vote_accuracy']:.1f} ({100 * r['greedy_accuracy']:.1f})"
+                acc.setdefault(row, {})[s] = 100 * r["vote_accuracy"]
     val, excluded = SubjectivityTask(task_args(args, int(sizes[0]))).validation()
     lines = [f"# Subjectivity with EM on {args.model}", "", results_table(rows, sizes), "",
              f"- {len(val)} validation sentences, a fixed split of train.jsonl ({excluded} training sentences excluded).",
@@ -119,12 +127,13 @@ def report(args) -> str:
         info = {k: v for k, v in part.items() if k not in ("result",)}
         lines.append(f"- {name}: {json.dumps(info)}")
     checks = {}
-    for s in ("10", "20"):
-        em = acc.get("E+M", {}).get(s)
-        for base in ("few-shot", "SFT classifier"):
-            b = acc.get(base, {}).get(s)
-            if em is not None and b is not None:
-                checks[f"E+M > {base} at {s}"] = (f"{em:.1f} vs {b:.1f}", em > b)
+    for row in [r for r in acc if r.startswith("E+M")]:
+        for s in ("10", "20"):
+            em = acc[row].get(s)
+            for base in ("few-shot", "SFT classifier"):
+                b = acc.get(base, {}).get(s)
+                if em is not None and b is not None:
+                    checks[f"{row} > {base} at {s}"] = (f"{em:.1f} vs {b:.1f}", em > b)
     if checks:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
@@ -162,7 +171,7 @@ def main(argv=None) -> int:
         if "em" in methods:
             for s in sizes:
                 print(f"[bench/subjectivity] EM with {s} examples ...", flush=True)
-                save(folder, f"em-{s}", run_em(args, s))
+                save(folder, em_part(args, s), run_em(args, s))
     print(report(args))
     return 0
 
