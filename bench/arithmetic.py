@@ -64,7 +64,7 @@ def build(args, method: str, overrides: dict | None = None):
     from gfnlm.tasks import build_config
 
     data = {"model": args.model, "seed": args.seed, "learning_rate": args.lr, "max_steps": args.steps,
-            "reward_temperature_horizon": args.steps, "report_to": [], "output_dir": f"{args.run_dir}/{method}",
+            "report_to": [], "output_dir": f"{args.run_dir}/{method}",
             "task_args": {"data_dir": args.data_dir}, **(overrides or {})}
     return build_config("arithmetic", data)
 
