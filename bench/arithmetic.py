@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the LoRA adapters (all methods)")
     p.add_argument("--gfn_set", action="append", default=[],
                    help="extra GFNConfig field for the gfn method, as name=value (e.g. reward_temperature_end=1.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds other than 0 write <method>-seed<k>.json; --report "
+                   "shows a method's seeds as mean ± std")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "arithmetic"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-arithmetic"))
@@ -158,10 +159,18 @@ def report(args) -> str:
     from gfnlm.tasks.arithmetic import table4
 
     folder = Path(args.out) / "arithmetic"
-    results = {m: json.loads((folder / f"{m}.json").read_text()) for m in METHODS if (folder / f"{m}.json").exists()}
-    rows = [(name, [r]) for m in METHODS if m in results for name, r in results[m]["rows"]]
+    results = {}  # "<method>" (seed 0) and "<method>-seed<k>": one file per run
+    for m in METHODS:
+        for f in [folder / f"{m}.json"] + sorted(folder.glob(f"{m}-seed*.json")):
+            if f.exists():
+                results[f.stem] = json.loads(f.read_text())
+    grouped: dict[str, list[dict]] = {}  # a method's rows over its seeds: mean ± std in the table
+    for res in results.values():
+        for name, r in res["rows"]:
+            grouped.setdefault(name, []).append(r)
+    rows = list(grouped.items())
     table = table4(rows)
-    acc = {name: {l: 100 * v["vote_accuracy"] for l, v in r[0].items()} for name, r in rows}
+    acc = {name: {l: sum(100 * x[l]["vote_accuracy"] for x in rs) / len(rs) for l in rs[0]} for name, rs in rows}
     lines = [f"# Arithmetic (Table 4) on {next(iter(results.values()))['settings']['model'] if results else '?'}", "",
              table, ""]
     first = rows[0][1][0] if rows else {}
@@ -170,7 +179,7 @@ def report(args) -> str:
                      "training file.")
     for name, r in rows:  # every row is scored on the first n of the same (deduplicated) test questions
         lines.append(f"- {name}: the first {', '.join(str(v['questions']) for v in r[0].values())} questions "
-                     f"of the {'/'.join(r[0])}-operand test sets.")
+                     f"of the {'/'.join(r[0])}-operand test sets; {len(r)} seed{'s' if len(r) > 1 else ''}.")
     lines.append("- Cells: accuracy in % of the majority vote over 10 rationales at T = 0.1 (greedy in brackets).")
     for m, res in results.items():
         lines.append(f"- {m}: {res['seconds']:.0f} s in all; {json.dumps(res['info'])}")
@@ -210,9 +219,10 @@ def main(argv=None) -> int:
         for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
             print(f"[bench/arithmetic] {m} ...", flush=True)
             res = run_method(m, args)
-            tmp = folder / f".{m}.json.tmp"
+            name = m if args.seed == 0 else f"{m}-seed{args.seed}"  # other seeds: their own file, one table row
+            tmp = folder / f".{name}.json.tmp"
             tmp.write_text(json.dumps(res, indent=1))
-            tmp.replace(folder / f"{m}.json")
+            tmp.replace(folder / f"{name}.json")
             print(f"[bench/arithmetic] {m} done in {res['seconds']:.0f} s", flush=True)
     print(report(args))
     return 0
