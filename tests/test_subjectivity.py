@@ -295,3 +295,10 @@ def test_em_resumes_exactly_inside_an_e_step_and_before_an_m_step(data_dir, tmp_
     (tmp_path / "a" / "checkpoint-1" / "trainer_state.json").write_text(json.dumps(plain))
     with pytest.raises(DataError, match="not written by an EM run"):
         run("d", tmp_path / "a" / "checkpoint-1")
+
+
+def test_m_step_rationales_per_example(data_dir):
+    task = make_task(data_dir, m_samples=None)
+    assert [task.m_samples(n) for n in (10, 20, 50, 3)] == [40, 20, 8, 134]
+    assert make_task(data_dir, m_samples=None, m_total=5).m_samples(10) == 1
+    assert make_task(data_dir).m_samples(10) == 2  # an explicit count wins

@@ -13,8 +13,8 @@ with p_LM the base model (adapters off) and p(Y | X, Z) the likelihood model
 the same base). The whole log R is divided by the reward temperature (the reference code leaves the
 penalty untempered; with T between 1 and 1.2 the difference is small).
 
-M-step: ``m_samples`` rationales Z ~ q(Z | X) for every labelled example fit the likelihood adapter by
-cross-entropy over the two label phrases. ``em_rounds`` rounds of E then M.
+M-step: rationales Z ~ q(Z | X) for every labelled example (``m_samples`` each, or about ``m_total``
+= 400 in all by default) fit the likelihood adapter by cross-entropy over the two label phrases. ``em_rounds`` rounds of E then M.
 
 Test (the posterior predictive): sample ``vote_samples`` rationales Z ~ q(Z | X) at
 ``vote_temperature``, predict argmax_Y p(Y | X, Z) for each, and vote; greedy decoding is reported
@@ -100,7 +100,8 @@ class SubjectivityArgs:
     penalty: float = 50.0
     seed_rationales: int = 8
     em_rounds: int = 1
-    m_samples: int = 8
+    m_samples: int | None = None  # M-step rationales per labelled example; None: ceil(m_total / examples)
+    m_total: int = 400
     m_steps: int = 60
     m_learning_rate: float = 5e-4
     vote_samples: int = 10
@@ -215,13 +216,21 @@ class SubjectivityTask(Task):
         e_steps = max(1, trainer.args.max_steps // self.args.em_rounds)
 
         def m_step(r: int) -> dict:
-            examples = self.rationale_examples(trainer, self.args.m_samples)
+            examples = self.rationale_examples(trainer, self.m_samples(len(trainer.rows)))
             losses = lik.fit(examples, steps=self.args.m_steps, learning_rate=self.args.m_learning_rate,
                              seed=trainer.args.seed + r, progress=not trainer.args.disable_tqdm)
             return {"m_examples": len(examples), "m_loss_first": round(losses[0], 4), "m_loss_last": round(losses[-1], 4)}
 
         return run_em(trainer, lik, rounds=self.args.em_rounds, e_steps=e_steps, m_step=m_step,
                       resume_from_checkpoint=resume_from_checkpoint)
+
+    def m_samples(self, n_examples: int) -> int:
+        """Rationales per labelled example in the M-step: ``m_samples``, or enough for about ``m_total``
+        in all.  On SmolLM2-135M, 400 in all gave E+M 63 % (10 examples) and 66 % (20 examples) against
+        53 % and 58 % with 8 per example (``bench/results/subjectivity.md``)."""
+        if self.args.m_samples is not None:
+            return self.args.m_samples
+        return max(1, -(-self.args.m_total // max(n_examples, 1)))
 
     @torch.no_grad()
     def rationale_examples(self, trainer, k: int) -> list[tuple[list[int], list[int], int]]:
