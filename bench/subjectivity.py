@@ -108,8 +108,10 @@ def report(args) -> str:
         for m, r in parts["baselines"]["result"].items():
             rows[m] = {s: f"{100 * v:.1f}" for s, v in r.items()}
             acc[m] = {s: 100 * v for s, v in r.items()}
-    for name, part in parts.items():  # em-<size> and em-<size>-<variant>
-        if not name.startswith("em-") or str(part.get("size")) not in sizes:
+    em_parts = sorted((kv for kv in parts.items() if kv[0].startswith("em-")),  # the default rows first
+                      key=lambda kv: (bool(kv[1].get("variant")), kv[1].get("variant", ""), kv[1].get("size", 0)))
+    for name, part in em_parts:  # em-<size> and em-<size>-<variant>
+        if str(part.get("size")) not in sizes:
             continue
         s, variant = str(part["size"]), part.get("variant", "")
         for m in ("E-step only", "E+M"):
