@@ -183,15 +183,18 @@ def report(args) -> str:
     lines.append("- Cells: accuracy in % of the majority vote over 10 rationales at T = 0.1 (greedy in brackets).")
     for m, res in results.items():
         lines.append(f"- {m}: {res['seconds']:.0f} s in all; {json.dumps(res['info'])}")
-    gfn, sft = acc.get("GFlowNet fine-tuning"), acc.get("Supervised fine-tuning")
+    sft = acc.get("Supervised fine-tuning")
     kshot = [v for k, v in acc.items() if k.startswith("k-shot")]
     checks = {}
-    if gfn and sft:
-        checks["GFN - SFT on 3 operands >= 15 points"] = (round(gfn["3"] - sft["3"], 1), gfn["3"] - sft["3"] >= 15)
-        checks["GFN on 5 operands >= 2 x SFT"] = (f"{gfn['5']:.1f} vs {sft['5']:.1f}", gfn["5"] >= 2 * sft["5"] and gfn["5"] > 0)
-    if gfn and kshot:
-        best = max(v["3"] for v in kshot)
-        checks["GFN - best k-shot on 3 operands >= 30 points"] = (round(gfn["3"] - best, 1), gfn["3"] - best >= 30)
+    for row, tag in (("GFlowNet fine-tuning", "GFN"), ("GFlowNet fine-tuning from SFT", "GFN from SFT")):
+        gfn = acc.get(row)
+        if gfn and sft:
+            checks[f"{tag} - SFT on 3 operands >= 15 points"] = (round(gfn["3"] - sft["3"], 1), gfn["3"] - sft["3"] >= 15)
+            checks[f"{tag} on 5 operands >= 2 x SFT"] = (f"{gfn['5']:.1f} vs {sft['5']:.1f}",
+                                                        gfn["5"] >= 2 * sft["5"] and gfn["5"] > 0)
+        if gfn and kshot:
+            best = max(v["3"] for v in kshot)
+            checks[f"{tag} - best k-shot on 3 operands >= 30 points"] = (round(gfn["3"] - best, 1), gfn["3"] - best >= 30)
     if checks:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
