@@ -302,3 +302,19 @@ def test_m_step_rationales_per_example(data_dir):
     assert [task.m_samples(n) for n in (10, 20, 50, 3)] == [40, 20, 8, 134]
     assert make_task(data_dir, m_samples=None, m_total=5).m_samples(10) == 1
     assert make_task(data_dir).m_samples(10) == 2  # an explicit count wins
+
+
+def test_em_resume_names_a_missing_checkpoint(data_dir, tmp_path):
+    from gfnlm.cli import make_trainer
+
+    tok = tokenizer()
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = config(model=str(model_dir), output_dir=str(tmp_path / "run"),
+                 task_args={"data_dir": str(data_dir), "train_size": 4, "val_size": 6, "seed_rationales": 2})
+    task, trainer = make_trainer(cfg)
+    with pytest.raises(DataError, match="not a complete gfnlm checkpoint"):
+        task.train(trainer, tmp_path / "nowhere")
+    with pytest.raises(DataError, match="no complete checkpoint"):
+        task.train(trainer, True)

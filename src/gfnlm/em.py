@@ -254,8 +254,10 @@ def run_em(trainer, likelihood: LikelihoodModel, *, rounds: int, e_steps: int,
         path = ckpt.latest(out) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
         if path is None:
             raise DataError(f"no complete checkpoint in {out} to resume EM from")
-        info = json.loads((Path(path) / "trainer_state.json").read_text()) if Path(path).is_dir() else {}
-        em = info.get("em")
+        path = Path(path)
+        if not ckpt.is_complete(path):
+            raise DataError(f"'{path}' is not a complete gfnlm checkpoint: pick another checkpoint of the EM run")
+        em = json.loads((path / "trainer_state.json").read_text()).get("em")
         if em is None:
             raise DataError(f"'{path}' was not written by an EM run (no 'em' entry): resume EM from one of its checkpoints")
         if em["e_steps"] != e_steps:
@@ -265,7 +267,7 @@ def run_em(trainer, likelihood: LikelihoodModel, *, rounds: int, e_steps: int,
             likelihood._ensure_adapter()  # before the trainer restores the RNG states, as in the original run
         trainer.load_checkpoint(path)
         if em["fitted"]:
-            likelihood.load(Path(path) / "adapter")
+            likelihood.load(path / "adapter")
         start = em["rounds_done"]
         log(f"[em] resumed from {path}: step {trainer.step}, {start} of {rounds} rounds done")
 

@@ -337,10 +337,10 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
     prefix = True
     name = "rationale_and_answer_likelihood"
 
-    def __init__(self, model, tokenizer, context: str, stop_token_ids, invalid_log_reward: float | None = None,
+    def __init__(self, model, tokenizer, context: str, stop_token_ids, invalid_log_reward: float = -200.0,
                  rows_per_pass: int = 32):
         super().__init__(model, stop_token_ids=stop_token_ids)
-        self.invalid_log_reward = -200.0 if invalid_log_reward is None else float(invalid_log_reward)
+        self.invalid_log_reward = float(invalid_log_reward)
         self.tokenizer = tokenizer
         self.rows_per_pass = rows_per_pass
         self.context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
