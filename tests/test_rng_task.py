@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm, make_tiny_tokenizer
-from gfnlm.config import GFNConfig
 from gfnlm.errors import ConfigError
 from gfnlm.rewards import RewardBatch, compute_log_rewards
 from gfnlm.tasks import build_config, get_task_class

@@ -51,6 +51,15 @@ def data_dir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def model_dir(tmp_path):
+    """The tiny model and its tokenizer saved as a local folder (what make_trainer loads by path)."""
+    path = tmp_path / "tiny"
+    tiny_model().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
 def make_task(data_dir, **kw):
     return SubjectivityTask({"data_dir": str(data_dir), "train_size": 4, "val_size": 8, "seed_rationales": 2,
                              "m_samples": 2, "m_steps": 3, "vote_samples": 3, "sft_steps": 3, **kw})
@@ -151,14 +160,11 @@ def test_reward_shape_tempering_and_penalty(data_dir):
     assert torch.allclose(compute_log_rewards([RationaleReward(task, tok, 50.0)], None, batch) / 2.0, r / 2.0)
 
 
-def test_one_em_round_end_to_end_and_its_checkpoint(data_dir, tmp_path):
+def test_one_em_round_end_to_end_and_its_checkpoint(data_dir, model_dir, tmp_path):
     from gfnlm.cli import make_trainer
     from gfnlm.trainer import load_trained
 
     tok = tokenizer()
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
     cfg = config(model=str(model_dir), output_dir=str(tmp_path / "run"),
                  task_args={"data_dir": str(data_dir), "train_size": 4, "val_size": 6, "seed_rationales": 2,
                             "m_samples": 2, "m_steps": 3, "vote_samples": 3})
@@ -209,12 +215,9 @@ def test_few_shot_scores_equal_reading_the_context_each_time(data_dir):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
-def test_cli_trains_em_and_prints_accuracy_per_method_and_size(data_dir, tmp_path, capsys):
+def test_cli_trains_em_and_prints_accuracy_per_method_and_size(data_dir, model_dir, tmp_path, capsys):
     from gfnlm.cli import main
 
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tokenizer().save_pretrained(model_dir)
     common = ["--task_args.data_dir", str(data_dir), "--task_args.val_size", "4", "--task_args.m_steps", "2",
               "--task_args.seed_rationales", "1", "--task_args.vote_samples", "3", "--task_args.sft_steps", "2"]
     ckpts = []
@@ -247,14 +250,10 @@ def test_rationales_can_be_kept_from_naming_a_label(data_dir):
     assert not is_label_word(" the") and not is_label_word("obj")
 
 
-def test_em_resumes_exactly_inside_an_e_step_and_before_an_m_step(data_dir, tmp_path, monkeypatch):
+def test_em_resumes_exactly_inside_an_e_step_and_before_an_m_step(data_dir, model_dir, tmp_path, monkeypatch):
     from gfnlm.cli import make_trainer
     from gfnlm.em import LikelihoodModel
 
-    tok = tokenizer()
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
     targs = {"data_dir": str(data_dir), "train_size": 4, "val_size": 6, "seed_rationales": 2, "m_samples": 2,
              "m_steps": 3, "vote_samples": 3, "em_rounds": 2}
 
@@ -304,13 +303,9 @@ def test_m_step_rationales_per_example(data_dir):
     assert make_task(data_dir).m_samples(10) == 2  # an explicit count wins
 
 
-def test_em_resume_names_a_missing_checkpoint(data_dir, tmp_path):
+def test_em_resume_names_a_missing_checkpoint(data_dir, model_dir, tmp_path):
     from gfnlm.cli import make_trainer
 
-    tok = tokenizer()
-    model_dir = tmp_path / "tiny"
-    tiny_model().save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
     cfg = config(model=str(model_dir), output_dir=str(tmp_path / "run"),
                  task_args={"data_dir": str(data_dir), "train_size": 4, "val_size": 6, "seed_rationales": 2})
     task, trainer = make_trainer(cfg)

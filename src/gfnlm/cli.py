@@ -137,7 +137,7 @@ def cmd_demo(args) -> int:
     print()
     print("base (free): the base model as it is (any token, stop = EOS, at most 6 tokens).")
     print("base (digits) and GFN fine-tuned: the task's sampler (digit tokens and EOS, at most 3 tokens).")
-    print(f"target: valid >= 0.99 and tv_to_uniform <= 0.08 at 4096 samples; TV over 101 integers + invalid.")
+    print("target: valid >= 0.99 and tv_to_uniform <= 0.08 at 4096 samples; TV over 101 integers + invalid.")
     print(f"wrote {out / 'metrics.json'}, {png}, TensorBoard logs under {out}; "
           f"training {train_s:.0f} s, total {total_s:.0f} s")
     return 0

@@ -20,7 +20,6 @@ its own episodes (seed + rank) and gradients are averaged by Accelerate.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -38,7 +37,7 @@ from .errors import ConfigError, DataError
 from .losses import LOSSES, tempered
 from .replay import ReplayBuffer, pad_action_masks, pad_entries
 from .rewards import Reward, RewardBatch, as_reward, compute_log_rewards
-from .sampling import Constraints, Samples, check_fits, pad_right, sample, tool_output
+from .sampling import Constraints, check_fits, pad_right, sample, tool_output
 from .scoring import score
 
 
