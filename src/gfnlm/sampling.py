@@ -224,6 +224,20 @@ def tool_output(tool, tokenizer, state_ids: Sequence[int], used: int, budget: in
     return list(ids) if used + len(ids) <= budget else []
 
 
+def tool_output_ends(action_mask: Tensor, lengths: Tensor) -> Tensor:
+    """[B, N+1] bool: state t ends with a tool's complete output (token t-1 was written by the tool
+    and the policy acts at t: t is the length, or token t is an action). ``action_mask`` [B, N] is
+    False on tool-written tokens; ``lengths`` [B]. The states where ``stop_after_tool`` allows a stop."""
+    B, N = action_mask.shape
+    device = action_mask.device
+    in_range = torch.arange(N, device=device)[None, :] < lengths.to(device)[:, None]
+    tool = in_range & ~action_mask.bool()
+    acts_next = torch.cat([in_range & action_mask.bool(), torch.zeros((B, 1), dtype=torch.bool, device=device)], 1)
+    at_end = torch.arange(N + 1, device=device)[None, :] == lengths.to(device)[:, None]
+    after = torch.cat([torch.zeros((B, 1), dtype=torch.bool, device=device), tool], 1)
+    return after & (acts_next | at_end)
+
+
 def pad_right(seqs: Sequence[Sequence], pad, dtype=torch.long) -> tuple[Tensor, Tensor]:
     """Right-pad lists (token ids, masks...). Returns values [K, N] and lengths [K]."""
     width = max((len(x) for x in seqs), default=0)

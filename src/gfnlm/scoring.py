@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .sampling import NEG_INF, Constraints, PrefixCache, cache_kwargs, check_fits, encode_prompts, pad_prompts
+from .sampling import (NEG_INF, Constraints, PrefixCache, cache_kwargs, check_fits, encode_prompts, pad_prompts,
+                       tool_output_ends)
 
 
 @dataclass
@@ -109,8 +110,7 @@ def score(
         acts = action_mask.to(device).bool() & in_range[:, :-1]
     steps = torch.cat([torch.zeros_like(lengths)[:, None], acts.long().cumsum(1)], dim=1)  # actions so far
     next_tokens = torch.cat([tokens, tokens.new_full((B, 1), constraints.stop_token_ids[0])], dim=1)
-    # state t ends with tool output when token t-1 is in range and not an action
-    after_tool = torch.cat([in_range.new_zeros((B, 1)), in_range[:, :-1] & ~acts], dim=1)
+    after_tool = tool_output_ends(acts, lengths)  # where stop_after_tool allows a stop
     tok, stop_lp = constraints.selected_log_probs(logits, steps, next_tokens, after_tool)  # [B, N+1] each
     # the policy acts (and may stop) at the end and before each of its own actions, not inside tool output
     real = (positions == lengths[:, None]) | torch.cat([acts, acts.new_zeros((B, 1))], dim=1)

@@ -38,7 +38,7 @@ import torch
 from ..data import load_rows, render_prompt
 from ..errors import DataError
 from ..rewards import LMLikelihoodReward
-from ..sampling import Constraints, pad_right
+from ..sampling import Constraints, pad_right, tool_output_ends
 from ..tools import Calculator, evaluate_expression
 from ..trainer import constraints_from_config
 from . import Task
@@ -346,17 +346,6 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
         self.context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
         self._context_cache = None  # the context's KV cache under the base model, computed once
 
-    @staticmethod
-    def result_positions(n: int, action_mask: list[bool] | None, complete_ok: bool) -> list[int]:
-        """Prefix lengths t (0..n) at which the state ends with a computed result: right after
-        the tool's output (``action_mask`` False on its tokens), and t = n when ``complete_ok``."""
-        out = []
-        if action_mask is not None:
-            out = [t for t in range(1, n + 1) if not action_mask[t - 1] and (t == n or action_mask[t])]
-        if complete_ok and n not in out:
-            out.append(n)
-        return out
-
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
         from .. import rewards as R
@@ -367,14 +356,16 @@ class AnswerLikelihoodReward(LMLikelihoodReward):
         answers = batch.columns.get("num_sol")
         if answers is None:
             raise DataError("the arithmetic reward needs the dataset column 'num_sol'")
-        jobs, rows = [], []  # (b, t), state up to t followed by Y*
+        # prefixes that end with a computed result: right after the tool's output, and the complete
+        # episode when its text ends with "= N"
+        ends = (torch.zeros((B, N + 1), dtype=torch.bool) if batch.action_mask is None
+                else tool_output_ends(batch.action_mask.cpu(), batch.lengths.cpu()))
         for b in range(B):
-            n = int(batch.lengths[b])
-            mask = None if batch.action_mask is None else batch.action_mask[b, :n].tolist()
-            suffix = tok.encode(ANSWER_SUFFIX.format(n=answers[b]), add_special_tokens=False)
-            for t in self.result_positions(n, mask, answer_of(batch.completions[b]) is not None):
-                jobs.append((b, t))
-                rows.append(batch.tokens[b, :t].tolist() + suffix)
+            if answer_of(batch.completions[b]) is not None:
+                ends[b, int(batch.lengths[b])] = True
+        suffixes = [tok.encode(ANSWER_SUFFIX.format(n=a), add_special_tokens=False) for a in answers]
+        jobs = ends.nonzero().tolist()  # (b, t): the state up to t followed by Y*
+        rows = [batch.tokens[b, :t].tolist() + suffixes[b] for b, t in jobs]
         out = torch.full((B, N + 1), self.invalid_log_reward)
         if not jobs:
             return out
