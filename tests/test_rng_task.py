@@ -138,6 +138,36 @@ def test_evaluate_exact_probabilities_sum_with_invalid_to_one():
     assert logp[valid].exp().sum().item() == pytest.approx(r["exact_valid_mass"], abs=1e-5)
 
 
+def test_evaluate_exact_diagnostics_from_the_exact_probabilities():
+    """The exact_* diagnostics of evaluate, recomputed by hand from its exact q(k) (R = 1 on 0..100)."""
+    tok = digit_tokenizer()
+    task = RandomIntegerTask()
+    cfg = build_config("rng", {"chat_template": "never"})
+    cons = task.constraints(cfg, tok)
+    r = task.evaluate(make_tiny_lm(vocab_size=len(tok)), tok, cfg, cons, n=8, seed=0)
+    assert "exact_tv_to_uniform" in r and "exact_valid_mass" in r and len(r["exact_probs"]) == NUM_VALUES
+    q = list(r["exact_probs"])
+    assert all(x > 0 for x in q)
+    m = sum(q)
+    qt = [x / m for x in q]  # q conditioned on the valid answers
+    p = 1.0 / NUM_VALUES  # target: uniform, Z = 101
+    mean_lw = sum(t * -math.log(x) for t, x in zip(qt, q))  # E_q~[log R - log q], log R = 0
+    want = {
+        "exact_log_z": math.log(NUM_VALUES),
+        "exact_q_mass_outside": max(1.0 - m, 0.0),
+        "exact_elbo": sum(x * math.log(1.0 / x) for x in q),
+        "exact_kl_q_p": sum(t * math.log(t / p) for t in qt),
+        "exact_kl_p_q": sum(p * math.log(p / t) for t in qt),
+        "exact_tv": r["exact_tv_to_uniform"],
+        "exact_log_w_var": sum(t * (-math.log(x) - mean_lw) ** 2 for t, x in zip(qt, q)),
+        "exact_ess": sum(t * (1 / t) for t in qt) ** 2 / sum(t * (1 / t) ** 2 for t in qt),  # w = R / q~ = 1 / q~
+    }
+    for key, value in want.items():
+        assert r[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert r["exact_log_w_std"] == pytest.approx(math.sqrt(want["exact_log_w_var"]), rel=1e-6)
+    assert r["exact_elbo"] < r["exact_log_z"] and 0 < r["exact_ess"] < 1
+
+
 def test_histogram_png(tmp_path):
     r = distribution_metrics([str(k % 101) for k in range(500)] + ["x"] * 20)
     r["exact_probs"] = [1 / 101] * 101

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..data import render_prompt
+from ..diagnostics import exact_diagnostics
 from ..errors import ConfigError
 from ..evaluation import sample_completions, sequence_log_probs
 from ..rewards import PrefixRuleReward
@@ -107,7 +108,7 @@ class RandomIntegerTask(Task):
         v = (len(constraints.allowed_token_ids) if constraints.allowed_token_ids is not None else len(tokenizer)) + 1
         return -(constraints.max_new_tokens * math.log(v)) - 20.0
 
-    def reward_funcs(self, model, tokenizer, constraints) -> list:
+    def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
         floor = self.floor(tokenizer, constraints)
 
         def integer_reward(prompt: str, completion: str) -> float:
@@ -139,7 +140,11 @@ class RandomIntegerTask(Task):
 
     def evaluate(self, model, tokenizer, config, constraints: Constraints, *, n: int | None = None, seed: int = 0,
                  progress: bool = False, desc: str = "sampling", exact: bool = True) -> dict:
-        """Sampled and exact metrics of ``model`` under ``constraints`` (see :func:`distribution_metrics`)."""
+        """Sampled and exact metrics of ``model`` under ``constraints`` (see :func:`distribution_metrics`).
+
+        With ``exact``, also :func:`exact_metrics` and, prefixed ``exact_``, the
+        :func:`~gfnlm.diagnostics.exact_diagnostics` of q on the 101 valid answers against
+        R = 1 there (``exact_log_z`` = log 101; the floor reward of invalid strings is left out)."""
         n = n or self.args.eval_samples
         prompt_ids = render_prompt(tokenizer, self.args.prompt, config.chat_template)
         texts = sample_completions(model, tokenizer, prompt_ids, constraints, n, seed=seed, progress=progress, desc=desc)
@@ -149,6 +154,8 @@ class RandomIntegerTask(Task):
             ids = self.answer_token_ids(tokenizer, constraints)
             logp = sequence_log_probs(model, prompt_ids, constraints, ids, pad_id=pad)
             out.update(exact_metrics(logp.exp()))
+            diag = exact_diagnostics(torch.zeros_like(logp), logp)  # log R = 0 on every valid answer
+            out.update({f"exact_{k}": v for k, v in diag.items()})
         return out
 
 
