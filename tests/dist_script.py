@@ -37,8 +37,8 @@ def main(out: Path):
 
     def recording_collect():
         batch = collect()
-        for p, row, n in zip(batch["prompt_index"].tolist(), batch["tokens"].tolist(), batch["lengths"].tolist()):
-            hashes.append(hashlib.sha1(repr((batch["prompts"][p], row[:n])).encode()).hexdigest())
+        for p, row, n in zip(batch.prompt_index.tolist(), batch.tokens.tolist(), batch.lengths.tolist()):
+            hashes.append(hashlib.sha1(repr((batch.prompts[p], row[:n])).encode()).hexdigest())
         hashes.append("|")  # step boundary
         return batch
 

@@ -4,6 +4,7 @@ the calculator on a tiny model."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from conftest import make_tiny_lm, make_tiny_tokenizer
 from gfnlm.errors import DataError
 from gfnlm.tasks import build_config
-from gfnlm.tasks.arithmetic import (AnswerLikelihoodReward, ArithmeticTask, answer_of, deduplicate,
+from gfnlm.tasks.arithmetic import (ArithmeticTask, answer_of, deduplicate,
                                     generate_questions, load_questions, majority_vote, question_expression,
                                     with_tool_outputs)
 from gfnlm.rewards import RewardBatch
@@ -99,13 +100,23 @@ def test_rationale_helpers_and_vote():
     assert majority_vote([None, None]) is None
 
 
-def test_reward_is_likelihood_of_each_result_prefix_and_answer(data_dir):
+def arithmetic_config(data_dir, tmp_path, **over):
+    args = {"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json",
+            "test_files": "3:t3.json", "reward_shots": 1, "vote_samples": 3, "max_operands": 2}
+    data = {"task_args": args, "max_steps": 2, "report_to": [], "disable_tqdm": True,
+            "output_dir": str(tmp_path / "run"), "max_new_tokens": 12, "min_new_tokens": 1, "samples_per_prompt": 4}
+    return build_config("arithmetic", {**data, **over})
+
+
+def test_reward_is_likelihood_of_each_result_prefix_and_answer(data_dir, tmp_path):
     tok = tokenizer()
     model = make_tiny_lm(vocab_size=len(tok), seed=2, max_positions=128)
-    task = ArithmeticTask({"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json",
-                           "test_files": "3:t3.json", "reward_shots": 1})
+    cfg = arithmetic_config(data_dir, tmp_path, task_args={"data_dir": str(data_dir), "supervised_file": "sup.json",
+                                                           "pool_file": "pool.json", "test_files": "3:t3.json",
+                                                           "reward_shots": 1, "invalid_log_reward": -77.0})
+    task = ArithmeticTask(cfg.task_args)
     ctx = task.few_shot_context(1)
-    reward = AnswerLikelihoodReward(model, tok, ctx, stop_token_ids=[2], invalid_log_reward=-77.0, rows_per_pass=1)
+    (reward,) = task.reward_funcs(model, tok, task.constraints(cfg, tok), cfg)  # the task's own reward
     assert reward.prefix
     x = tok.encode("Question: 6 - 0 - 4 = ? Answer:", add_special_tokens=False)
     z = tok.encode("6-0=6,6-4=2", add_special_tokens=False)
@@ -131,38 +142,66 @@ def test_reward_is_likelihood_of_each_result_prefix_and_answer(data_dir):
     # the reward depends on the answer column
     batch.columns = {"num_sol": [9]}
     assert reward(batch)[0, 11].item() != pytest.approx(brute(11), abs=1e-4)
-    # without a tool mask only the complete episode is scored, and only if it ends with a result
+    # without the tool's mask no state ends with a computed result: nothing may stop, all at the floor
     batch.columns, batch.action_mask = {"num_sol": [2]}, None
-    got = reward(batch)
-    assert got[0, 11].item() == pytest.approx(brute(11), abs=1e-4) and (got[0, :11] == -77.0).all()
-    batch.completions = ["6-0=6,6-4="]
     assert (reward(batch) == -77.0).all()
 
 
+def test_invalid_floor_stays_below_every_valid_chain_at_every_temperature(data_dir, tmp_path):
+    """The floor is tempered with everything else: floor / T + L log K must stay far below 0 for
+    every T of the schedule (at T = 1.1 a floor of -200 left more mass on junk than on all chains)."""
+    tok = tokenizer()
+    cfg = arithmetic_config(data_dir, tmp_path, max_new_tokens=40, reward_temperature=1.3, reward_temperature_end=0.5)
+    task = ArithmeticTask(cfg.task_args)
+    cons = task.constraints(cfg, tok)
+    floor = task.invalid_floor(cfg, cons, tok)
+    log_junk = cons.max_new_tokens * math.log(len(cons.allowed_token_ids) + 1)  # log of the number of overruns
+    for step in range(0, cfg.reward_temperature_horizon + 1, 10):
+        assert floor / cfg.reward_temperature_at(step) + log_junk <= -50 + 1e-9
+    assert floor / 1.3 + log_junk == pytest.approx(-50)  # no lower than needed at the hottest T
+    (reward,) = task.reward_funcs(make_tiny_lm(vocab_size=len(tok)), tok, cons, cfg)
+    assert reward.invalid_log_reward == floor
+
+
 def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):
+    from gfnlm.errors import ConfigError
     from gfnlm.trainer import GFNTrainer
 
     tok = tokenizer()
     model = make_tiny_lm(vocab_size=len(tok), seed=4, max_positions=256)
-    args = {"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json",
-            "test_files": "3:t3.json", "reward_shots": 1, "vote_samples": 3, "max_operands": 2}
-    cfg = build_config("arithmetic", {"task_args": args, "max_steps": 2, "report_to": [], "disable_tqdm": True,
-                                      "output_dir": str(tmp_path / "run"), "max_new_tokens": 12, "min_new_tokens": 1,
-                                      "samples_per_prompt": 4, "use_peft": False})
+    cfg = arithmetic_config(data_dir, tmp_path, learning_rate=1e-2)
     task = ArithmeticTask(cfg.task_args)
     cons = task.constraints(cfg, tok)
     assert set(tok.convert_tokens_to_ids(["?", ":", "Question"])).isdisjoint(cons.allowed_token_ids)
-    trainer = GFNTrainer(model, task.reward_funcs(model, tok, cons), cfg, task.dataset(), tok, constraints=cons,
+    rewards = task.reward_funcs(model, tok, cons, cfg)  # built on the plain model, before the trainer wraps it
+    batch = RewardBatch(prompts=["q"], prompt_ids=[tok.encode("Question: 5 + 3 = ? Answer:")],
+                        prompt_index=torch.tensor([0]), tokens=torch.tensor([tok.encode("5+3=8")]),
+                        lengths=torch.tensor([5]), completions=["5+3=8"], columns={"num_sol": [8]}, tokenizer=tok,
+                        action_mask=torch.tensor([[True, True, True, True, False]]))
+    before = rewards[0](batch)
+    with pytest.raises(ConfigError, match="base_model_copy: true"):  # full fine-tuning would train the reward's model
+        GFNTrainer(model, rewards, build_config("arithmetic", {**cfg.to_dict(), "use_peft": False}), task.dataset(), tok,
+                   constraints=cons, tool=task.tool())
+    trainer = GFNTrainer(model, rewards, cfg, task.dataset(), tok, constraints=cons,
                          sample_metrics=task.sample_metrics(), tool=task.tool())
+    assert trainer.log_z_kind() == "prompt"  # several questions: log Z depends on the prompt
     task.prepare_trainer(trainer)
-    seeded = trainer.buffer.entries("Question: 6 - 0 - 4 = ? Answer:")
+    row = [r["prompt"] for r in trainer.rows].index("Question: 6 - 0 - 4 = ? Answer:")
+    seeded = trainer.buffer.entries(row)
     assert len(seeded) == 1 and tok.decode(list(seeded[0].tokens)) == "6-0=6,6-4=2"
     assert seeded[0].action_mask.count(False) == 2  # the two calculator answers are not actions
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     hist = trainer.train()
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert any(not torch.equal(p, lora[n]) for n, p in trainer.model.named_parameters() if n in lora)
+    torch.testing.assert_close(rewards[0](batch), before, rtol=0, atol=0)  # the base model did not move
     report = task.evaluate(trainer.model, tok, cfg, cons, n=3)
     assert report["3"]["removed_as_in_training"] == 2 and report["3"]["questions"] == 3
-    assert 0.0 <= report["3"]["vote_accuracy"] <= 1.0
+    preds = task.predict(trainer.model, tok, cfg, cons, [q["str_query"] for q in task.test_sets()["3"][0][:3]],
+                         k=cfg.task_args["vote_samples"], temperature=task.args.vote_temperature)
+    answers = [q["num_sol"] for q in task.test_sets()["3"][0][:3]]
+    assert report["3"]["vote_accuracy"] == sum(p["vote"] == a for p, a in zip(preds, answers)) / 3
+    assert report["3"]["greedy_accuracy"] == sum(p["greedy"] == a for p, a in zip(preds, answers)) / 3
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def test_tool_output_is_inserted_and_not_an_action():
 
 
 def test_sampling_and_scoring_agree_with_tool_tokens():
-    tok, model, cons, prompts, s = sample_with_tool(seed=1)
+    tok, model, cons, prompts, s = sample_with_tool(seed=1, n=256)  # the calculator fires in a few % of episodes
     with torch.no_grad():
         sc = score(model, prompts, s.prompt_index, s.tokens, s.lengths, cons, action_mask=s.action_mask)
     assert torch.allclose(sc.log_pf, s.log_pf, atol=1e-5)
@@ -124,7 +124,7 @@ def test_trainer_with_calculator_trains_and_seeds_tool_states(tmp_path):
                          tool=Calculator(max_operands=None))
     added = trainer.seed_buffer({"<s> 3 + 4": ["3+4="]})
     assert added == 1
-    (entry,) = trainer.buffer.entries("<s> 3 + 4")
+    (entry,) = trainer.buffer.entries(0)
     assert tok.decode(list(entry.tokens)) == "3+4=7"
     assert entry.action_mask == (True, True, True, True, False)
     assert entry.log_r_terminal == 0.0
@@ -138,7 +138,8 @@ def test_stop_after_tool_only_stops_after_a_result_and_scoring_agrees():
     model, cons = model_and_constraints(tok, max_new=8)
     cons.stop_after_tool = True
     prompts = [tok.convert_tokens_to_ids(["<s>", "<q>", "3", "+", "4"]), tok.convert_tokens_to_ids(["<s>", "<r>"])]
-    s = sample(model, prompts, [0] * 48 + [1] * 48, cons, generator=torch.Generator().manual_seed(3), temperature=2.0,
+    # a random policy seldom stops right after a result (a few in 1000 episodes): sample many
+    s = sample(model, prompts, [0] * 512 + [1] * 512, cons, generator=torch.Generator().manual_seed(3), temperature=2.0,
                tool=Calculator(max_operands=None), tokenizer=tok, max_tool_tokens=8)
     after_result = 0
     for b in range(s.tokens.shape[0]):

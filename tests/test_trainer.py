@@ -257,7 +257,7 @@ def test_seeded_completions_are_replayed_with_their_rewards(tmp_path):
     tr = make_trainer(tmp_path, replay_fraction=0.5, tempered_fraction=0.0, prompts_per_step=1,
                       dataset=["<s>"])
     assert tr.seed_buffer({"<s>": ["a a", "c"]}) == 2
-    stored = {e.tokens: e for e in tr.buffer.entries("<s>")}
+    stored = {e.tokens: e for e in tr.buffer.entries(0)}
     assert stored[(3, 3)].log_r_terminal == pytest.approx(rule("<s>", "a a"))
     torch.testing.assert_close(stored[(3, 3)].log_r_prefix,
                                torch.tensor([rule("<s>", ""), rule("<s>", "a"), rule("<s>", "a a")]))
@@ -351,7 +351,7 @@ def test_terminal_reward_trains_with_tb_and_vargrad(tmp_path, loss_type):
     after = tr.trainable_state()
     assert len(tr.history) == 3 and all(math.isfinite(m["loss"]) for m in tr.history)
     assert any(not torch.equal(before[n], after[n]) for n in before)
-    assert ("log_z" in after) == (loss_type == "tb")  # tb learns log Z, vargrad estimates it
+    assert any(n.startswith("log_z") for n in after) == (loss_type == "tb")  # tb learns log Z, vargrad estimates it
     assert ckpt.is_complete(tmp_path / "checkpoint-3")
 
 

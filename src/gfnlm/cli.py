@@ -28,11 +28,17 @@ def _setup_runtime() -> None:
 
 
 # --- building blocks used by several commands -------------------------------------------------
-def make_trainer(config, model=None, tokenizer=None):
-    """Task + model + trainer from a config (``config.task`` must be set, or ``config.dataset``)."""
+def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
+    """Task + model + trainer from a config (``config.task`` must be set, or ``config.dataset``).
+
+    The policy is wrapped (LoRA) before the task builds its rewards, so an LM reward holds the
+    wrapped model and reads its base through :class:`gfnlm.policy.BaseLM`. ``with_rewards=False``
+    (supervised fine-tuning) builds no reward: the trainer's reward then refuses to run."""
     from .models import load_model
+    from .policy import wrap_policy
+    from .rewards import NoReward
     from .tasks import get_task_class
-    from .trainer import GFNTrainer
+    from .trainer import GFNTrainer, lora_config
 
     if config.task is None:
         raise GFNLMError("the command line needs a task (e.g. --task rng); custom rewards are set up from Python")
@@ -46,8 +52,9 @@ def make_trainer(config, model=None, tokenizer=None):
                              "set --model to match")
     if model is None:
         model, tokenizer = load_model(config.model)
+    model = wrap_policy(model, config.use_peft, None, lambda: lora_config(config), config.seed)  # before any reward holds it
     constraints = task.constraints(config, tokenizer)
-    rewards = task.reward_funcs(model, tokenizer, constraints)
+    rewards = task.reward_funcs(model, tokenizer, constraints, config) if with_rewards else [NoReward()]
     dataset = config.dataset or task.dataset()
     trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
                          constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool())
@@ -169,7 +176,7 @@ def cmd_sft(args, rest: list[str]) -> int:
         data["task"] = args.task
     data.setdefault("output_dir", f"runs/{data.get('task', 'task')}-sft")
     config = build_config(data.get("task"), data)
-    task, trainer = make_trainer(config)
+    task, trainer = make_trainer(config, with_rewards=False)
     losses = sft_train(trainer, task.supervised_completions(), batch_size=args.batch_size)
     if trainer.accelerator.is_main_process:
         print(f"sft: {len(losses)} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")

@@ -86,6 +86,7 @@ class GFNConfig:
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_target_modules: Any = _f("all-linear", "LoRA target modules (a list of names or 'all-linear').")
+    base_model_copy: bool = _f(False, "With full fine-tuning (use_peft false), give LM-likelihood rewards a frozen copy of the base model (one more copy of the weights in memory); without it such a run stops with an error, since the reward would move with the policy.")
 
     # --- logging and checkpoints ---------------------------------------------------------------
     logging_steps: int = _f(1, "Log every this many steps.")

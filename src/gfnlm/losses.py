@@ -89,6 +89,7 @@ All losses are squared residuals in log space (units: nats squared).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -96,6 +97,7 @@ from torch import Tensor
 
 __all__ = [
     "LOSSES",
+    "LossSpec",
     "modified_db_loss",
     "modified_subtb_loss",
     "subtb_loss",
@@ -477,11 +479,43 @@ def vargrad_loss(
     return _reduce(per_row, in_group, reduction)
 
 
-#: Name -> loss function. ``"subtb"`` is an alias of ``"modified_subtb"``.
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "modified_subtb": modified_subtb_loss,
-    "subtb": modified_subtb_loss,
-    "tb": trajectory_balance_loss,
-    "vargrad": vargrad_loss,
-    "modified_db": modified_db_loss,
+@dataclass(frozen=True)
+class LossSpec:
+    """What an objective needs from the trainer.
+
+    Attributes:
+        fn: the loss function.
+        prefix_rewards: needs log R of every prefix (``[B, N+1]``), not only the terminal one.
+        log_z: ``"required"`` (TB), ``"anchor"`` (modified SubTB: used only where the empty
+            prefix cannot stop) or ``"unused"``.
+        adjacent_pairs_only: residuals only between consecutive stoppable positions (modified
+            DB), so a rule that makes stoppable positions non-adjacent leaves nothing to train.
+        grouped: estimates log Z per group of episodes of the same prompt (VarGrad).
+    """
+
+    fn: Callable[..., Tensor]
+    prefix_rewards: bool = False
+    log_z: str = "unused"
+    adjacent_pairs_only: bool = False
+    grouped: bool = False
+
+    def __call__(self, log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor, *,
+                 log_z: Tensor | None = None, group: Tensor | None = None, lamda: float = 1.0) -> Tensor:
+        """The mean loss of a batch (see each function for the shapes; log space)."""
+        if self.log_z == "required":
+            return self.fn(log_pf, log_pterm, log_r, lengths, log_z)
+        if self.log_z == "anchor":
+            return self.fn(log_pf, log_pterm, log_r, lengths, lamda=lamda, log_z=log_z)
+        if self.grouped:
+            return self.fn(log_pf, log_pterm, log_r, lengths, group=group)
+        return self.fn(log_pf, log_pterm, log_r, lengths)
+
+
+#: Name -> objective. ``"subtb"`` is an alias of ``"modified_subtb"``.
+LOSSES: dict[str, LossSpec] = {
+    "modified_subtb": LossSpec(modified_subtb_loss, prefix_rewards=True, log_z="anchor"),
+    "subtb": LossSpec(modified_subtb_loss, prefix_rewards=True, log_z="anchor"),
+    "tb": LossSpec(trajectory_balance_loss, log_z="required"),
+    "vargrad": LossSpec(vargrad_loss, grouped=True),
+    "modified_db": LossSpec(modified_db_loss, prefix_rewards=True, adjacent_pairs_only=True),
 }

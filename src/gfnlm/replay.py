@@ -1,6 +1,6 @@
 """Per-prompt replay buffer, prioritised by reward and deduplicated.
 
-Each prompt (a string key) has its own buffer of at most ``capacity`` *distinct*
+Each key (the trainer uses the dataset row's index) has its own buffer of at most ``capacity`` *distinct*
 completions.  An entry keeps the completion's token ids and its **untempered** log-rewards
 (one per prefix when the reward gives prefix rewards, plus the terminal one), so replayed
 episodes are never re-scored by the reward.  When a buffer is full, a new entry replaces the

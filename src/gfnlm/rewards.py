@@ -15,7 +15,6 @@ anywhere a reward is: its values are taken as terminal **log**-rewards.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from .errors import RewardError
 from .sampling import Constraints
-from .scoring import completion_logits
+from .policy import base_model  # noqa: F401  (defined in gfnlm.policy; re-exported)
 
 
 @dataclass
@@ -57,6 +56,10 @@ class RewardBatch:
 
     def prefix_ids(self, b: int, t: int) -> list[int]:
         return self.tokens[b, :t].tolist()
+
+    def row(self, b: int) -> dict:
+        """The dataset row of episode ``b``: ``{"prompt": ..., **columns}``."""
+        return {"prompt": self.prompts[b], **{k: v[b] for k, v in self.columns.items()}}
 
 
 class Reward:
@@ -132,71 +135,182 @@ class CallableReward(Reward):
 
 
 class LMLikelihoodReward(Reward):
-    """log p_LM(z_1:t ⊤ | X) for every prefix t, from one forward pass of the base model.
+    """log R = weight · log p_LM(text | context), from the base LM: the one LM-likelihood reward.
 
-    With a PEFT model the base model is the policy with its adapters switched off (no
-    second copy in memory). The pass runs in eval mode (dropout off), under ``no_grad``,
-    with logits converted to fp32 before the log-softmax.  The stop probability is the sum
-    over ``stop_token_ids``; with ``constraints`` the distribution is renormalised over the
-    allowed tokens first (as the paper does for its vocabulary-restricted tasks).
+    For each episode (a dataset row and its state z_1:n) and each scored prefix t:
+
+    * without ``suffix``: log R(z_1:t ⊤) = log p_LM(z_1:t ⊤ | C), the stop action ⊤ being the summed
+      probability of the stop ids (a tempered posterior p_LM(Z|X)^(1/T), a contrastive term);
+    * with ``suffix``: log R(z_1:t ⊤) = log p_LM(z_1:t Y | C), the text Y scored after the prefix
+      (an answer, a story's ending, a label phrase) and no stop action.
+
+    The base LM is read only through :class:`gfnlm.policy.BaseLM`: adapters off, eval mode (dropout
+    off), ``no_grad``, fp32 log-softmax, whatever model object was passed. Every (episode, prefix)
+    job of a call is batched into as few forward passes as ``max_batch_tokens`` allows; each distinct
+    context is encoded once and its KV cache reused; a constant ``shared_prefix`` (a few-shot block)
+    is encoded once for the reward's lifetime.
 
     Args:
-        model: the LM (a PeftModel, a plain model, or a callable returning one).
-        stop_token_ids: ids that mean ⊤ (used when ``constraints`` is None).
-        constraints: optional constraints (length limits are ignored: the LM may stop anywhere).
-        context: optional text placed before each prompt (e.g. a few-shot prefix).
+        model: the base LM, the policy (its adapters are switched off), or a :class:`BaseLM`.
+        tokenizer: used for text contexts and suffixes (default: the batch's, i.e. the policy's).
+        context: what the LM conditions on. None: the policy's own prompt (token ids as the policy
+            sees them). A string is a template formatted with the row (``{prompt}`` and any dataset
+            column); a callable gets the row dict and returns the text. ``""`` is the empty context
+            (p_LM(Z), read after BOS, or EOS for a tokenizer without BOS).
+        suffix: None (score ⊤), or text Y scored after each prefix: a template or a callable of the
+            row, as ``context``.
+        prefixes: ``"all"`` (every t = 0..n, [B, N+1]), ``"stoppable"`` (only where ``constraints``
+            let the policy stop of its own accord: past ``min_new_tokens``, not inside a tool's
+            output, and with ``stop_after_tool`` right after it; [B, N+1]) or ``"terminal"`` (t = n
+            only; [B], a terminal reward).
+        constraints: the policy's action space: the stop ids, the prefixes ``"stoppable"`` keeps, and
+            the allowed ids when ``renormalise``.
+        stop_token_ids: the stop ids when there are no ``constraints`` (needed without a suffix).
+        renormalise: with ``constraints`` that restrict the vocabulary, the state's tokens and ⊤ are
+            scored under p_LM renormalised over the allowed and stop ids (as the paper does for its
+            restricted tasks; length limits ignored); a suffix always uses the full vocabulary.
+        shared_prefix: constant text placed before every context (e.g. solved examples).
+        weight: exponent of p_LM (log R is multiplied by it): R = p(Z|X)^a p(Z)^b is two instances,
+            weights a and b, summed in log space by the trainer.
+        invalid_log_reward: log R of the prefixes that ``"stoppable"`` does not score (the policy
+            cannot stop there, except when forced at ``max_new_tokens``).
+        max_batch_tokens: memory budget of one pass, rows × padded width after the context.
     """
 
-    prefix = True
     name = "lm_likelihood"
 
-    def __init__(self, model, stop_token_ids: Sequence[int] | None = None, constraints: Constraints | None = None,
-                 pad_id: int = 0):
-        if constraints is None:
-            if not stop_token_ids:
-                raise RewardError("LMLikelihoodReward needs stop_token_ids or constraints")
-            constraints = Constraints(stop_token_ids=list(stop_token_ids), min_new_tokens=0, max_new_tokens=10**9)
-        else:
-            constraints = Constraints(stop_token_ids=list(constraints.stop_token_ids), min_new_tokens=0,
-                                      max_new_tokens=10**9, allowed_token_ids=constraints.allowed_token_ids,
-                                      forbidden_token_ids=list(constraints.forbidden_token_ids))
-        self.model = model
+    def __init__(self, model, tokenizer=None, *, context=None, suffix=None, prefixes: str = "all",
+                 constraints: Constraints | None = None, stop_token_ids: Sequence[int] | None = None,
+                 renormalise: bool = True, shared_prefix: str | None = None, weight: float = 1.0,
+                 invalid_log_reward: float = 0.0, max_batch_tokens: int = 4096, name: str | None = None):
+        from .policy import BaseLM
+
+        if prefixes not in ("all", "stoppable", "terminal"):
+            raise RewardError(f"prefixes={prefixes!r}: choose 'all', 'stoppable' or 'terminal'")
+        if prefixes == "stoppable" and constraints is None:
+            raise RewardError("prefixes='stoppable' needs the policy's constraints (constraints=...)")
+        if suffix is None and constraints is None and not stop_token_ids:
+            raise RewardError("LMLikelihoodReward without a suffix scores the stop action: pass stop_token_ids or constraints")
+        self.base_lm = BaseLM(model)
+        self.tokenizer = tokenizer
+        self.context, self.suffix, self.prefixes = context, suffix, prefixes
         self.constraints = constraints
-        self.pad_id = pad_id
+        self.stop_token_ids = list(stop_token_ids or (constraints.stop_token_ids if constraints else []))
+        self.renormalise = renormalise and constraints is not None and (
+            constraints.allowed_token_ids is not None or bool(constraints.forbidden_token_ids))
+        self.shared_prefix = shared_prefix
+        self.weight = float(weight)
+        self.invalid_log_reward = float(invalid_log_reward)
+        self.max_batch_tokens = max_batch_tokens
+        self.prefix = prefixes != "terminal"
+        self.name = name or self.name
+        self._prefix_cache = None
 
-    def resolved_model(self):
-        """The model (calling the factory if one was given)."""
-        return self.model() if callable(self.model) and not isinstance(self.model, torch.nn.Module) else self.model
+    # --- text --------------------------------------------------------------------------------
+    def _text(self, spec, row: dict, what: str) -> str:
+        if callable(spec):
+            return str(spec(row))
+        try:
+            return spec.format(**row)
+        except KeyError as e:
+            raise RewardError(f"{self.name}: the {what} template names {e}, which is not a dataset column "
+                              f"(columns: {sorted(row)})") from None
 
+    def _contexts(self, batch: RewardBatch, tok) -> tuple[list[list[int]], list[int]]:
+        """Distinct context token lists and the context of each episode."""
+        if self.context is None:
+            return [list(p) for p in batch.prompt_ids], batch.prompt_index.tolist()
+        uniq: dict[tuple, int] = {}
+        index = []
+        for b in range(batch.tokens.shape[0]):
+            text = self._text(self.context, batch.row(b), "context")
+            ids = tok(text, add_special_tokens=self.shared_prefix is None)["input_ids"] if text else []
+            if not ids:
+                start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                if start is None:
+                    raise RewardError(f"{self.name}: empty context and the tokenizer has neither BOS nor EOS to start from")
+                ids = [start]
+            index.append(uniq.setdefault(tuple(ids), len(uniq)))
+        return [list(c) for c in uniq], index
+
+    def _prefix_cache_for(self, base, tok):
+        """The shared prefix's KV cache under the base model, computed on first use."""
+        if self.shared_prefix and self._prefix_cache is None:
+            from .data import render_prompt
+            from .sampling import PrefixCache
+
+            self._prefix_cache = PrefixCache(base, render_prompt(tok, self.shared_prefix, "never"))
+        return self._prefix_cache
+
+    # --- which prefixes ------------------------------------------------------------------------
+    def scored(self, batch: RewardBatch) -> Tensor:
+        """[B, N+1] bool: the prefixes this reward scores."""
+        from .sampling import tool_output_ends
+
+        B, N = batch.tokens.shape
+        t = torch.arange(N + 1)[None, :]
+        lengths = batch.lengths.cpu()[:, None]
+        if self.prefixes == "terminal":
+            return t == lengths
+        inside = t <= lengths
+        if self.prefixes == "all":
+            return inside
+        c = self.constraints
+        acts = (torch.arange(N)[None, :] < lengths) if batch.action_mask is None else batch.action_mask.cpu().bool()
+        n_act = torch.cat([torch.zeros((B, 1), dtype=torch.long), acts.long().cumsum(1)], dim=1)
+        ok = inside & (n_act >= c.min_new_tokens) & (n_act <= c.max_new_tokens)
+        ok &= torch.cat([acts, torch.zeros((B, 1), dtype=torch.bool)], dim=1) | (t == lengths)  # not in tool output
+        if c.stop_after_tool:
+            ok &= tool_output_ends(acts, batch.lengths.cpu())
+        return ok
+
+    # --- the reward ----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, batch: RewardBatch) -> Tensor:
-        with base_model(self.resolved_model()) as base:
-            logits, _ = completion_logits(base, batch.prompt_ids, batch.prompt_index.to(batch.tokens.device),
-                                          batch.tokens, batch.lengths, self.pad_id)
-        B, N1, _ = logits.shape
-        steps = torch.zeros((B, N1), dtype=torch.long, device=logits.device)
-        tokens = batch.tokens.to(logits.device)
-        next_tokens = torch.cat([tokens, tokens.new_full((B, 1), self.constraints.stop_token_ids[0])], dim=1)
-        tok, stop_lp = self.constraints.selected_log_probs(logits, steps, next_tokens)
-        valid = torch.arange(N1 - 1, device=tok.device)[None, :] < batch.lengths[:, None].to(tok.device)
-        tok = torch.where(valid, tok[:, :-1], torch.zeros_like(tok[:, :-1]))
-        cum = torch.cat([tok.new_zeros(B, 1), tok.cumsum(1)], dim=1)
-        return (cum + stop_lp).cpu()
+        from .scoring import continuation_log_probs
+
+        tok = self.tokenizer or batch.tokenizer
+        if (self.context is not None or self.suffix is not None or self.shared_prefix) and tok is None:
+            raise RewardError(f"{self.name}: text contexts and suffixes need a tokenizer (tokenizer=...)")
+        B, N = batch.tokens.shape
+        scored = self.scored(batch)
+        contexts, ctx_index = self._contexts(batch, tok)
+        states = [batch.tokens[b, :int(batch.lengths[b])].tolist() for b in range(B)]
+        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        values = torch.zeros(B, N + 1)
+        with self.base_lm() as base:
+            kw = dict(pad_id=pad, prefix=self._prefix_cache_for(base, tok),
+                      renormalise=self.constraints if self.renormalise else None,
+                      max_batch_tokens=self.max_batch_tokens)
+            if self.suffix is None:  # one row per episode: every prefix's stop comes from the same pass
+                tok_lp, stop_lp = continuation_log_probs(base, contexts, ctx_index, states,
+                                                         stop_token_ids=self.stop_token_ids, **kw)
+                cum = torch.cat([tok_lp.new_zeros(B, 1), tok_lp.cumsum(1)], dim=1)
+                values[:, :cum.shape[1]] = (cum + stop_lp).cpu()
+            else:  # one row per scored prefix: z_1:t followed by Y
+                jobs = scored.nonzero().tolist()
+                suffixes = [tok.encode(self._text(self.suffix, batch.row(b), "suffix"), add_special_tokens=False)
+                            for b in range(B)]
+                if any(not suffixes[b] for b, _ in jobs):
+                    raise RewardError(f"{self.name}: a suffix is empty: give Y as non-empty text")
+                rows = [states[b][:t] + suffixes[b] for b, t in jobs]
+                tok_lp, _ = continuation_log_probs(base, contexts, [ctx_index[b] for b, _ in jobs], rows,
+                                                   renormalise_upto=[t for _, t in jobs], **kw)
+                if jobs:
+                    values[scored] = tok_lp.sum(1).cpu()
+        out = torch.where(scored, self.weight * values, torch.full_like(values, self.invalid_log_reward))
+        if self.prefixes == "terminal":
+            return out.gather(1, batch.lengths.cpu()[:, None]).squeeze(1)
+        return out
 
 
-@contextlib.contextmanager
-def base_model(model):
-    """Context in which ``model`` acts as its base LM: adapters off, eval mode (dropout off)."""
-    was_training = model.training
-    model.eval()
-    try:
-        if hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
-            with model.disable_adapter():
-                yield model
-        else:
-            yield model
-    finally:
-        model.train(was_training)
+class NoReward(Reward):
+    """The reward of a trainer built only for its policy (supervised fine-tuning): calling it is an error."""
+
+    name = "no_reward"
+
+    def __call__(self, batch: RewardBatch) -> Tensor:
+        raise RewardError("this trainer was built without rewards (supervised fine-tuning): build it with the task's rewards to sample and score")
 
 
 def as_reward(fn) -> Reward:
@@ -219,7 +333,7 @@ def compute_log_rewards(rewards: Sequence[Reward], weights: Sequence[float] | No
     total = torch.zeros(B, N + 1) if all_prefix else torch.zeros(B)
     lengths = batch.lengths.cpu()
     for r, w in zip(rewards, weights):
-        v = torch.as_tensor(r(batch), dtype=torch.float32).cpu()
+        v = torch.as_tensor(r(batch), dtype=torch.float32).detach().cpu()  # a reward is data, never a graph
         expected = (B, N + 1) if r.prefix else (B,)
         if tuple(v.shape) != expected:
             raise RewardError(f"reward '{r.name}' returned shape {tuple(v.shape)}, expected {expected}")

@@ -117,3 +117,100 @@ def score(
     log_pterm = torch.where(real, stop_lp, torch.full_like(stop_lp, NEG_INF))
     log_pf = torch.where(acts, tok[:, :-1], torch.zeros_like(tok[:, :-1]))
     return PolicyScores(log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden)
+
+
+def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_index: Sequence[int],
+                           sequences: Sequence[Sequence[int]], *, pad_id: int = 0, prefix: PrefixCache | None = None,
+                           stop_token_ids: Sequence[int] | None = None, renormalise: Constraints | None = None,
+                           renormalise_upto: Sequence[int] | None = None,
+                           max_batch_tokens: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """log p_LM of every token of each sequence after its context: the one teacher-forced
+    likelihood pass that LM rewards, EM and evaluation share.
+
+    Args:
+        model: a causal LM, used as it is (the caller picks adapters; grad flows unless disabled).
+        contexts: C distinct contexts (token id lists, each non-empty), read after ``prefix``.
+        context_index: [R] the context of each sequence.
+        sequences: R token id lists scored after their context (may be empty).
+        prefix: optional :class:`PrefixCache` of a constant text read before every context.
+        stop_token_ids: if given, also return log p(⊤) at every position: the summed probability of
+            these ids.
+        renormalise: optional :class:`Constraints`: the first ``renormalise_upto[r]`` tokens of row r
+            (default: all) and ⊤ get the distribution renormalised over the allowed and stop ids
+            (length limits ignored); later tokens (e.g. an answer outside the policy's vocabulary)
+            are scored under the full vocabulary.
+        max_batch_tokens: rows are scored in chunks of at most this many (rows × padded width)
+            tokens after the context (at least one row per chunk); None: one chunk.
+
+    Returns:
+        token_logp [R, W] fp32, log p(s_k | C, s_<k) (0 beyond each length), and stop_logp
+        [R, W+1] fp32, log p(⊤ | C, s_1:k) for k = 0..W (None without stop ids or ``renormalise``).
+    """
+    R = len(sequences)
+    device = next(model.parameters()).device
+    lengths_all = [len(s) for s in sequences]
+    W = max(lengths_all, default=0)
+    want_stop = stop_token_ids is not None or renormalise is not None
+    tok_out = torch.zeros((R, W), device=device)
+    stop_out = torch.full((R, W + 1), NEG_INF, device=device) if want_stop else None
+    if renormalise is not None:
+        renormalise = Constraints(stop_token_ids=list(renormalise.stop_token_ids), min_new_tokens=0,
+                                  max_new_tokens=10**9, allowed_token_ids=renormalise.allowed_token_ids,
+                                  forbidden_token_ids=list(renormalise.forbidden_token_ids))
+    upto = list(renormalise_upto) if renormalise_upto is not None else lengths_all
+    for rows in _chunks(lengths_all, max_batch_tokens):
+        used = sorted({int(context_index[r]) for r in rows})
+        where = {c: i for i, c in enumerate(used)}
+        index = torch.tensor([where[int(context_index[r])] for r in rows], device=device)
+        width = max(lengths_all[r] for r in rows)
+        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            if lengths_all[r]:
+                tokens[i, :lengths_all[r]] = torch.as_tensor(list(sequences[r]), device=device)
+        lengths = torch.tensor([lengths_all[r] for r in rows], device=device)
+        logits, _ = completion_logits(model, [list(contexts[c]) for c in used], index, tokens, lengths, pad_id,
+                                      prefix=prefix)  # [r, width+1, V]
+        tok, stop = _token_and_stop_log_probs(logits, tokens, stop_token_ids, renormalise,
+                                              torch.tensor([upto[r] for r in rows], device=device))
+        valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        sel = torch.tensor(rows, device=device)
+        tok_out[sel, :width] = torch.where(valid, tok, torch.zeros_like(tok))
+        if want_stop:
+            stop_out[sel, :width + 1] = stop
+    return tok_out, stop_out
+
+
+def _token_and_stop_log_probs(logits: Tensor, tokens: Tensor, stop_token_ids, renormalise: Constraints | None,
+                              upto: Tensor) -> tuple[Tensor, Tensor | None]:
+    """log p of each next token [r, w] and of ⊤ [r, w+1] from logits [r, w+1, V], in fp32: full
+    softmax, or renormalised over ``renormalise``'s ids for the first ``upto[r]`` tokens and ⊤."""
+    r, w1, _ = logits.shape
+    full = logits.float().log_softmax(-1)
+    tok = full[:, :-1].gather(2, tokens[:, :, None]).squeeze(2)
+    stop = None
+    if renormalise is not None:
+        steps = torch.zeros((r, w1), dtype=torch.long, device=logits.device)
+        nxt = torch.cat([tokens, tokens.new_full((r, 1), renormalise.stop_token_ids[0])], dim=1)
+        sel_tok, stop = renormalise.selected_log_probs(logits, steps, nxt)
+        inside = torch.arange(w1 - 1, device=logits.device)[None, :] < upto[:, None]
+        tok = torch.where(inside, sel_tok[:, :-1], tok)
+    elif stop_token_ids is not None:
+        stop = torch.logsumexp(full[..., torch.as_tensor(list(stop_token_ids), device=logits.device)], dim=-1)
+    return tok, stop
+
+
+def _chunks(lengths: Sequence[int], max_batch_tokens: int | None) -> list[list[int]]:
+    """Consecutive row groups whose rows × (widest + 1) stays within ``max_batch_tokens``."""
+    if not max_batch_tokens:
+        return [list(range(len(lengths)))] if lengths else []
+    out, cur, widest = [], [], 0
+    for i, n in enumerate(lengths):
+        w = max(widest, n)
+        if cur and (len(cur) + 1) * (w + 1) > max_batch_tokens:
+            out.append(cur)
+            cur, w = [], n
+        cur.append(i)
+        widest = w
+    if cur:
+        out.append(cur)
+    return out

@@ -19,7 +19,7 @@ def episodes_from_texts(trainer, completions: dict[str, list[str]]):
     """Tokenise labelled completions into episodes (tool output inserted as the sampler would).
 
     Returns (row ids [K], tokens [K, N], lengths [K], action_mask [K, N])."""
-    from .trainer import _cat_padded
+    from .rollout import cat_padded
 
     index = {r["prompt"]: i for i, r in enumerate(trainer.rows)}
     rows, tokens, lengths, masks = [], [], [], []
@@ -33,7 +33,7 @@ def episodes_from_texts(trainer, completions: dict[str, list[str]]):
         masks.append(m)
     if not rows:
         raise DataError("sft: no labelled completions")
-    return (torch.tensor(rows), _cat_padded(tokens, trainer.pad_id), torch.cat(lengths), _cat_padded(masks, False))
+    return (torch.tensor(rows), cat_padded(tokens, trainer.pad_id), torch.cat(lengths), cat_padded(masks, False))
 
 
 def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> list[float]:

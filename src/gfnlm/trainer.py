@@ -19,12 +19,13 @@ its own episodes (seed + rank) and gradients are averaged by Accelerate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,12 +33,13 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .config import GFNConfig
-from .data import as_rows, render_prompt
+from .data import render_prompt
 from .errors import ConfigError, DataError
 from .losses import LOSSES, tempered
-from .replay import ReplayBuffer, pad_action_masks, pad_entries
-from .rewards import Reward, RewardBatch, as_reward, compute_log_rewards
-from .sampling import Constraints, check_fits, pad_right, sample, tool_output
+from .policy import bind_base_models, wrap_policy
+from .rewards import Reward, RewardBatch, as_reward
+from .rollout import Collector, Episodes
+from .sampling import Constraints, sample
 from .scoring import score
 
 
@@ -122,7 +124,9 @@ class GFNTrainer:
         model: a model id/path/embedded name (loaded with :func:`gfnlm.models.load_model`) or a
             ``PreTrainedModel`` (or a ``PeftModel``).
         reward_funcs: one reward or a list: :class:`gfnlm.rewards.Reward` objects or TRL-style
-            callables ``f(prompts, completions, **columns) -> list[float]`` (log-rewards).
+            callables ``f(prompts, completions, **columns) -> list[float]`` (log-rewards). An
+            LM-likelihood reward may be built on the plain model before the trainer wraps it: it
+            reads the base model through :class:`gfnlm.policy.BaseLM`, adapters off.
         args: :class:`GFNConfig` (default: ``GFNConfig()``).
         train_dataset: rows with a ``prompt`` (list of dicts/strings, ``datasets.Dataset`` or a file).
         processing_class: the tokenizer (loaded with the model if ``model`` is a string).
@@ -150,10 +154,7 @@ class GFNTrainer:
         from accelerate import Accelerator
 
         self.args = args = args or GFNConfig()
-        self.accelerator = Accelerator(
-            log_with=list(args.report_to) or None,
-            project_dir=args.output_dir,
-        )
+        self.accelerator = Accelerator(log_with=list(args.report_to) or None, project_dir=args.output_dir)
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1 and self.accelerator.num_processes != world:
             # e.g. torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: every process
@@ -162,7 +163,6 @@ class GFNTrainer:
                 f"launched as {world} processes but Accelerate sees {self.accelerator.num_processes}: "
                 "on CPU set ACCELERATE_USE_CPU=1 (e.g. ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N)"
             )
-        torch.manual_seed(args.seed)  # same adapter init on every rank
         if isinstance(model, (str, Path)):
             from .models import load_model
 
@@ -172,42 +172,34 @@ class GFNTrainer:
             raise ConfigError("pass processing_class (the tokenizer) when model is not a name or path")
         self.tokenizer = processing_class
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        model = self._wrap_peft(model, peft_config)
+        model = wrap_policy(model, args.use_peft, peft_config, lambda: lora_config(args), args.seed)
         disable_dropout(model)
         model.eval()
 
-        self.rewards: list[Reward] = [as_reward(r) for r in (reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])]
-        if not self.rewards:
+        rewards: list[Reward] = [as_reward(r) for r in (reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])]
+        if not rewards:
             raise ConfigError("no reward function: pass reward_funcs")
-        self.reward_weights = args.reward_weights
-        self.prefix_rewards = all(r.prefix for r in self.rewards)
-        if args.loss_type in ("modified_subtb", "subtb", "modified_db") and not self.prefix_rewards:
-            names = [r.name for r in self.rewards if not r.prefix]
+        bind_base_models(rewards, model, args.base_model_copy)
+        self.loss = LOSSES[args.loss_type]
+        if self.loss.prefix_rewards and not all(r.prefix for r in rewards):
+            names = [r.name for r in rewards if not r.prefix]
             raise ConfigError(
                 f"loss_type {args.loss_type} needs log-rewards for every prefix, but {names} give only a terminal reward: "
                 "use loss_type tb or vargrad, or a prefix reward"
             )
-
-        self.constraints = constraints or constraints_from_config(args, self.tokenizer)
-        if self.constraints.stop_after_tool and tool is None:
+        constraints = constraints or constraints_from_config(args, self.tokenizer)
+        if constraints.stop_after_tool and tool is None:
             raise ConfigError("stop_after_tool is set but there is no tool: pass tool=... or set stop_after_tool false")
-        self.rows = as_rows(train_dataset)
-        self.prompt_ids = [render_prompt(self.tokenizer, r["prompt"], args.chat_template) for r in self.rows]
-        episode_room = self.constraints.max_new_tokens + (args.max_tool_tokens if tool is not None else 0)
-        for ids, row in zip(self.prompt_ids, self.rows):
-            try:
-                check_fits(model, [ids], episode_room)
-            except DataError as e:
-                raise DataError(f"prompt {row['prompt'][:40]!r}...: {e}") from None
+        if self.loss.adjacent_pairs_only and (constraints.stop_after_tool or constraints.min_new_tokens > 0):
+            raise ConfigError(f"loss_type {args.loss_type} compares only adjacent stoppable prefixes, and with "
+                              f"{'stop_after_tool' if constraints.stop_after_tool else 'min_new_tokens > 0'} the first tokens "
+                              "(or every pair) have none: use loss_type modified_subtb")
+        rank = self.accelerator.process_index
+        self.collector = Collector(args, self.tokenizer, train_dataset, rewards, constraints, tool,
+                                   torch.Generator().manual_seed(args.seed + 1_000_003 * rank), sample_metrics)
+        self.collector.check_prompts_fit(model)
 
-        kind = args.log_z
-        if kind == "auto":
-            needs_anchor = args.loss_type in ("modified_subtb", "subtb") and (
-                self.constraints.min_new_tokens > 0 or self.constraints.stop_after_tool)
-            kind = "scalar" if args.loss_type == "tb" or needs_anchor else "none"
-        if args.loss_type == "tb" and kind == "none":
-            raise ConfigError("loss_type tb needs a learned log Z: set log_z to scalar or prompt")
-        policy = GFNPolicy(model, kind)
+        policy = GFNPolicy(model, self.log_z_kind())
         lm_params = [p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("log_z")]
         z_params = [p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("log_z")]
         groups = [{"params": lm_params, "lr": args.learning_rate, "weight_decay": args.weight_decay}]
@@ -219,216 +211,84 @@ class GFNTrainer:
         self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                                        num_training_steps=args.max_steps)
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        self.loss_fn = LOSSES[args.loss_type]
-        self.buffer = ReplayBuffer(args.buffer_capacity, args.buffer_priority_temperature)
-        rank = self.accelerator.process_index
-        self.generator = torch.Generator().manual_seed(args.seed + 1_000_003 * rank)
-        self.sample_metrics = sample_metrics
-        self.tool = tool
         self.step = 0
         self.history: list[dict] = []
         #: extra JSON-able entries written into every checkpoint's trainer_state.json (e.g. EM progress)
         self.extra_info: dict = {}
         self._trackers_started = False
 
-    # ------------------------------------------------------------------------------------------
-    def _wrap_peft(self, model, peft_config):
-        if getattr(model, "peft_config", None):
-            return model
-        if peft_config is None and self.args.use_peft:
-            peft_config = lora_config(self.args)
-        if peft_config is None:
-            for p in model.parameters():
-                p.requires_grad_(True)
-            return model
-        from peft import get_peft_model
+    def log_z_kind(self) -> str:
+        """The learned log Z: ``args.log_z``, or with ``auto``: none when the loss needs none (or the
+        empty prefix can stop, anchoring modified SubTB), else one per prompt when the dataset has
+        several prompts (Z depends on the prompt) and a scalar for a single prompt."""
+        a, c = self.args, self.collector.constraints
+        if a.log_z != "auto":
+            kind = a.log_z
+        else:
+            needed = self.loss.log_z == "required" or (
+                self.loss.log_z == "anchor" and (c.min_new_tokens > 0 or c.stop_after_tool))
+            several = len({tuple(p) for p in self.collector.prompt_ids}) > 1
+            kind = ("prompt" if several else "scalar") if needed else "none"
+        if self.loss.log_z == "required" and kind == "none":
+            raise ConfigError(f"loss_type {a.loss_type} needs a learned log Z: set log_z to scalar or prompt")
+        return kind
 
-        return get_peft_model(model, peft_config)
-
+    # --- what the collector holds (the names users and tasks know) ---------------------------
     @property
     def model(self):
         """The policy LM (a PeftModel when LoRA is used), unwrapped from DDP."""
         return self.accelerator.unwrap_model(self.policy).lm
 
-    # --- episodes ------------------------------------------------------------------------------
-    def reward_batch(self, row_ids: Sequence[int], prompt_index: Tensor, tokens: Tensor, lengths: Tensor,
-                     action_mask: Tensor | None = None) -> RewardBatch:
-        """Build what rewards see for episodes continuing ``self.rows[row_ids[prompt_index]]``
-        (``action_mask``: False on tool-written tokens, None without a tool)."""
-        rows = [self.rows[row_ids[i]] for i in prompt_index.tolist()]
-        completions = [self.tokenizer.decode(tokens[b, : int(lengths[b])].tolist(), skip_special_tokens=False)
-                       for b in range(tokens.shape[0])]
-        columns = {k: [r.get(k) for r in rows] for k in self.rows[0] if k != "prompt"}
-        return RewardBatch(
-            prompts=[r["prompt"] for r in rows],
-            prompt_ids=[self.prompt_ids[i] for i in row_ids],
-            prompt_index=prompt_index.cpu(),
-            tokens=tokens.cpu(),
-            lengths=lengths.cpu(),
-            completions=completions,
-            columns=columns,
-            tokenizer=self.tokenizer,
-            action_mask=None if action_mask is None else action_mask.cpu(),
-        )
+    rows = property(lambda self: self.collector.rows)
+    prompt_ids = property(lambda self: self.collector.prompt_ids)
+    buffer = property(lambda self: self.collector.buffer)
+    generator = property(lambda self: self.collector.generator)
+    rewards = property(lambda self: self.collector.rewards)
+    constraints = property(lambda self: self.collector.constraints)
+    tool = property(lambda self: self.collector.tool)
+
+    def reward_batch(self, *a, **kw) -> RewardBatch:
+        return self.collector.reward_batch(*a, **kw)
 
     def log_rewards(self, batch: RewardBatch) -> Tensor:
         """Untempered log R: [B, N+1] with prefix rewards, else [B]."""
-        return compute_log_rewards(self.rewards, self.reward_weights, batch)
+        return self.collector.log_rewards(batch)
 
-    def seed_buffer(self, completions: dict[str, list[str]] | list[tuple[str, str]]) -> int:
-        """Add known completions (e.g. valid examples) to the replay buffer.
+    def seed_buffer(self, completions) -> int:
+        """Add known completions to the replay buffer (see :meth:`gfnlm.rollout.Collector.seed_buffer`)."""
+        return self.collector.seed_buffer(completions)
 
-        ``completions`` maps a prompt (as in the dataset) to completion texts. Rewards are computed
-        with the reward functions. With a tool, give the policy's actions only (``"6 - 0 =, 6 - 4 ="``):
-        the tool's output is inserted as during sampling. Returns how many entries were added.
-        """
-        pairs = list(completions.items()) if isinstance(completions, dict) else [(p, [c]) for p, c in completions]
-        index = {r["prompt"]: i for i, r in enumerate(self.rows)}
-        added = 0
-        for prompt, texts in pairs:
-            if prompt not in index:
-                raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
-            tokens, lengths, action_mask = self.encode_completions(texts, "seed_buffer")
-            batch = self.reward_batch([index[prompt]], torch.zeros(len(texts), dtype=torch.long), tokens, lengths,
-                                      action_mask if self.tool is not None else None)
-            added += self.buffer.add_batch([prompt] * len(texts), tokens, lengths, self.log_rewards(batch),
-                                           action_mask if self.tool is not None else None)
-        return added
-
-    def encode_completions(self, texts: Sequence[str], what: str = "completions") -> tuple[Tensor, Tensor, Tensor]:
-        """Tokenise completion texts into episodes: tokens [K, N], lengths [K], action_mask [K, N].
-
-        Lengths are checked against the constraints (error names ``what``); with a tool, its output
-        is inserted as the sampler would."""
-        states, masks = [], []
-        for t in texts:
-            ids = self.tokenizer.encode(t, add_special_tokens=False)
-            if len(ids) < self.constraints.min_new_tokens:
-                desc = "empty completion" if not ids else f"completion {t!r} ({len(ids)} tokens)"
-                raise DataError(f"{what}: {desc} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
-            if len(ids) > self.constraints.max_new_tokens:
-                raise DataError(f"{what}: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
-            state, mask = self._with_tool_output(ids)
-            states.append(state)
-            masks.append(mask)
-        if not states:
-            raise DataError(f"{what}: no completions given")
-        tokens, lengths = pad_right(states, self.pad_id)
-        action_mask, _ = pad_right(masks, False, dtype=torch.bool)
-        return tokens, lengths, action_mask
-
-    def _with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
-        """The state the sampler would build from these actions: tool output inserted after each
-        action that triggers the tool (:func:`gfnlm.sampling.tool_output`, as in sampling)."""
-        if self.tool is None:
-            return list(actions), [True] * len(actions)
-        state, mask, used = [], [], 0
-        for a in actions:
-            state.append(a)
-            mask.append(True)
-            out = tool_output(self.tool, self.tokenizer, state, used, self.args.max_tool_tokens)
-            state += out
-            mask += [False] * len(out)
-            used += len(out)
-        return state, mask
-
-    def _tool_kwargs(self) -> dict:
-        if self.tool is None:
-            return {}
-        return {"tool": self.tool, "tokenizer": self.tokenizer, "max_tool_tokens": self.args.max_tool_tokens}
+    def encode_completions(self, texts: Sequence[str], what: str = "completions"):
+        return self.collector.encode_completions(texts, what)
 
     def sample(self, prompts: Sequence[str], n: int, temperature: float = 1.0) -> list[list[str]]:
         """Sample ``n`` completions (text) for each prompt from the current policy."""
         ids = [render_prompt(self.tokenizer, p, self.args.chat_template) for p in prompts]
         idx = torch.arange(len(prompts)).repeat_interleave(n)
         s = sample(self.model, ids, idx, self.constraints, temperature=temperature, pad_id=self.pad_id,
-                   generator=self.generator, **self._tool_kwargs())
+                   generator=self.generator, **self.collector.tool_kwargs())
         texts = [self.tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def _collect(self) -> dict[str, Any]:
-        """Sample, score and mix one micro-batch of episodes (no grad)."""
-        a, g = self.args, self.generator
-        device = self.accelerator.device
-        row_ids = torch.randint(len(self.rows), (a.prompts_per_step,), generator=g).tolist()
-        k = a.samples_per_prompt
-        fresh_idx, temps, on_policy, replay_plan = [], [], [], []
-        for p, r in enumerate(row_ids):
-            key = self.rows[r]["prompt"]
-            n_rep = round(k * a.replay_fraction) if self.buffer.size(key) else 0
-            n_temp = round(k * a.tempered_fraction)
-            n_on = k - n_rep - n_temp
-            fresh_idx += [p] * (n_on + n_temp)
-            lo, hi = a.explore_temperature_min, a.explore_temperature_max
-            temps += [1.0] * n_on + (lo + (hi - lo) * torch.rand(n_temp, generator=g)).tolist()
-            on_policy += [True] * n_on + [False] * n_temp
-            replay_plan.append((p, key, n_rep))
-        prompts = [self.prompt_ids[r] for r in row_ids]
-        fresh_idx_t = torch.tensor(fresh_idx, dtype=torch.long)
-        on_policy = torch.tensor(on_policy)
-        s = sample(self.model, prompts, fresh_idx_t.to(device), self.constraints, temperature=torch.tensor(temps),
-                   epsilon=a.epsilon, pad_id=self.pad_id, generator=g, **self._tool_kwargs())
-        fresh_batch = self.reward_batch(row_ids, fresh_idx_t, s.tokens, s.lengths, s.action_mask)
-        fresh_log_r = self.log_rewards(fresh_batch)
-        keys = [self.rows[row_ids[i]]["prompt"] for i in fresh_idx]
-        fresh_mask = None if s.action_mask is None else s.action_mask.cpu()
-        self.buffer.add_batch(keys, s.tokens.cpu(), s.lengths.cpu(), fresh_log_r, fresh_mask)
+    def _collect(self) -> Episodes:
+        """One micro-batch of episodes (no grad)."""
+        return self.collector.collect(self.model, self.accelerator.device)
 
-        # replayed episodes, with their stored (untempered) log-rewards
-        rep_entries, rep_idx = [], []
-        for p, key, n_rep in replay_plan:
-            got = self.buffer.sample(key, n_rep, generator=g)
-            rep_entries += got
-            rep_idx += [p] * len(got)
-        tokens, lengths, log_r, action_mask = s.tokens.cpu(), s.lengths.cpu(), fresh_log_r, fresh_mask
-        prompt_index = fresh_idx_t
-        if rep_entries:
-            r_tok, r_len, r_prefix, r_term = pad_entries(rep_entries, self.pad_id)
-            r_mask = pad_action_masks(rep_entries, r_tok.shape[1])
-            if action_mask is not None or r_mask is not None:  # tool-written tokens on either side
-                masks = [m if m is not None else _range_mask(n, t.shape[1])
-                         for m, n, t in ((action_mask, lengths, tokens), (r_mask, r_len, r_tok))]
-                action_mask = _cat_padded(masks, False)
-            r_log_r = r_prefix if self.prefix_rewards else r_term
-            tokens, lengths, log_r = _cat_padded([tokens, r_tok], self.pad_id), torch.cat([lengths, r_len]), \
-                _cat_padded([log_r, r_log_r], 0.0) if log_r.ndim == 2 else torch.cat([log_r, r_log_r])
-            prompt_index = torch.cat([prompt_index, torch.tensor(rep_idx, dtype=torch.long)])
-        terminal = fresh_log_r.gather(1, s.lengths.cpu()[:, None]).squeeze(1) if fresh_log_r.ndim == 2 else fresh_log_r
-        metrics = {
-            "reward/log_r_mean": terminal.mean().item(),
-            "reward/log_r_max": terminal.max().item(),
-            "episodes/length_mean": s.lengths.float().mean().item(),
-            "episodes/replayed": float(len(rep_entries)),
-        }
-        if self.sample_metrics is not None and on_policy.any():
-            sel = on_policy.nonzero().squeeze(1).tolist()
-            m = self.sample_metrics([fresh_batch.prompts[i] for i in sel], [fresh_batch.completions[i] for i in sel])
-            metrics.update({f"samples/{k}": float(v) for k, v in m.items()})
-        return dict(prompts=prompts, prompt_index=prompt_index, tokens=tokens, lengths=lengths, log_r=log_r,
-                    action_mask=action_mask, metrics=metrics, n=int(tokens.shape[0]))
-
-    def compute_loss(self, batch: dict) -> tuple[Tensor, dict]:
+    # --- the loss -------------------------------------------------------------------------------
+    def compute_loss(self, ep: Episodes) -> tuple[Tensor, dict]:
         """The GFlowNet loss of one micro-batch (with grad)."""
         device = self.accelerator.device
         T = self.args.reward_temperature_at(self.step)
-        tokens, lengths = batch["tokens"].to(device), batch["lengths"].to(device)
-        prompt_index = batch["prompt_index"].to(device)
-        mask = batch.get("action_mask")
-        log_pf, log_pterm, log_z = self.policy(batch["prompts"], prompt_index, tokens, lengths, self.constraints,
-                                               self.pad_id, None if mask is None else mask.to(device))
+        tokens, lengths = ep.tokens.to(device), ep.lengths.to(device)
+        prompt_index = ep.prompt_index.to(device)
+        mask = None if ep.action_mask is None else ep.action_mask.to(device)
+        log_pf, log_pterm, log_z = self.policy(ep.prompts, prompt_index, tokens, lengths, self.constraints,
+                                               self.pad_id, mask)
         if not torch.isfinite(log_pf).all():
             raise DataError("an episode contains a token the constraints forbid (e.g. a replayed or seeded completion): "
                             "check allowed_tokens/forbidden_tokens against the buffer's completions")
-        log_r = tempered(batch["log_r"].to(device), T)
-        lt = self.args.loss_type
-        if lt in ("modified_subtb", "subtb"):
-            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths, lamda=self.args.subtb_lambda, log_z=log_z)
-        elif lt == "tb":
-            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths, log_z)
-        elif lt == "vargrad":
-            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths, group=prompt_index)
-        else:
-            loss = self.loss_fn(log_pf, log_pterm, log_r, lengths)
+        loss = self.loss(log_pf, log_pterm, tempered(ep.log_r.to(device), T), lengths, log_z=log_z,
+                         group=prompt_index, lamda=self.args.subtb_lambda)
         metrics = {"reward_temperature": T}
         if log_z is not None:
             metrics["log_z"] = log_z.detach().float().mean().item()
@@ -442,20 +302,17 @@ class GFNTrainer:
         sums: dict[str, float] = {}
         n_episodes = 0
         for micro in range(a.gradient_accumulation_steps):
-            batch = self._collect()
+            ep = self._collect()
             last = micro == a.gradient_accumulation_steps - 1
-            ctx = self.accelerator.no_sync(self.policy) if not last else _nullcontext()
-            with ctx:
-                loss, m = self.compute_loss(batch)
+            with self.accelerator.no_sync(self.policy) if not last else contextlib.nullcontext():
+                loss, m = self.compute_loss(ep)
                 if not torch.isfinite(loss):
                     raise DataError(f"the loss is {loss.item()} at step {self.step}: check the rewards and the learning rate")
                 self.accelerator.backward(loss / a.gradient_accumulation_steps)
-            for k, v in {**batch["metrics"], **m, "loss": loss.item()}.items():
+            for k, v in {**ep.metrics, **m, "loss": loss.item()}.items():
                 sums[k] = sums.get(k, 0.0) + v / a.gradient_accumulation_steps
-            n_episodes += batch["n"]
-        if a.max_grad_norm and a.max_grad_norm > 0:
-            gn = self.accelerator.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], a.max_grad_norm)
-            sums["grad_norm"] = float(gn)
+            n_episodes += ep.n
+        sums.update(self.clip_gradients())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -464,6 +321,21 @@ class GFNTrainer:
         sums.update({"learning_rate": self.scheduler.get_last_lr()[0], "episodes_per_second": n_episodes / dt,
                      "buffer/size": float(len(self.buffer)), "step": self.step})
         return sums
+
+    def clip_gradients(self) -> dict:
+        """Clip the LM's gradient and log Z's gradient to ``max_grad_norm`` each, apart: log Z's
+        gradient is in nats, often far larger than the adapters', and one shared norm would let it
+        shrink the adapters' step to nothing. Returns the norms before clipping."""
+        a = self.args
+        if not a.max_grad_norm or a.max_grad_norm <= 0:
+            return {}
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.policy).named_parameters() if p.requires_grad]
+        out = {}
+        for key, params in (("grad_norm", [p for n, p in named if not n.startswith("log_z")]),
+                            ("grad_norm_log_z", [p for n, p in named if n.startswith("log_z")])):
+            if params:
+                out[key] = float(self.accelerator.clip_grad_norm_(params, a.max_grad_norm))
+        return out
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
         """Run until ``max_steps``. ``resume_from_checkpoint``: a checkpoint folder, or True for the
@@ -587,29 +459,6 @@ def write_policy_files(folder: str | Path, lm, args: GFNConfig, constraints: Con
                                    "forbidden_token_ids": constraints.forbidden_token_ids,
                                    "stop_after_tool": constraints.stop_after_tool})
     (folder / "trainer_state.json").write_text(json.dumps(info, indent=1))
-
-
-def _range_mask(lengths: Tensor, width: int) -> Tensor:
-    """[B, width] bool, True on the first ``lengths[b]`` columns."""
-    return torch.arange(width)[None, :] < lengths[:, None]
-
-
-def _cat_padded(tensors: list[Tensor], pad) -> Tensor:
-    width = max(t.shape[1] for t in tensors)
-    out = []
-    for t in tensors:
-        if t.shape[1] < width:
-            t = torch.cat([t, torch.full((t.shape[0], width - t.shape[1]), pad, dtype=t.dtype)], dim=1)
-        out.append(t)
-    return torch.cat(out, dim=0)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def disable_dropout(model: nn.Module) -> None:

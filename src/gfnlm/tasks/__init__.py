@@ -66,8 +66,10 @@ class Task:
         """Training rows, each with a ``prompt``."""
         raise NotImplementedError
 
-    def reward_funcs(self, model, tokenizer, constraints) -> list:
-        """Rewards (log space) for the trainer."""
+    def reward_funcs(self, model, tokenizer, constraints, config: GFNConfig | None = None) -> list:
+        """Rewards (log space) for the trainer. ``model`` is the policy, already wrapped (LoRA):
+        an LM reward reads its base model through :class:`gfnlm.policy.BaseLM` (as
+        :class:`gfnlm.rewards.LMLikelihoodReward` does)."""
         raise NotImplementedError
 
     def constraints(self, config: GFNConfig, tokenizer):

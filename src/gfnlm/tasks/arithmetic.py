@@ -12,8 +12,11 @@ result ("... 6 - 4 = 2").  The policy may stop only there (``stop_after_tool``):
 the posterior's mode on SmolLM2-135M was to copy the question (" 6 - 0 - 4", stop), which is cheap
 under the LM and answers nothing.  Every such prefix is a terminal state with its own reward, so
 the default objective is the paper's modified SubTB over those prefixes (anchored at the empty
-prefix by a learned log Z, as stopping there is impossible).  An episode forced to stop at
-``max_new_tokens`` without a result gets ``invalid_log_reward``.
+prefix by a learned, prompt-conditioned log Z, as stopping there is impossible).  An episode
+forced to stop at ``max_new_tokens`` without a result gets a floor low enough at every reward
+temperature of the schedule (:meth:`ArithmeticTask.invalid_floor`).  The reward is the engine's
+one :class:`~gfnlm.rewards.LMLikelihoodReward` (few-shot block as its shared prefix, the answer as
+its suffix, the prefixes where the policy may stop).
 
 Data (``../shared/data/arithmetic`` or the user's files in the same format): supervised
 rationales seed the replay buffer, training questions come from the unsupervised pool, and test
@@ -27,6 +30,7 @@ last "="), and taking a majority vote; greedy decoding is reported too.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -38,7 +42,7 @@ import torch
 from ..data import load_rows, render_prompt
 from ..errors import DataError
 from ..rewards import LMLikelihoodReward
-from ..sampling import Constraints, pad_right, tool_output_ends
+from ..sampling import Constraints
 from ..tools import Calculator, evaluate_expression
 from ..trainer import constraints_from_config
 from . import Task
@@ -139,7 +143,7 @@ class ArithmeticArgs:
     pool_file: str = "1digit_34_op+-_hw.json"
     test_files: str = "3:1digit_3_op+-_test.json,4:1digit_4_op+-_test.json,5:1digit_5_op+-_test.json"
     reward_shots: int = 3
-    invalid_log_reward: float = -200.0
+    invalid_log_reward: float | None = None  # None: low enough at every reward temperature (invalid_floor)
     max_operands: int = 2
     seed_buffer: bool = True
     vote_samples: int = 10
@@ -216,10 +220,26 @@ class ArithmeticTask(Task):
         """The calculator that writes each step's result into the state."""
         return self.calculator
 
-    def reward_funcs(self, model, tokenizer, constraints) -> list:
-        return [AnswerLikelihoodReward(model, tokenizer, self.few_shot_context(self.args.reward_shots),
-                                       stop_token_ids=constraints.stop_token_ids,
-                                       invalid_log_reward=self.args.invalid_log_reward)]
+    def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
+        """log R(z_1:t ⊤) = log p_LM(z_1:t, Y* | C, X) at every prefix where the policy may stop (the
+        one LM-likelihood reward: the few-shot block C shared and encoded once, Y* the answer column,
+        full vocabulary); the other prefixes get :meth:`invalid_floor`."""
+        return [LMLikelihoodReward(model, tokenizer, shared_prefix=self.few_shot_context(self.args.reward_shots) or None,
+                                   suffix=lambda row: ANSWER_SUFFIX.format(n=row["num_sol"]), prefixes="stoppable",
+                                   constraints=constraints, renormalise=False,
+                                   invalid_log_reward=self.invalid_floor(config, constraints, tokenizer),
+                                   name="rationale_and_answer_likelihood")]
+
+    def invalid_floor(self, config, constraints, tokenizer) -> float:
+        """log R of an episode forced to stop without a result: ``invalid_log_reward`` if set, else
+        low enough at every reward temperature T of the schedule that the tempered floor leaves
+        the invalid strings less than e^-50 of the target: floor / T + L log K <= -50 with L =
+        ``max_new_tokens`` actions over K allowed tokens (about 138^40 strings)."""
+        if self.args.invalid_log_reward is not None:
+            return self.args.invalid_log_reward
+        k = len(self.allowed_token_ids(tokenizer)) + 1
+        t_max = 1.0 if config is None else max(config.reward_temperature, config.reward_temperature_end or 0.0)
+        return -t_max * (constraints.max_new_tokens * math.log(k) + 50.0)
 
     def sample_metrics(self):
         def accuracy(prompts, completions):
@@ -317,77 +337,6 @@ def table4(rows: list[tuple[str, list[dict]]]) -> str:
     lines = ["| method | " + " | ".join(f"{l} operands" for l in labels) + " |", "|---|" + "---|" * len(labels)]
     lines += [f"| {name} | " + " | ".join(cell(res, l) for l in labels) + " |" for name, res in rows]
     return "\n".join(lines)
-
-
-class AnswerLikelihoodReward(LMLikelihoodReward):
-    """log R(z_1:t ⊤) = log p_LM(z_1:t, Y* | C, X) for every prefix that ends with a computed result.
-
-    The base model's likelihood of the state (rationale with calculator outputs) up to t, followed
-    by the correct answer Y* = ". The answer is N.", given a few-shot context C.  Y* comes from the
-    dataset column ``num_sol``; no stop token is scored (Y* ends the text).  A prefix "ends with a
-    computed result" when the tool's output was the last thing written (read from the batch's
-    ``action_mask``); without a tool only the complete episode is scored, if its text ends with
-    "= N".  Every other prefix, and a complete episode with no result, gets ``invalid_log_reward``
-    (the policy cannot stop there when the constraints have ``stop_after_tool``, so the loss skips
-    those positions).  Prefixes are scored in chunks of ``rows_per_pass`` sequences, all after the
-    context's KV cache (computed once).
-
-    Returns [B, N+1] (log space, untempered)."""
-
-    prefix = True
-    name = "rationale_and_answer_likelihood"
-
-    def __init__(self, model, tokenizer, context: str, stop_token_ids, invalid_log_reward: float = -200.0,
-                 rows_per_pass: int = 32):
-        super().__init__(model, stop_token_ids=stop_token_ids)
-        self.invalid_log_reward = float(invalid_log_reward)
-        self.tokenizer = tokenizer
-        self.rows_per_pass = rows_per_pass
-        self.context_ids = tokenizer.encode(context, add_special_tokens=False) if context else []
-        self._context_cache = None  # the context's KV cache under the base model, computed once
-
-    @torch.no_grad()
-    def __call__(self, batch) -> torch.Tensor:
-        from .. import rewards as R
-        from ..scoring import PrefixCache, completion_logits
-
-        tok = self.tokenizer
-        B, N = batch.tokens.shape
-        answers = batch.columns.get("num_sol")
-        if answers is None:
-            raise DataError("the arithmetic reward needs the dataset column 'num_sol'")
-        # prefixes that end with a computed result: right after the tool's output, and the complete
-        # episode when its text ends with "= N"
-        ends = (torch.zeros((B, N + 1), dtype=torch.bool) if batch.action_mask is None
-                else tool_output_ends(batch.action_mask.cpu(), batch.lengths.cpu()))
-        for b in range(B):
-            if answer_of(batch.completions[b]) is not None:
-                ends[b, int(batch.lengths[b])] = True
-        suffixes = [tok.encode(ANSWER_SUFFIX.format(n=a), add_special_tokens=False) for a in answers]
-        jobs = ends.nonzero().tolist()  # (b, t): the state up to t followed by Y*
-        rows = [batch.tokens[b, :t].tolist() + suffixes[b] for b, t in jobs]
-        out = torch.full((B, N + 1), self.invalid_log_reward)
-        if not jobs:
-            return out
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        model = self.resolved_model()
-        device = next(model.parameters()).device
-        prompts = [list(p) for p in batch.prompt_ids]
-        with R.base_model(model) as base:
-            if self.context_ids and self._context_cache is None:
-                self._context_cache = PrefixCache(base, self.context_ids)
-            for lo in range(0, len(jobs), self.rows_per_pass):
-                part = jobs[lo:lo + self.rows_per_pass]
-                tokens, lengths = pad_right(rows[lo:lo + self.rows_per_pass], pad)
-                tokens, lengths = tokens.to(device), lengths.to(device)
-                index = batch.prompt_index[[b for b, _ in part]].to(device)
-                logits, _ = completion_logits(base, prompts, index, tokens, lengths, pad, prefix=self._context_cache)
-                logp = logits[:, :-1, :].float().log_softmax(-1).gather(2, tokens[:, :, None]).squeeze(2)
-                valid = torch.arange(tokens.shape[1], device=device)[None, :] < lengths[:, None]
-                values = torch.where(valid, logp, torch.zeros_like(logp)).sum(1).cpu()
-                for (b, t), v in zip(part, values.tolist()):
-                    out[b, t] = v
-        return out
 
 
 def main(argv=None) -> int:

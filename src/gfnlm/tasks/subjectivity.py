@@ -178,7 +178,7 @@ class SubjectivityTask(Task):
             self.likelihood = LikelihoodModel(model, tokenizer, [COT_PHRASE.format(label=l) for l in LABELS])
         return self.likelihood
 
-    def reward_funcs(self, model, tokenizer, constraints) -> list:
+    def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
         return [RationaleReward(self, tokenizer, self.args.penalty)]
 
     def prepare_trainer(self, trainer) -> None:

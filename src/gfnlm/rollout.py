@@ -1,0 +1,266 @@
+"""Collecting episodes: the behaviour-policy mix, replay and the reward calls of one micro-batch.
+
+For each of ``prompts_per_step`` dataset rows, ``samples_per_prompt`` episodes are split into
+
+* replayed episodes, drawn from the row's buffer **first** (so a step never replays what it has
+  just sampled), with their stored untempered log-rewards;
+* on-policy episodes (temperature 1) and tempered ones (a temperature drawn uniformly from
+  ``[explore_temperature_min, explore_temperature_max]``), sampled under ``no_grad``;
+
+the fresh episodes are scored by the rewards and added to the buffer afterwards.  Everything
+here runs without gradients: rewards are data, never part of the loss's graph.
+
+The replay buffer is keyed by the dataset row (its index), not by the prompt text: two rows
+with the same prompt but different columns (answers, labels) have different rewards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import GFNConfig
+from .data import as_rows, render_prompt
+from .errors import DataError
+from .replay import ReplayBuffer, pad_action_masks, pad_entries
+from .rewards import Reward, RewardBatch, compute_log_rewards
+from .sampling import Constraints, check_fits, pad_right, sample, tool_output
+
+
+@dataclass
+class Episodes:
+    """One micro-batch of episodes for the loss (CPU tensors).
+
+    Attributes:
+        prompts: P prompt token id lists; prompt_index: [B] long, the prompt of each episode.
+        tokens: [B, N] long states (tool output in place); lengths: [B] long.
+        log_r: untempered log R, [B, N+1] (prefix rewards) or [B] (terminal).
+        action_mask: [B, N] bool, False on tool-written tokens (None without a tool).
+        kind: [B] long, 0 on-policy, 1 tempered, 2 replayed.
+        metrics: what the step logs about these episodes.
+    """
+
+    prompts: list[list[int]]
+    prompt_index: Tensor
+    tokens: Tensor
+    lengths: Tensor
+    log_r: Tensor
+    action_mask: Tensor | None
+    kind: Tensor
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+ON_POLICY, TEMPERED, REPLAYED = 0, 1, 2
+KIND_NAMES = {ON_POLICY: "on_policy", TEMPERED: "tempered", REPLAYED: "replayed"}
+
+
+def episode_split(k: int, replay_fraction: float, tempered_fraction: float, can_replay: bool) -> tuple[int, int, int]:
+    """(on-policy, tempered, replayed) counts of ``k`` episodes of one prompt: each count is
+    rounded, replay and tempering never take more than ``k`` together, and at least one fresh
+    episode is sampled when ``k > 1`` (so every row keeps exploring)."""
+    n_rep = min(round(k * replay_fraction), k - 1 if k > 1 else k) if can_replay else 0
+    n_temp = min(round(k * tempered_fraction), k - n_rep)
+    return k - n_rep - n_temp, n_temp, n_rep
+
+
+class Collector:
+    """Rows, prompts, rewards, replay buffer and random stream of a GFlowNet run; :meth:`collect`
+    builds one micro-batch.
+
+    Args:
+        args: the run's config; tokenizer: the policy's; rows: dataset rows (each with ``prompt``).
+        rewards: the rewards (log space); constraints: the action space; tool: optional tool.
+        generator: the sampling random stream (seeded per rank).
+        sample_metrics: optional ``f(prompts, completions) -> dict`` logged on on-policy episodes.
+    """
+
+    def __init__(self, args: GFNConfig, tokenizer, train_dataset, rewards: Sequence[Reward], constraints: Constraints,
+                 tool: Callable | None, generator: torch.Generator, sample_metrics=None):
+        self.args, self.tokenizer, self.constraints, self.tool = args, tokenizer, constraints, tool
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rows = as_rows(train_dataset)
+        self.prompt_ids = [render_prompt(tokenizer, r["prompt"], args.chat_template) for r in self.rows]
+        self.rewards = list(rewards)
+        self.prefix_rewards = all(r.prefix for r in self.rewards)
+        self.buffer = ReplayBuffer(args.buffer_capacity, args.buffer_priority_temperature)
+        self.generator = generator
+        self.sample_metrics = sample_metrics
+
+    def check_prompts_fit(self, model) -> None:
+        """A one-line error naming the first prompt that leaves no room for an episode."""
+        room = self.constraints.max_new_tokens + (self.args.max_tool_tokens if self.tool is not None else 0)
+        for ids, row in zip(self.prompt_ids, self.rows):
+            try:
+                check_fits(model, [ids], room)
+            except DataError as e:
+                raise DataError(f"prompt {row['prompt'][:40]!r}...: {e}") from None
+
+    # --- rewards ---------------------------------------------------------------------------
+    def reward_batch(self, row_ids: Sequence[int], prompt_index: Tensor, tokens: Tensor, lengths: Tensor,
+                     action_mask: Tensor | None = None) -> RewardBatch:
+        """What rewards see for episodes continuing ``rows[row_ids[prompt_index]]``."""
+        rows = [self.rows[row_ids[i]] for i in prompt_index.tolist()]
+        completions = [self.tokenizer.decode(tokens[b, : int(lengths[b])].tolist(), skip_special_tokens=False)
+                       for b in range(tokens.shape[0])]
+        columns = {k: [r.get(k) for r in rows] for k in self.rows[0] if k != "prompt"}
+        return RewardBatch(prompts=[r["prompt"] for r in rows], prompt_ids=[self.prompt_ids[i] for i in row_ids],
+                           prompt_index=prompt_index.cpu(), tokens=tokens.cpu(), lengths=lengths.cpu(),
+                           completions=completions, columns=columns, tokenizer=self.tokenizer,
+                           action_mask=None if action_mask is None else action_mask.cpu())
+
+    @torch.no_grad()
+    def log_rewards(self, batch: RewardBatch) -> Tensor:
+        """Untempered log R: [B, N+1] with prefix rewards, else [B] (detached, CPU)."""
+        return compute_log_rewards(self.rewards, self.args.reward_weights, batch)
+
+    # --- known completions -----------------------------------------------------------------
+    def encode_completions(self, texts: Sequence[str], what: str = "completions") -> tuple[Tensor, Tensor, Tensor]:
+        """Tokenise completion texts into episodes: tokens [K, N], lengths [K], action_mask [K, N].
+
+        Lengths are checked against the constraints (error names ``what``); with a tool, its output
+        is inserted as the sampler would."""
+        states, masks = [], []
+        for t in texts:
+            ids = self.tokenizer.encode(t, add_special_tokens=False)
+            if len(ids) < self.constraints.min_new_tokens:
+                desc = "empty completion" if not ids else f"completion {t!r} ({len(ids)} tokens)"
+                raise DataError(f"{what}: {desc} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
+            if len(ids) > self.constraints.max_new_tokens:
+                raise DataError(f"{what}: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
+            state, mask = self.with_tool_output(ids)
+            states.append(state)
+            masks.append(mask)
+        if not states:
+            raise DataError(f"{what}: no completions given")
+        tokens, lengths = pad_right(states, self.pad_id)
+        action_mask, _ = pad_right(masks, False, dtype=torch.bool)
+        return tokens, lengths, action_mask
+
+    def with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
+        """The state the sampler would build from these actions: tool output inserted after each
+        action that triggers the tool (:func:`gfnlm.sampling.tool_output`, as in sampling)."""
+        if self.tool is None:
+            return list(actions), [True] * len(actions)
+        state, mask, used = [], [], 0
+        for a in actions:
+            state.append(a)
+            mask.append(True)
+            out = tool_output(self.tool, self.tokenizer, state, used, self.args.max_tool_tokens)
+            state += out
+            mask += [False] * len(out)
+            used += len(out)
+        return state, mask
+
+    def seed_buffer(self, completions: dict[str, list[str]] | list[tuple[str, str]]) -> int:
+        """Add known completions to the replay buffer of every row with that prompt (each row's
+        own rewards). ``completions`` maps a prompt to completion texts (with a tool: the policy's
+        actions only). Returns how many entries were added."""
+        pairs = list(completions.items()) if isinstance(completions, dict) else [(p, [c]) for p, c in completions]
+        by_prompt: dict[str, list[int]] = {}
+        for i, r in enumerate(self.rows):
+            by_prompt.setdefault(r["prompt"], []).append(i)
+        added = 0
+        for prompt, texts in pairs:
+            if prompt not in by_prompt:
+                raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
+            tokens, lengths, action_mask = self.encode_completions(texts, "seed_buffer")
+            mask = action_mask if self.tool is not None else None
+            for row in by_prompt[prompt]:
+                batch = self.reward_batch([row], torch.zeros(len(texts), dtype=torch.long), tokens, lengths, mask)
+                added += self.buffer.add_batch([row] * len(texts), tokens, lengths, self.log_rewards(batch), mask)
+        return added
+
+    def tool_kwargs(self) -> dict:
+        if self.tool is None:
+            return {}
+        return {"tool": self.tool, "tokenizer": self.tokenizer, "max_tool_tokens": self.args.max_tool_tokens}
+
+    # --- one micro-batch ---------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, model, device) -> Episodes:
+        """Replay first, then sample and score fresh episodes, then add those to the buffer."""
+        a, g = self.args, self.generator
+        row_ids = torch.randint(len(self.rows), (a.prompts_per_step,), generator=g).tolist()
+        fresh_idx, temps, kind, replayed, rep_idx = [], [], [], [], []
+        for p, r in enumerate(row_ids):
+            n_on, n_temp, n_rep = episode_split(a.samples_per_prompt, a.replay_fraction, a.tempered_fraction,
+                                                self.buffer.size(r) > 0)
+            got = self.buffer.sample(r, n_rep, generator=g)  # before this step's episodes are added
+            replayed += got
+            rep_idx += [p] * len(got)
+            fresh_idx += [p] * (n_on + n_temp)
+            lo, hi = a.explore_temperature_min, a.explore_temperature_max
+            temps += [1.0] * n_on + (lo + (hi - lo) * torch.rand(n_temp, generator=g)).tolist()
+            kind += [ON_POLICY] * n_on + [TEMPERED] * n_temp
+        prompts = [self.prompt_ids[r] for r in row_ids]
+        fresh_t = torch.tensor(fresh_idx, dtype=torch.long)
+        s = sample(model, prompts, fresh_t.to(device), self.constraints, temperature=torch.tensor(temps),
+                   epsilon=a.epsilon, pad_id=self.pad_id, generator=g, **self.tool_kwargs())
+        tokens, lengths = s.tokens.cpu(), s.lengths.cpu()
+        mask = None if s.action_mask is None else s.action_mask.cpu()
+        fresh_batch = self.reward_batch(row_ids, fresh_t, tokens, lengths, mask)
+        log_r = self.log_rewards(fresh_batch)
+        self.buffer.add_batch([row_ids[i] for i in fresh_idx], tokens, lengths, log_r, mask)
+        ep = Episodes(prompts, fresh_t, tokens, lengths, log_r, mask, torch.tensor(kind, dtype=torch.long))
+        if replayed:
+            ep = _append_replayed(ep, replayed, torch.tensor(rep_idx, dtype=torch.long), self.pad_id,
+                                  self.prefix_rewards)
+        ep.metrics = self.episode_metrics(ep, fresh_batch)
+        return ep
+
+    def episode_metrics(self, ep: Episodes, fresh_batch: RewardBatch) -> dict:
+        """Terminal log R per kind of episode, mean length, forced-stop fraction, sample metrics."""
+        term = ep.log_r.gather(1, ep.lengths[:, None]).squeeze(1) if ep.log_r.ndim == 2 else ep.log_r
+        acts = ep.lengths if ep.action_mask is None else ep.action_mask.sum(1)
+        m = {"reward/log_r_mean": term.mean().item(), "reward/log_r_max": term.max().item(),
+             "episodes/length_mean": ep.lengths.float().mean().item(),
+             "episodes/forced_stop_fraction": (acts >= self.constraints.max_new_tokens).float().mean().item(),
+             "episodes/replayed": float((ep.kind == REPLAYED).sum())}
+        for k, name in KIND_NAMES.items():
+            sel = ep.kind == k
+            if sel.any():
+                m[f"reward/log_r_{name}"] = term[sel].mean().item()
+        on = (ep.kind[:fresh_batch.tokens.shape[0]] == ON_POLICY).nonzero().squeeze(1).tolist()
+        if self.sample_metrics is not None and on:
+            extra = self.sample_metrics([fresh_batch.prompts[i] for i in on], [fresh_batch.completions[i] for i in on])
+            m.update({f"samples/{k}": float(v) for k, v in extra.items()})
+        return m
+
+
+def _append_replayed(ep: Episodes, entries, index: Tensor, pad_id: int, prefix_rewards: bool) -> Episodes:
+    """``ep`` with replayed buffer entries appended (padding to the wider of the two)."""
+    r_tok, r_len, r_prefix, r_term = pad_entries(entries, pad_id)
+    r_mask = pad_action_masks(entries, r_tok.shape[1])
+    mask = ep.action_mask
+    if mask is not None or r_mask is not None:  # tool-written tokens on either side
+        masks = [m if m is not None else _range_mask(n, t.shape[1])
+                 for m, n, t in ((mask, ep.lengths, ep.tokens), (r_mask, r_len, r_tok))]
+        mask = cat_padded(masks, False)
+    r_log_r = r_prefix if prefix_rewards else r_term
+    log_r = cat_padded([ep.log_r, r_log_r], 0.0) if ep.log_r.ndim == 2 else torch.cat([ep.log_r, r_log_r])
+    return Episodes(ep.prompts, torch.cat([ep.prompt_index, index]), cat_padded([ep.tokens, r_tok], pad_id),
+                    torch.cat([ep.lengths, r_len]), log_r, mask,
+                    torch.cat([ep.kind, torch.full((len(entries),), REPLAYED, dtype=torch.long)]))
+
+
+def _range_mask(lengths: Tensor, width: int) -> Tensor:
+    """[B, width] bool, True on the first ``lengths[b]`` columns."""
+    return torch.arange(width)[None, :] < lengths[:, None]
+
+
+def cat_padded(tensors: list[Tensor], pad) -> Tensor:
+    """Concatenate [B_i, N_i] tensors along rows, right-padding each to the widest with ``pad``."""
+    width = max(t.shape[1] for t in tensors)
+    out = []
+    for t in tensors:
+        if t.shape[1] < width:
+            t = torch.cat([t, torch.full((t.shape[0], width - t.shape[1]), pad, dtype=t.dtype)], dim=1)
+        out.append(t)
+    return torch.cat(out, dim=0)
