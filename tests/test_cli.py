@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -43,12 +44,22 @@ def test_train_sample_eval_roundtrip(tmp_path, tiny_model_dir, capsys):
         assert 1 <= len(text) <= 3 and text.isdigit()
 
     metrics = tmp_path / "m.json"
-    assert main(["eval", "--task", "rng", "--checkpoint", str(ck), "-n", "64", "--output", str(metrics)]) == 0
+    n = 512  # enough samples to check the exact valid mass against (binomial sd ≈ 0.02)
+    assert main(["eval", "--task", "rng", "--checkpoint", str(ck), "-n", str(n), "--output", str(metrics)]) == 0
     printed = capsys.readouterr().out
     assert "valid_fraction" in printed and "exact_tv_to_uniform" in printed
     m = json.loads(metrics.read_text())
-    assert m["n"] == 64 and sum(m["counts"]) + m["invalid"] == 64
-    assert 0.0 <= m["tv_to_uniform"] <= 1.0 and 0.0 <= m["exact_valid_mass"] <= 1.0 + 1e-6
+    assert m["n"] == n and sum(m["counts"]) + m["invalid"] == n
+    # the TVs are those of the run's own samples and exact probabilities (target: uniform on 0..100)
+    u = 1.0 / 101
+    assert len(m["counts"]) == 101
+    assert m["tv_to_uniform"] == pytest.approx(0.5 * (sum(abs(c / n - u) for c in m["counts"]) + m["invalid"] / n))
+    probs = m["exact_probs"]
+    assert len(probs) == 101 and m["exact_valid_mass"] == pytest.approx(sum(probs))
+    assert m["exact_tv_to_uniform"] == pytest.approx(0.5 * (sum(abs(p - u) for p in probs) + 1.0 - sum(probs)))
+    # ... and the exact valid mass is the one the samples show (binomial, 4.5 standard deviations)
+    mass = m["exact_valid_mass"]
+    assert abs(m["valid_fraction"] - mass) < 4.5 * math.sqrt(mass * (1 - mass) / n), (m["valid_fraction"], mass)
 
 
 def test_resume_flag_continues_from_latest(tmp_path, tiny_model_dir):

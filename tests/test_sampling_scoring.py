@@ -391,3 +391,50 @@ def test_sampling_after_a_prefix_cache_equals_sampling_the_concatenated_prompt()
     assert torch.allclose(a.log_pf, b.log_pf, atol=1e-5)
     fin = torch.isfinite(b.log_pterm)
     assert torch.equal(fin, torch.isfinite(a.log_pterm)) and torch.allclose(a.log_pterm[fin], b.log_pterm[fin], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# (f) the stop action is tempered as one action, however many ids stand for it
+# ----------------------------------------------------------------------------------------------
+
+
+def _fixed_policy_lm(probs: dict[int, float], vocab_size=16):
+    """A tiny Llama whose next-token distribution is ``probs`` (id -> probability) in every state:
+    its output layer has zero weights and the log-probabilities as bias (-inf for the other ids)."""
+    model = make_tiny_lm(vocab_size=vocab_size)
+    bias = torch.full((vocab_size,), -math.inf)
+    bias[list(probs)] = torch.tensor(list(probs.values())).log()
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, vocab_size, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.copy_(bias)
+    return model
+
+
+@pytest.mark.parametrize("restricted", [True, False], ids=["allowed-ids", "full-vocab"])
+@pytest.mark.parametrize("temperature,epsilon", [(1.0, 0.0), (0.5, 0.0), (2.0, 0.0), (2.0, 0.5)])
+def test_stop_ids_are_tempered_as_one_action(restricted, temperature, epsilon):
+    """Stop ids 2 and 5 (0.3 each) against tokens 3 (0.25) and 4 (0.15): the behaviour stops with
+    probability (1-ε) 0.6^(1/T) / (0.6^(1/T) + 0.25^(1/T) + 0.15^(1/T)) + ε/3 (three actions), not with
+    the per-id tempering (0.3^(1/T) + 0.3^(1/T)) / (...) of four separate entries."""
+    model = _fixed_policy_lm({2: 0.3, 5: 0.3, 3: 0.25, 4: 0.15})
+    c = Constraints(stop_token_ids=[2, 5], max_new_tokens=1, allowed_token_ids=[3, 4] if restricted else None)
+    stop, toks = 0.6 ** (1 / temperature), 0.25 ** (1 / temperature) + 0.15 ** (1 / temperature)
+    expected = (1 - epsilon) * stop / (stop + toks) + epsilon / 3
+    K = 4000
+    s = sample(model, [[1]], [0] * K, c, temperature=temperature, epsilon=epsilon,
+               generator=torch.Generator().manual_seed(0))
+    freq = float((s.lengths == 0).double().mean())
+    # binomial tolerance: 4.5 standard deviations (the per-id rule is off by 10 or more)
+    assert abs(freq - expected) < 4.5 * math.sqrt(expected * (1 - expected) / K), (freq, expected)
+    # the reported log-probabilities are the policy's at temperature 1
+    torch.testing.assert_close(s.log_pterm[:, 0], torch.full((K,), math.log(0.6)))
+
+
+@pytest.mark.parametrize("restricted", [True, False], ids=["allowed-ids", "full-vocab"])
+def test_greedy_stops_when_the_stop_ids_together_are_most_likely(restricted):
+    """Stop ids 0.3 + 0.3 against a token of 0.4: ⊤ (0.6) is the most likely action."""
+    model = _fixed_policy_lm({2: 0.3, 5: 0.3, 3: 0.4})
+    c = Constraints(stop_token_ids=[2, 5], max_new_tokens=3, allowed_token_ids=[3] if restricted else None)
+    s = sample(model, [[1]], [0] * 64, c, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    assert (s.lengths == 0).all(), s.lengths.tolist()

@@ -186,12 +186,46 @@ def test_one_em_round_end_to_end_and_its_checkpoint(data_dir, model_dir, tmp_pat
     assert again["E-step only"]["vote_accuracy"] == report["E-step only"]["vote_accuracy"]
 
 
-def test_baselines_run_and_sft_fits_the_examples(data_dir):
+def brute_force_accuracy(model, tok, task, context: str = "") -> float:
+    """Accuracy of argmax_Y log p(" Y." | context + prompt(X)) on the validation split, one plain
+    forward pass (no cache, no padding) per sentence and label."""
+    val, _ = task.validation()
+    right = 0
+    for r in val:
+        x = tok.encode(context + task.prompt(r["text"]))
+        scores = []
+        for label in LABELS:
+            y = tok.encode(f" {label}.", add_special_tokens=False)
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([x + y])).logits[0, :-1].log_softmax(-1)
+            scores.append(sum(float(logp[len(x) - 1 + i, t]) for i, t in enumerate(y)))
+        right += int(scores.index(max(scores)) == r["label"])
+    return right / len(val)
+
+
+def test_baselines_run_and_sft_fits_the_examples(data_dir, monkeypatch):
     tok = tokenizer()
-    task = make_task(data_dir, sft_steps=40, m_learning_rate=3e-3, val_size=4)
-    res = task.evaluate_baselines(tiny_model(), tok, [4, 6])
-    assert set(res) == {"zero-shot", "few-shot", "SFT classifier"}
-    assert all(0.0 <= v <= 1.0 for row in res.values() for v in row.values()) and set(res["few-shot"]) == {"4", "6"}
+    task = make_task(data_dir, sft_steps=40, m_learning_rate=3e-3, val_size=12)
+    classifiers = {}  # keep each size's fitted SFT classifier to recompute its accuracy
+    fit = task.fit_sft_classifier
+
+    def keep(model, tokenizer, examples, **kw):
+        classifiers[str(len(examples))] = clf = fit(model, tokenizer, examples, **kw)
+        return clf
+
+    monkeypatch.setattr(task, "fit_sft_classifier", keep)
+    base = tiny_model()
+    res = task.evaluate_baselines(base, tok, [4, 6])
+    assert set(res) == {"zero-shot", "few-shot", "SFT classifier"} and set(res["few-shot"]) == {"4", "6"}
+    # every accuracy is that of plain forward passes of the model it names
+    zero_shot = brute_force_accuracy(tiny_model(), tok, task)
+    for size in ("4", "6"):
+        assert res["zero-shot"][size] == pytest.approx(zero_shot)
+        ctx = task.few_shot_context(task.train_examples(int(size)))
+        assert res["few-shot"][size] == pytest.approx(brute_force_accuracy(tiny_model(), tok, task, ctx))
+        with classifiers[size].active(True) as m:
+            m.eval()
+            assert res["SFT classifier"][size] == pytest.approx(brute_force_accuracy(m, tok, task))
     # the SFT classifier fits its own training examples
     ex = task.train_examples(6)
     clf = task.fit_sft_classifier(tiny_model(), tok, ex, name="sft")

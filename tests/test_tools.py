@@ -60,3 +60,16 @@ def test_all_single_digit_pairs():
     for a, b in itertools.product(range(10), range(10)):
         assert Calculator()(f"{a} - {b} =") == f" {a - b}"
         assert Calculator()(f"{a} + {b} =") == f" {a + b}"
+
+
+@pytest.mark.parametrize("max_operands", [2, None])
+@pytest.mark.parametrize("text", ["4 =", " 4 =", "-4 =", "- 4 =", "12=", "7 - 5 = 2, 2 =", "1 - 9 = -8, -8 ="])
+def test_a_lone_number_gets_no_answer(text, max_operands):
+    # echoing a number back (" 4") let an RL run loop on "4 = 4 = 4 ..."; a leading sign is no operator
+    assert Calculator(max_operands=max_operands)(text) is None
+    assert evaluate_expression(text.rsplit(",", 1)[-1][:-1]) is not None  # still a number for questions
+
+
+def test_a_negative_first_operand_is_still_an_expression():
+    assert Calculator()("-4 - 1 =") == " -5"
+    assert Calculator()("1 - 9 = -8, -8 + 8 =") == " 0"

@@ -331,6 +331,13 @@ def encode_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor, output_hidden
     return out, output_cache(out), full_mask
 
 
+def one_stop_action(cand_logp: Tensor, stop_logp: Tensor, stop_cols: Tensor) -> Tensor:
+    """The candidate log-probabilities [B, C] with ⊤ as one action: the whole stop log-probability
+    ``stop_logp`` [B] in the first of the stop columns ``stop_cols`` [S] and -inf in the others, so
+    that tempering or an ε-uniform mixture treats the stop ids as the one action they are."""
+    return cand_logp.index_fill(1, stop_cols, NEG_INF).index_copy_(1, stop_cols[:1], stop_logp[:, None])
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -354,7 +361,7 @@ def sample(
         prompts: P distinct prompts as token id lists.
         prompt_index: [B] which prompt each sample continues (e.g. ``[0]*16``).
         constraints: the action space (stop ids, lengths, allowed tokens).
-        temperature: behaviour temperature, a float or a [B] tensor (per sample).
+        temperature: behaviour temperature, a float or a [B] tensor (per sample); ⊤ is tempered as one action.
         epsilon: probability of taking a uniformly random allowed action (ε-uniform exploration).
         pad_id: id used to pad ``tokens``.
         generator: torch random generator (for reproducibility).
@@ -397,8 +404,12 @@ def sample(
     alive = torch.ones(B, dtype=torch.bool, device=device)
     _, stop_mask = constraints.token_mask(logits.shape[-1], device)
     # with a restricted vocabulary, draw among the allowed and stop ids only (a much smaller multinomial)
+    stop_ids = torch.as_tensor(constraints.stop_token_ids, device=device)
     candidates = None if constraints.allowed_token_ids is None else torch.cat(
-        [constraints.token_ids(logits.shape[-1], device), torch.as_tensor(constraints.stop_token_ids, device=device)])
+        [constraints.token_ids(logits.shape[-1], device), stop_ids])
+    # the candidate columns of the stop ids (the last ones of ``candidates``): ⊤ is drawn from the first
+    stop_cols = stop_ids if candidates is None else torch.arange(len(candidates) - len(stop_ids), len(candidates),
+                                                                 device=device)
     pending: list[list[int]] = [[] for _ in range(B)]  # tool tokens still to be written, per row
     tool_used = [0] * B
     if tool is not None and tokenizer is None:
@@ -414,8 +425,9 @@ def sample(
         log_pterm[:, t] = torch.where(real, stop_lp, log_pterm[:, t])
         if t == S:
             break
-        # behaviour distribution over the candidate actions: tempered policy, then ε-uniform mix
+        # behaviour distribution over the candidate actions (⊤ one action): tempered policy, then ε-uniform mix
         cand_logp = logp if candidates is None else logp.index_select(1, candidates)
+        cand_logp = one_stop_action(cand_logp, stop_lp, stop_cols)
         allowed = torch.isfinite(cand_logp)
         beh = torch.softmax(cand_logp / temp, dim=-1)
         if epsilon > 0:

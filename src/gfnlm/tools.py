@@ -8,6 +8,8 @@ not an action: it counts in neither log q nor the episode length.
 (no ``eval``) that evaluates *every* operand.  The paper's code limited its calculator to two
 operands by dropping the others, so "6 - 0 - 4" came out as -4; here an expression with more
 operands than ``max_operands`` gets no answer at all (the tool stays silent) instead of a wrong one.
+It also stays silent on a lone number ("4 =", "-4 ="): echoing it back lets a policy loop on
+" 4 = 4 = 4 ..." without computing anything.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Calculator:
     """Answers "a op b =" with " <result>".
 
     When the completion so far ends with the trigger ``=``, the expression since the last comma
-    (or since the start of the completion) is evaluated.
+    (or since the start of the completion) is evaluated if it has at least one operator between
+    two operands; a lone number ("4 =", or "-4 =": a sign is not an operator) gets no answer.
 
     Args:
         max_operands: the most operands the calculator will evaluate (the paper uses 2); longer
@@ -84,6 +87,6 @@ class Calculator:
         if result is None:
             return None
         value, n = result
-        if self.max_operands is not None and n > self.max_operands:
+        if n < 2 or (self.max_operands is not None and n > self.max_operands):
             return None
         return f" {value}"
