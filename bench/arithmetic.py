@@ -80,7 +80,7 @@ def evaluate(task, model, tok, config, cons, args, **kw) -> dict:
 def run_method(method: str, args) -> dict:
     from gfnlm.cli import make_trainer
     from gfnlm.models import load_model
-    from gfnlm.rewards import base_model
+    from gfnlm.policy import base_model
     from gfnlm.tasks import get_task_class
 
     t0 = time.perf_counter()

@@ -52,7 +52,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
 
 from gfnlm.losses import modified_subtb_loss, tempered  # noqa: E402
-from gfnlm.rewards import LMLikelihoodReward, RewardBatch, base_model, compute_log_rewards  # noqa: E402
+from gfnlm.policy import base_model  # noqa: E402
+from gfnlm.rewards import LMLikelihoodReward, RewardBatch, compute_log_rewards  # noqa: E402
 from gfnlm.sampling import Constraints, cache_kwargs, output_cache, sample  # noqa: E402
 from gfnlm.scoring import completion_logits, score  # noqa: E402
 
@@ -553,7 +554,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     all_params = params + ([log_z] if log_z is not None else [])
     ctx = dict(model=model, tok=tok, prompt=prompt, B=B, N=N, cons=cons, pad=pad, log_z=log_z,
-               reward=LMLikelihoodReward(model, constraints=cons, pad_id=pad),
+               reward=LMLikelihoodReward(model, constraints=cons),
                reward_temperature=args.reward_temperature, params=all_params, opt=opt)
     n_lora = sum(p.numel() for p in params)
     print(f"model {args.model} loaded in {load_s:.1f} s; LoRA r=16 all-linear: {n_lora:,} trainable params; "

@@ -9,10 +9,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from .errors import GFNLMError
+from .tasks import make_trainer  # noqa: F401  (the command line's trainer builder, defined with the tasks)
 
 
 def _setup_runtime() -> None:
@@ -28,126 +28,15 @@ def _setup_runtime() -> None:
 
 
 # --- building blocks used by several commands -------------------------------------------------
-def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
-    """Task + model + trainer from a config (``config.task`` must be set, or ``config.dataset``).
-
-    The policy is wrapped (LoRA) before the task builds its rewards, so an LM reward holds the
-    wrapped model and reads its base through :class:`gfnlm.policy.BaseLM`. ``with_rewards=False``
-    (supervised fine-tuning) builds no reward: the trainer's reward then refuses to run."""
-    from .models import load_model
-    from .policy import wrap_policy
-    from .rewards import NoReward
-    from .tasks import get_task_class
-    from .trainer import GFNTrainer, lora_config
-
-    if config.task is None:
-        raise GFNLMError("the command line needs a task (e.g. --task rng); custom rewards are set up from Python")
-    task = get_task_class(config.task)(config.task_args)
-    if model is None and config.init_from:
-        from .trainer import load_trained
-
-        model, tokenizer, start, _ = load_trained(config.init_from, trainable=True)
-        if start.model != config.model:
-            raise GFNLMError(f"init_from {config.init_from} was trained on {start.model}, not {config.model}: "
-                             "set --model to match")
-    if model is None:
-        model, tokenizer = load_model(config.model)
-    model = wrap_policy(model, config.use_peft, None, lambda: lora_config(config), config.seed)  # before any reward holds it
-    constraints = task.constraints(config, tokenizer)
-    rewards = task.reward_funcs(model, tokenizer, constraints, config) if with_rewards else [NoReward()]
-    dataset = config.dataset or task.dataset()
-    trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
-                         constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool())
-    task.prepare_trainer(trainer)
-    return task, trainer
-
-
-def format_table(rows: list[dict], columns: list[str], labels: list[str]) -> str:
-    """A markdown table: one row per metric, one column per result."""
-    head = "| metric | " + " | ".join(labels) + " |"
-    sep = "|---|" + "---|" * len(labels)
-    lines = [head, sep]
-    for c in columns:
-        vals = []
-        for r in rows:
-            v = r.get(c)
-            vals.append(f"{v:.4f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {c} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
-
-
-RNG_COLUMNS = ["valid_fraction", "distinct", "tv_to_uniform", "exact_tv_to_uniform", "kl_to_uniform", "exact_valid_mass"]
-
-
-def _summary(r: dict) -> dict:
-    return {k: v for k, v in r.items() if k != "exact_probs"}
-
-
 # --- commands ---------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    """Uniform random integers on the embedded model: evaluate, train, evaluate, plot."""
-    import torch
+    """The task's demo (``--task``, by default the random-integer task): evaluate, train, evaluate, plot."""
+    from .tasks import get_task_class
 
-    from .models import load_model
-    from .sampling import Constraints
-    from .tasks import build_config
-    from .tasks.rng import plot_histograms
-    from .trainer import resolve_token_ids
-
-    overrides = {"output_dir": args.output_dir, "model": args.model}
-    if args.steps is not None:
-        overrides["max_steps"] = args.steps
-    config = build_config("rng", overrides)
-    n = args.eval_samples
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    print(f"[gfnlm demo] loading {config.model} ...", flush=True)
-    model, tok = load_model(config.model)
-    task, trainer = make_trainer(config, model, tok)
-    cons = trainer.constraints
-    free = Constraints(stop_token_ids=resolve_token_ids(tok, ["eos"], "stop"), min_new_tokens=1, max_new_tokens=6)
-    results = {}
-    print(f"[gfnlm demo] base model, free sampling ({n} samples) ...", flush=True)
-    with torch.no_grad():
-        results["base (free)"] = task.evaluate(trainer.model, tok, config, free, n=n, seed=1, progress=True, desc="base free")
-        print(f"[gfnlm demo] base model, digits-only sampler ({n} samples) ...", flush=True)
-        results["base (digits)"] = task.evaluate(trainer.model, tok, config, cons, n=n, seed=2, progress=True,
-                                                 desc="base digits")
-    print(f"[gfnlm demo] GFlowNet fine-tuning, {config.max_steps} steps ...", flush=True)
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
-    print(f"[gfnlm demo] trained model ({n} samples) ...", flush=True)
-    with torch.no_grad():
-        results["GFN fine-tuned"] = task.evaluate(trainer.model, tok, config, cons, n=n, seed=3, progress=True,
-                                                  desc="trained")
-    labels = list(results)
-    table = format_table([results[k] for k in labels], RNG_COLUMNS, labels)
-    png = plot_histograms(results, out / "histogram.png", title=f"{config.model}: '{task.args.prompt}'")
-    total_s = time.perf_counter() - t_start
-    metrics = {
-        "model": config.model,
-        "eval_samples": n,
-        "train_steps": config.max_steps,
-        "train_seconds": round(train_s, 1),
-        "total_seconds": round(total_s, 1),
-        "base_free": _summary(results["base (free)"]),
-        "base": _summary(results["base (digits)"]),
-        "trained": _summary(results["GFN fine-tuned"]),
-        "exact_probs": {k: r["exact_probs"] for k, r in results.items()},
-        "checkpoint": str(out / f"checkpoint-{config.max_steps}"),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print()
-    print(table)
-    print()
-    print("base (free): the base model as it is (any token, stop = EOS, at most 6 tokens).")
-    print("base (digits) and GFN fine-tuned: the task's sampler (digit tokens and EOS, at most 3 tokens).")
-    print("target: valid >= 0.99 and tv_to_uniform <= 0.08 at 4096 samples; TV over 101 integers + invalid.")
-    print(f"wrote {out / 'metrics.json'}, {png}, TensorBoard logs under {out}; "
-          f"training {train_s:.0f} s, total {total_s:.0f} s")
-    return 0
+    task_cls = get_task_class(args.task)
+    if not hasattr(task_cls, "demo"):
+        raise GFNLMError(f"task {args.task} has no demo: run gfnlm train --task {args.task}")
+    return task_cls.demo(args)
 
 
 def cmd_train(args, rest: list[str]) -> int:
@@ -234,86 +123,23 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args, rest: list[str] | None = None) -> int:
-    import torch
-
-    from .models import load_model
-    from .tasks import build_config, get_task_class
-    from .trainer import load_trained
-
+    """``gfnlm eval``: the task (``--task``, or the checkpoint's) runs its own evaluation entry
+    (:meth:`gfnlm.tasks.Task.eval_command`)."""
     from .config import parse_overrides
+    from .tasks import get_task_class
 
     extra = parse_overrides(rest or [])
     if set(extra) - {"task_args"}:
         raise GFNLMError(f"eval takes only --task_args.<name> overrides, not {sorted(set(extra) - {'task_args'})}")
-    checkpoints = args.checkpoint or []
-    if args.task == "subjectivity" or (checkpoints and not args.task and _task_of(checkpoints[0]) == "subjectivity"):
-        return _eval_subjectivity(args, checkpoints, extra)
-    if len(checkpoints) > 1:
-        raise GFNLMError("give one --checkpoint (several are for --task subjectivity, one per training-set size)")
-    args.checkpoint = checkpoints[0] if checkpoints else None
-    if args.checkpoint:
-        model, tok, config, cons = load_trained(args.checkpoint)
-        task_name = args.task or config.task
-        task = get_task_class(task_name)({**(config.task_args if task_name == config.task else {}),
-                                          **extra.get("task_args", {})})
-    else:
-        config = build_config(args.task, {"model": args.model, **extra})
-        model, tok = load_model(config.model)
-        task = get_task_class(args.task)(config.task_args)
-        cons = task.constraints(config, tok)
-    if task.name == "arithmetic":
-        return _eval_arithmetic(args, task, model, tok, config, cons)
-    with torch.no_grad():
-        r = task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed, progress=True)
-    label = args.checkpoint or config.model
-    if args.task == "rng" or task.name == "rng":
-        print(format_table([r], RNG_COLUMNS, [label]))
-        if args.plot:
-            from .tasks.rng import plot_histograms
-
-            print(f"wrote {plot_histograms({label: r}, args.plot)}")
-    else:
-        print(json.dumps(_summary(r), indent=1))
-    if args.output:
-        Path(args.output).write_text(json.dumps(r, indent=1))
-    return 0
-
-
-def _eval_arithmetic(args, task, model, tok, config, cons) -> int:
-    """Table 4 of the paper: vote accuracy (greedy in brackets) per operand count and method."""
-    import torch
-
-    from .rewards import base_model
-    from .tasks.arithmetic import table4
-    from .trainer import load_trained
-
-    shots = [int(k) for k in args.shots.split(",") if k.strip()]
-    rows: list[tuple[str, list[dict]]] = []
-
-    with base_model(model) as base:
-        for k in shots:
-            with torch.no_grad():
-                rows.append((f"k-shot CoT, k = {k}", [task.evaluate(base, tok, config, cons, n=args.n, seed=args.seed,
-                                                                    progress=True, context_shots=k)]))
-    for name, path in (("Supervised fine-tuning", args.sft_checkpoint), ("RL (TRL GRPO)", args.rl_checkpoint)):
-        if path:
-            with torch.no_grad():
-                rows.append((name, [task.evaluate(load_trained(path)[0], tok, config, cons, n=args.n, seed=args.seed,
-                                                  progress=True)]))
-    if args.checkpoint:
-        with torch.no_grad():
-            rows.append(("GFlowNet fine-tuning", [task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed,
-                                                                progress=True)]))
-    print(table4(rows))
-    first = rows[0][1][0] if rows else {}
-    for label, r in first.items():
-        print(f"{label} operands: {r['questions']} questions evaluated; {r['removed_as_in_training']} test questions "
-              "removed because they occur in a training file")
-    print("accuracy in %: majority vote over task_args.vote_samples rationales at task_args.vote_temperature "
-          "(greedy in brackets)")
-    if args.output:
-        Path(args.output).write_text(json.dumps({name: r[0] for name, r in rows}, indent=1))
-    return 0
+    args.checkpoints = args.checkpoint or []
+    name = args.task or (_task_of(args.checkpoints[0]) if args.checkpoints else None)
+    if name is None:
+        raise GFNLMError("the checkpoint names no task: pass --task")
+    cls = get_task_class(name)
+    if len(args.checkpoints) > 1 and not getattr(cls, "several_checkpoints", False):
+        raise GFNLMError(f"give one --checkpoint (task {name} evaluates one policy)")
+    args.checkpoint = args.checkpoints[0] if args.checkpoints else None
+    return cls.eval_command(args, extra)
 
 
 def _task_of(checkpoint: str) -> str | None:
@@ -324,50 +150,6 @@ def _task_of(checkpoint: str) -> str | None:
     path = path if ckpt.is_complete(path) else (ckpt.latest(path) or path)
     cfg = path / "gfnlm_config.yaml"
     return GFNConfig.from_yaml(cfg).task if cfg.is_file() else None
-
-
-def _eval_subjectivity(args, checkpoints: list[str], extra: dict) -> int:
-    """Accuracy per method and training-set size: zero-shot, few-shot, SFT classifier (base model),
-    and E-step only / E+M for each EM checkpoint (its size from its task_args.train_size)."""
-    import torch
-
-    from .models import load_model
-    from .tasks import build_config
-    from .tasks.subjectivity import SubjectivityTask, results_table
-    from .trainer import load_trained
-
-    rows: dict[str, dict[str, str]] = {}
-    results: dict = {}
-    sizes: list[int] = []
-    config = build_config("subjectivity", {"model": args.model, **extra})
-    for path in checkpoints:
-        model, tok, cfg, cons = load_trained(path)
-        task = SubjectivityTask({**cfg.task_args, **extra.get("task_args", {})})
-        size = task.args.train_size
-        sizes.append(size)
-        config = cfg
-        with torch.no_grad():
-            r = task.evaluate(model, tok, cfg, cons, n=args.n, seed=args.seed, progress=True)
-        results[f"EM {size}"] = r
-        for name in ("E-step only", "E+M"):
-            if name in r:
-                rows.setdefault(name, {})[str(size)] = (f"{100 * r[name]['vote_accuracy']:.1f} "
-                                                        f"({100 * r[name]['greedy_accuracy']:.1f})")
-    if not sizes:
-        sizes = [int(x) for x in args.sizes.split(",")]
-    task = SubjectivityTask({**config.task_args, **extra.get("task_args", {})})
-    base, tok = load_model(config.model)
-    base_res = task.evaluate_baselines(base, tok, sizes, n=args.n, seed=args.seed, progress=True)
-    results["baselines"] = base_res
-    rows = {**{m: {s: f"{100 * v:.1f}" for s, v in r.items()} for m, r in base_res.items()}, **rows}
-    print(results_table(rows, [str(s) for s in sizes]))
-    val, excluded = task.validation()
-    print(f"{min(len(val), args.n or len(val))} validation sentences (a fixed split of {task.args.pool_file}; "
-          f"{excluded} training sentences excluded); accuracy in %; E rows: vote over "
-          f"{task.args.vote_samples} rationales at T = {task.args.vote_temperature} (greedy rationale in brackets)")
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=1))
-    return 0
 
 
 def cmd_models(args) -> int:
@@ -390,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the rng task's)")
     d.add_argument("--eval_samples", type=int, default=4096)
+    d.add_argument("--task", default="rng", help="the task whose demo runs (default: rng, uniform random integers)")
 
     fields = "\n".join(f"  --{f.name}: {f.metadata.get('help', '')}" for f in __import__("dataclasses").fields(GFNConfig))
     t = sub.add_parser("train", help="train from a YAML config plus --field value overrides",
@@ -421,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sft_checkpoint", default=None, help="arithmetic: a `gfnlm sft` checkpoint for the SFT row")
     e.add_argument("--sizes", default="10,20,50", help="subjectivity without --checkpoint: training-set sizes")
     e.add_argument("--rl_checkpoint", default=None, help="arithmetic: a `gfnlm rl` checkpoint for the RL (TRL) row")
+    e.add_argument("--diagnostics", type=int, default=16,
+                   help="sampler diagnostics (ELBO, IW bound, ESS, Var(log R - log q)) on this many samples per prompt; 0: off")
 
     f = sub.add_parser("sft", help="supervised fine-tuning baseline on the task's labelled completions")
     f.add_argument("--config", default=None, help="YAML file of GFNConfig fields")

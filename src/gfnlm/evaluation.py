@@ -1,4 +1,5 @@
-"""Evaluation helpers shared by tasks: batched sampling and exact sequence probabilities."""
+"""Evaluation helpers shared by tasks: batched sampling, exact sequence probabilities, and the
+diagnostics of a sampler against its target (:func:`sampler_report`)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,43 @@ def sequence_log_probs(model, prompt_ids: Sequence[int], constraints: Constraint
         term = sc.log_pterm.gather(1, lengths.to(device)[:, None]).squeeze(1)
         out.append((sc.log_pf.sum(1) + term).cpu())
     return torch.cat(out)
+
+
+def format_table(rows: list[dict], columns: list[str], labels: list[str]) -> str:
+    """A markdown table: one row per metric (``columns``), one column per result (``labels``)."""
+    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for c in columns:
+        vals = [f"{r.get(c):.4f}" if isinstance(r.get(c), float) else str(r.get(c)) for r in rows]
+        lines.append(f"| {c} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def sampler_report(model, tokenizer, config, constraints: Constraints, rewards, rows, *, k: int = 16,
+                   max_prompts: int = 8, temperature: float | None = None, seed: int = 0, tool=None,
+                   iw_k: int | None = None) -> dict:
+    """How close the policy is to its target, on its own samples: ``k`` episodes per prompt for the
+    first ``max_prompts`` rows, log q of each (the policy at temperature 1, stop included) and its
+    log R under ``rewards`` tempered at ``temperature`` (default: the config's final reward
+    temperature, the target training ends at); then :func:`gfnlm.diagnostics.sampler_diagnostics`
+    (ELBO, importance-weighted bound, log Z estimate, ESS, Var(log R - log q)).
+
+    ``rows`` are dataset rows (each with a ``prompt`` and the columns the rewards read). Returns the
+    diagnostics plus ``reward_temperature``; log space throughout."""
+    from .diagnostics import sampler_diagnostics
+    from .rollout import Collector
+
+    rows = list(rows)[:max_prompts]
+    g = torch.Generator().manual_seed(seed)
+    col = Collector(config, tokenizer, rows, rewards, constraints, tool, g)
+    device = next(model.parameters()).device
+    index = torch.arange(len(rows)).repeat_interleave(k)
+    s = sample(model, col.prompt_ids, index.to(device), constraints, pad_id=col.pad_id, generator=g,
+               **col.tool_kwargs())
+    batch = col.reward_batch(list(range(len(rows))), index, s.tokens.cpu(), s.lengths.cpu(), s.action_mask)
+    log_r = col.log_rewards(batch)
+    if log_r.ndim == 2:
+        log_r = log_r.gather(1, batch.lengths[:, None]).squeeze(1)
+    T = temperature if temperature is not None else config.reward_temperature_at(10**9)
+    out = sampler_diagnostics((log_r / T).view(len(rows), k), s.log_prob.cpu().view(len(rows), k), iw_k=iw_k)
+    return {**out, "reward_temperature": T}

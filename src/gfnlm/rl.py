@@ -55,23 +55,12 @@ STATE_FIELD = "gfnlm_completion"
 # --- reward -------------------------------------------------------------------------------------
 def answer_reward(task) -> Callable[..., list[float]]:
     """The task's correctness reward ``f(prompts, completions, **columns) -> list[float]`` (1.0 if
-    correct, else 0.0): ``task.correct_reward()``, or, for a task without that hook whose rows have
-    ``num_sol`` (the arithmetic task), 1.0 when :func:`gfnlm.tasks.arithmetic.answer_of` of the
-    completion equals ``num_sol``."""
+    correct, else 0.0): ``task.correct_reward()``; a task without one needs ``reward_funcs``."""
     try:
         return task.correct_reward()
     except (NotImplementedError, AttributeError):
-        pass
-    rows = task.dataset()
-    if not rows or "num_sol" not in rows[0]:
-        raise ConfigError(f"task {getattr(task, 'name', task)!r} has no correct_reward() and no 'num_sol' column: "
-                          "pass reward_funcs to grpo_train")
-    from .tasks.arithmetic import answer_of
-
-    def correct_answer(prompts, completions, num_sol, **kw) -> list[float]:
-        return [1.0 if answer_of(c) == int(n) else 0.0 for c, n in zip(completions, num_sol)]
-
-    return correct_answer
+        raise ConfigError(f"task {getattr(task, 'name', task)!r} has no correct_reward(): "
+                          "pass reward_funcs to grpo_train") from None
 
 
 def on_states(fn: Callable) -> Callable:

@@ -104,6 +104,83 @@ class Task:
         """Task metrics of a model."""
         raise NotImplementedError
 
+    def eval_rows(self) -> list[dict]:
+        """Rows (prompt and reward columns) for the sampler diagnostics of ``gfnlm eval``: data the
+        run did not train on where the task has it (default: the training rows)."""
+        return self.dataset()
+
+    def diagnostics(self, model, tokenizer, config: GFNConfig, constraints, *, k: int = 16, max_prompts: int = 8,
+                    seed: int = 0) -> dict:
+        """ELBO, importance-weighted bound, ESS and Var(log R - log q) of the policy's own samples
+        against the task's target (:func:`gfnlm.evaluation.sampler_report`)."""
+        from ..evaluation import sampler_report
+
+        rows = self.eval_rows()
+        if not rows:
+            return {}
+        return sampler_report(model, tokenizer, config, constraints, self.reward_funcs(model, tokenizer, constraints, config),
+                              rows, k=k, max_prompts=max_prompts, seed=seed, tool=self.tool())
+
+    def report(self, results: dict, label: str, args) -> None:
+        """Print what ``gfnlm eval`` measured (default: JSON)."""
+        import json
+
+        print(json.dumps({k: v for k, v in results.items() if k != "exact_probs"}, indent=1))
+
+    @classmethod
+    def eval_command(cls, args, extra: dict) -> int:
+        """``gfnlm eval`` for this task: load the checkpoint (or the base model), :meth:`evaluate`,
+        :meth:`report`, then the sampler diagnostics. A task with its own table overrides this."""
+        import json
+        from pathlib import Path
+
+        model, tok, config, cons, task = cls.load_for_eval(args, extra)
+        import torch
+
+        with torch.no_grad():
+            r = task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed, progress=True)
+        task.report(r, args.checkpoint or config.model, args)
+        if args.diagnostics:
+            r["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics, seed=args.seed)
+            print(format_diagnostics(r["diagnostics"]))
+        if args.output:
+            Path(args.output).write_text(json.dumps(r, indent=1))
+        return 0
+
+    @classmethod
+    def load_for_eval(cls, args, extra: dict):
+        """(model, tokenizer, config, constraints, task) of ``--checkpoint`` or of ``--model``."""
+        from ..models import load_model
+        from ..trainer import load_trained
+
+        if args.checkpoint:
+            model, tok, config, cons = load_trained(args.checkpoint)
+            same = config.task in (cls.name, None)
+            task = cls({**(config.task_args if same else {}), **extra.get("task_args", {})})
+            return model, tok, config, cons, task
+        config = build_config(cls.name if cls.name in REGISTRY else args.task, {"model": args.model, **extra})
+        model, tok = load_model(config.model)
+        task = cls(config.task_args)
+        return model, tok, config, task.constraints(config, tok) or _config_constraints(config, tok), task
+
+
+def _config_constraints(config, tokenizer):
+    from ..trainer import constraints_from_config
+
+    return constraints_from_config(config, tokenizer)
+
+
+def format_diagnostics(d: dict) -> str:
+    """One block of the sampler diagnostics, as ``gfnlm eval`` prints them."""
+    if not d:
+        return "sampler diagnostics: no evaluation rows"
+    return (f"sampler diagnostics ({d['n_prompts']} prompts x {d['n_samples']} samples, target R^(1/T), "
+            f"T = {d['reward_temperature']:.3g}; log space):\n"
+            f"  ELBO E_q[log R - log q] = {d['elbo']:.4f}   IW bound = {d['iw_bound']:.4f}   "
+            f"log Z (IS) = {d['log_z_is']:.4f}\n"
+            f"  ESS of R/q = {d['ess']:.4f} of the samples   Var(log R - log q) = {d['log_w_var']:.4f} "
+            "(0 at the optimum)")
+
 
 def parse_args(cls, data: dict, task_name: str):
     names = [f.name for f in dataclasses.fields(cls)]
@@ -136,3 +213,36 @@ def build_config(task: str | None, data: dict) -> GFNConfig:
         cls = get_task_class(task or data["task"])
         merged = {**cls.config_defaults, **data, "task": task or data["task"]}
     return GFNConfig.from_dict(merged)
+
+
+def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
+    """Task + model + trainer from a config (``config.task`` must be set, or ``config.dataset``).
+
+    The policy is wrapped (LoRA) before the task builds its rewards, so an LM reward holds the
+    wrapped model and reads its base through :class:`gfnlm.policy.BaseLM`. ``with_rewards=False``
+    (supervised fine-tuning) builds no reward: the trainer's reward then refuses to run."""
+    from ..models import load_model
+    from ..policy import wrap_policy
+    from ..rewards import NoReward
+    from ..trainer import GFNTrainer, lora_config
+
+    if config.task is None:
+        raise ConfigError("the command line needs a task (e.g. --task rng); custom rewards are set up from Python")
+    task = get_task_class(config.task)(config.task_args)
+    if model is None and config.init_from:
+        from ..trainer import load_trained
+
+        model, tokenizer, start, _ = load_trained(config.init_from, trainable=True)
+        if start.model != config.model:
+            raise ConfigError(f"init_from {config.init_from} was trained on {start.model}, not {config.model}: "
+                             "set --model to match")
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    model = wrap_policy(model, config.use_peft, None, lambda: lora_config(config), config.seed)  # before any reward holds it
+    constraints = task.constraints(config, tokenizer)
+    rewards = task.reward_funcs(model, tokenizer, constraints, config) if with_rewards else [NoReward()]
+    dataset = config.dataset or task.dataset()
+    trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
+                         constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool())
+    task.prepare_trainer(trainer)
+    return task, trainer

@@ -320,6 +320,49 @@ class ArithmeticTask(Task):
                           "example": {"question": qs[0]["str_query"], "states": preds[0]["states"][:3]} if qs else None}
         return out
 
+    def eval_rows(self) -> list[dict]:
+        """Test questions (never trained on) with their answers, for the sampler diagnostics."""
+        return [{"prompt": q["str_query"], "num_sol": q["num_sol"]} for qs, _ in self.test_sets().values() for q in qs]
+
+    @classmethod
+    def eval_command(cls, args, extra: dict) -> int:
+        """Table 4 of the paper: vote accuracy (greedy in brackets) per operand count and method: the
+        k-shot rows on the base model, the SFT and RL checkpoints given, and the GFlowNet checkpoint;
+        then the sampler diagnostics of the evaluated policy."""
+        import json
+
+        from ..policy import base_model
+        from ..trainer import load_trained
+        from . import format_diagnostics
+
+        model, tok, config, cons, task = cls.load_for_eval(args, extra)
+        shots = [int(k) for k in args.shots.split(",") if k.strip()]
+        rows: list[tuple[str, list[dict]]] = []
+        run = dict(n=args.n, seed=args.seed, progress=True)
+        with torch.no_grad():
+            with base_model(model) as base:
+                rows += [(f"k-shot CoT, k = {k}", [task.evaluate(base, tok, config, cons, context_shots=k, **run)])
+                         for k in shots]
+            for name, path in (("Supervised fine-tuning", args.sft_checkpoint), ("RL (TRL GRPO)", args.rl_checkpoint)):
+                if path:
+                    rows.append((name, [task.evaluate(load_trained(path)[0], tok, config, cons, **run)]))
+            if args.checkpoint:
+                rows.append(("GFlowNet fine-tuning", [task.evaluate(model, tok, config, cons, **run)]))
+        print(table4(rows))
+        first = rows[0][1][0] if rows else {}
+        for label, r in first.items():
+            print(f"{label} operands: {r['questions']} questions evaluated; {r['removed_as_in_training']} test questions "
+                  "removed because they occur in a training file")
+        print("accuracy in %: majority vote over task_args.vote_samples rationales at task_args.vote_temperature "
+              "(greedy in brackets)")
+        results = {name: r[0] for name, r in rows}
+        if args.diagnostics:
+            results["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics, seed=args.seed)
+            print(("GFlowNet policy: " if args.checkpoint else "base model: ") + format_diagnostics(results["diagnostics"]))
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=1))
+        return 0
+
 
 def table4(rows: list[tuple[str, list[dict]]]) -> str:
     """The paper's Table 4: one row per method, one column per test set; cells are the vote

@@ -191,7 +191,7 @@ class SubjectivityTask(Task):
 
     @torch.no_grad()
     def label_conditioned_rationales(self, trainer, k: int) -> dict[str, list[str]]:
-        from ..rewards import base_model
+        from ..policy import base_model
 
         out: dict[str, list[str]] = {}
         tok = trainer.tokenizer
@@ -324,7 +324,7 @@ class SubjectivityTask(Task):
     def evaluate_baselines(self, model, tokenizer, sizes: list[int], *, n: int | None = None, seed: int = 0,
                            progress: bool = False) -> dict:
         """Zero-shot, few-shot (the size's examples in context) and SFT-classifier accuracy per size."""
-        from ..rewards import base_model
+        from ..policy import base_model
 
         val, _ = self.validation()
         val = val[:n] if n else val
@@ -348,6 +348,51 @@ class SubjectivityTask(Task):
                 out["SFT classifier"][str(s)] = acc(self.direct_scores(m, tokenizer, texts))
             model = clf.model  # one PEFT model holds every size's adapter
         return out
+
+    several_checkpoints = True  # gfnlm eval: one EM checkpoint per training-set size
+
+    @classmethod
+    def eval_command(cls, args, extra: dict) -> int:
+        """Accuracy per method and training-set size: zero-shot, few-shot, SFT classifier (base model),
+        and E-step only / E+M for each EM checkpoint (its size from its task_args.train_size)."""
+        import json
+
+        from ..models import load_model
+        from ..trainer import load_trained
+        from . import build_config
+
+        rows: dict[str, dict[str, str]] = {}
+        results: dict = {}
+        sizes: list[int] = []
+        config = build_config(cls.name, {"model": args.model, **extra})
+        for path in args.checkpoints:
+            model, tok, cfg, cons = load_trained(path)
+            task = SubjectivityTask({**cfg.task_args, **extra.get("task_args", {})})
+            size = task.args.train_size
+            sizes.append(size)
+            config = cfg
+            with torch.no_grad():
+                r = task.evaluate(model, tok, cfg, cons, n=args.n, seed=args.seed, progress=True)
+            results[f"EM {size}"] = r
+            for name in ("E-step only", "E+M"):
+                if name in r:
+                    rows.setdefault(name, {})[str(size)] = (f"{100 * r[name]['vote_accuracy']:.1f} "
+                                                            f"({100 * r[name]['greedy_accuracy']:.1f})")
+        if not sizes:
+            sizes = [int(x) for x in args.sizes.split(",")]
+        task = SubjectivityTask({**config.task_args, **extra.get("task_args", {})})
+        base, tok = load_model(config.model)
+        base_res = task.evaluate_baselines(base, tok, sizes, n=args.n, seed=args.seed, progress=True)
+        results["baselines"] = base_res
+        rows = {**{m: {s: f"{100 * v:.1f}" for s, v in r.items()} for m, r in base_res.items()}, **rows}
+        print(results_table(rows, [str(s) for s in sizes]))
+        val, excluded = task.validation()
+        print(f"{min(len(val), args.n or len(val))} validation sentences (a fixed split of {task.args.pool_file}; "
+              f"{excluded} training sentences excluded); accuracy in %; E rows: vote over "
+              f"{task.args.vote_samples} rationales at T = {task.args.vote_temperature} (greedy rationale in brackets)")
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=1))
+        return 0
 
 
 def results_table(rows: dict[str, dict[str, str]], sizes: list[str]) -> str:
