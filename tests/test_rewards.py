@@ -25,12 +25,17 @@ COMPS = [[3, 4], [], [5, 5, 3], [4], [3, 3, 3, 4]]
 INDEX = [0, 1, 1, 0, 1]
 
 
-def make_batch(comps=COMPS, index=INDEX, columns=None, tok=None) -> RewardBatch:
+def make_batch(comps=COMPS, index=INDEX, columns=None, tok=None, action_mask=None) -> RewardBatch:
     tok = tok or make_tiny_tokenizer()
     n = max(len(c) for c in comps)
     tokens = torch.zeros(len(comps), n, dtype=torch.long)
     for i, c in enumerate(comps):
         tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    mask = None
+    if action_mask is not None:  # one list of bools per row (False: a tool wrote the token), padded with False
+        mask = torch.zeros(len(comps), n, dtype=torch.bool)
+        for i, m in enumerate(action_mask):
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
     texts = ["<s>", "<s> a c"]
     return RewardBatch(
         prompts=[texts[i] for i in index],
@@ -41,6 +46,7 @@ def make_batch(comps=COMPS, index=INDEX, columns=None, tok=None) -> RewardBatch:
         completions=[tok.decode(c) for c in comps],
         columns=columns or {},
         tokenizer=tok,
+        action_mask=mask,
     )
 
 
@@ -117,22 +123,38 @@ def test_trl_callable_through_trainer_reward_batch(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None):
-    """log p(z_1:t, stop | X) for t = 0..n, each from its own plain forward pass."""
+def _plain_logits(model, ids, cache=None):
+    """[L, V] float64 logits of one plain forward pass over the whole sequence (no KV cache)."""
+    key = tuple(ids)
+    if cache is None or key not in cache:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([list(ids)])).logits[0].double()
+        if cache is None:
+            return logits
+        cache[key] = logits
+    return cache[key]
+
+
+def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None, suffix=None, cache=None):
+    """For t = 0..n, each from its own plain forward pass over ``prompt + comp[:t] (+ suffix)``:
+    log p(z_1:t, stop | X), or log p(z_1:t, Y | X) with ``suffix`` Y (token ids). With ``legal``, the
+    state's tokens and the stop are renormalised over legal + stop ids, the suffix's tokens never.
+    ``cache`` (a dict) memoises the logits of identical sequences (same model only)."""
+    tail = list(suffix) if suffix is not None else []
     out = []
     for t in range(len(comp) + 1):
-        ids = torch.tensor([prompt + comp[:t]])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].double()
+        ids = list(prompt) + list(comp[:t]) + tail
+        logits = _plain_logits(model, ids, cache)
         total = 0.0
-        for k in range(t + 1):
+        for k in range(t + (len(tail) if suffix is not None else 1)):
             row = logits[len(prompt) - 1 + k]
-            if legal is not None:
+            is_stop = suffix is None and k == t
+            if legal is not None and (k < t or is_stop):
                 mask = torch.zeros_like(row, dtype=torch.bool)
-                mask[legal + stop_ids] = True
+                mask[list(legal) + list(stop_ids)] = True
                 row = row.masked_fill(~mask, -math.inf)
             lp = row.log_softmax(-1)
-            total += float(lp[comp[k]]) if k < t else float(torch.logsumexp(lp[stop_ids], -1))
+            total += float(torch.logsumexp(lp[stop_ids], -1)) if is_stop else float(lp[ids[len(prompt) + k]])
         out.append(total)
     return out
 
@@ -205,6 +227,171 @@ def test_lm_likelihood_runs_in_eval_mode_and_restores_mode():
     assert torch.equal(a, b)
     torch.testing.assert_close(a, ref)
 
+
+# ----------------------------------------------------------------------------------------------
+# LMLikelihoodReward options == brute force: every context, suffix, prefixes mode, shared prefix,
+# renormalisation, weight and chunking, each (row, prefix) from its own plain forward pass
+# ----------------------------------------------------------------------------------------------
+
+LM_WORDS = ("a", "b", "c", "Q:", "ending", "x")  # a=3 b=4 c=5 Q:=6 ending=7 x=8
+LM_STOP = [2, 8]  # </s> and "x": one stop action, two ids
+LM_LEGAL = [3, 4, 5]  # restricted vocabulary: "Q:" and "ending" are not allowed in a state
+TOPICS = ["a", "b", "a", "a", "c"]  # rows 0 and 3 share prompt and topic: one context for both
+# tool case: False marks a token a tool wrote after the policy's action
+TOOL_MASK = [[True, False], [], [True, False, True], [True], [True, False, False, True]]
+SHARED = "b c a"
+WEIGHT, INVALID = 0.7, -7.5
+
+
+def bos_tokenizer():
+    """The tiny word-level tokenizer, adding <s> like a real LM's tokenizer does (not with
+    add_special_tokens=False)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = make_tiny_tokenizer(words=LM_WORDS)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+CONTEXTS = {
+    "policy_prompt": None,
+    "template": "{prompt} Q: {topic}",
+    "callable": lambda row: "Q: " + row["topic"],
+    "empty": "",
+}
+SUFFIXES = {"stop": None, "text": "ending {topic}"}
+
+
+def lm_constraints(prefixes: str, restricted: bool) -> Constraints | None:
+    legal = LM_LEGAL if restricted else None
+    if prefixes == "stoppable_min":
+        return Constraints(stop_token_ids=LM_STOP, min_new_tokens=2, max_new_tokens=4, allowed_token_ids=legal)
+    if prefixes == "stoppable_tool":  # rows 2 and 4 end at the length limit without tool output: a forced
+        # stop, not one the policy may choose, so not scored
+        return Constraints(stop_token_ids=LM_STOP, min_new_tokens=1, max_new_tokens=2, allowed_token_ids=legal,
+                           stop_after_tool=True)
+    if restricted:  # the length limits do not matter to prefixes="all"/"terminal" nor to the renormalisation
+        return Constraints(stop_token_ids=LM_STOP, min_new_tokens=3, max_new_tokens=3, allowed_token_ids=legal)
+    return None
+
+
+def may_stop(comp, mask, c: Constraints | None, mode: str) -> list[bool]:
+    """Where the reward scores state t = 0..n, from the policy's rules written out by hand."""
+    n = len(comp)
+    if mode == "all":
+        return [True] * (n + 1)
+    if mode == "terminal":
+        return [t == n for t in range(n + 1)]
+    mask = mask if mask is not None else [True] * n
+    out = []
+    for t in range(n + 1):
+        actions = sum(mask[:t])
+        policy_acts = t == n or mask[t]  # not inside a tool's output
+        after_tool = t > 0 and not mask[t - 1]
+        ok = policy_acts and c.min_new_tokens <= actions <= c.max_new_tokens
+        out.append(ok and (after_tool or not c.stop_after_tool))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_setup():
+    return make_tiny_lm(seed=21), bos_tokenizer(), {}  # model, tokenizer, logits memo of the brute force
+
+
+@pytest.mark.parametrize("shared,restricted", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "shared_prefix", "renormalised"])
+@pytest.mark.parametrize("prefixes", ["all", "stoppable_min", "stoppable_tool", "terminal"])
+@pytest.mark.parametrize("suffix", list(SUFFIXES))
+@pytest.mark.parametrize("context", list(CONTEXTS))
+def test_lm_likelihood_options_equal_brute_force(lm_setup, context, suffix, prefixes, shared, restricted):
+    model, tok, memo = lm_setup
+    c = lm_constraints(prefixes, restricted)
+    mode = prefixes.split("_")[0]
+    mask = TOOL_MASK if prefixes == "stoppable_tool" else None
+    batch = make_batch(columns={"topic": TOPICS}, tok=tok, action_mask=mask)
+    kw = dict(context=CONTEXTS[context], suffix=SUFFIXES[suffix], prefixes=mode, constraints=c,
+              stop_token_ids=None if c is not None else LM_STOP, shared_prefix=SHARED if shared else None,
+              weight=WEIGHT, invalid_log_reward=INVALID)
+    out = LMLikelihoodReward(model, **kw)(batch)
+    if context in ("policy_prompt", "template"):  # rows share contexts: each chunk must pick its own
+        # a tiny max_batch_tokens splits the rows into several passes: same values
+        passes = []
+        hook = model.register_forward_hook(lambda *a: passes.append(1))
+        try:
+            torch.testing.assert_close(LMLikelihoodReward(model, **kw)(batch), out)
+            one = len(passes)
+            chunked = LMLikelihoodReward(model, **kw, max_batch_tokens=12)(batch)
+        finally:
+            hook.remove()
+        assert len(passes) - one > one  # really more passes
+        torch.testing.assert_close(chunked, out, atol=1e-5, rtol=1e-5)
+
+    # the expected token ids, written out from the documented meaning of each option
+    shared_ids = tok(SHARED)["input_ids"] if shared else []  # the shared text starts the sequence (with <s>)
+    B, N = len(COMPS), max(map(len, COMPS))
+    expected = torch.full((B, N + 1), INVALID, dtype=torch.float64)
+    for b, comp in enumerate(COMPS):
+        row = {"prompt": batch.prompts[b], "topic": TOPICS[b]}
+        spec = CONTEXTS[context]
+        if spec is None:
+            ctx = PROMPT_IDS[INDEX[b]]
+        else:
+            text = spec(row) if callable(spec) else spec.format(**row)
+            ctx = tok(text, add_special_tokens=not shared)["input_ids"] if text else []  # <s> once, at the start
+            ctx = ctx or [tok.bos_token_id]
+        y = tok.encode(SUFFIXES[suffix].format(**row), add_special_tokens=False) if SUFFIXES[suffix] else None
+        values = brute_force_lm_reward(model, shared_ids + ctx, comp, LM_STOP, legal=LM_LEGAL if restricted else None,
+                                       suffix=y, cache=memo)
+        for t, ok in enumerate(may_stop(comp, mask[b] if mask else None, c, mode)):
+            if ok:
+                expected[b, t] = WEIGHT * values[t]
+    if mode == "terminal":
+        assert out.shape == (B,)
+        expected = expected.gather(1, torch.tensor([len(x) for x in COMPS])[:, None]).squeeze(1)
+    else:
+        assert out.shape == (B, N + 1)
+        for b, comp in enumerate(COMPS):  # beyond an episode's length the values are not read
+            expected[b, len(comp) + 1:] = out[b, len(comp) + 1:].double()
+    torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=1e-5)
+
+
+def test_lm_likelihood_callables_equal_templates_and_renormalise_is_optional():
+    model, tok = make_tiny_lm(seed=22), bos_tokenizer()
+    batch = make_batch(columns={"topic": TOPICS}, tok=tok)
+    a = LMLikelihoodReward(model, context="Q: {topic}", suffix="ending {topic}")(batch)
+    b = LMLikelihoodReward(model, context=lambda r: f"Q: {r['topic']}", suffix=lambda r: f"ending {r['topic']}")(batch)
+    torch.testing.assert_close(a, b)
+    # a tokenizer given to the reward is used instead of the batch's
+    plain = make_batch(columns={"topic": TOPICS}, tok=make_tiny_tokenizer(words=LM_WORDS))
+    c = LMLikelihoodReward(model, tok, context="Q: {topic}", suffix="ending {topic}")(plain)
+    torch.testing.assert_close(c, a)
+    # renormalise=False: restricted constraints only give the stop ids, the full vocabulary is used
+    restricted = Constraints(stop_token_ids=LM_STOP, allowed_token_ids=LM_LEGAL)
+    torch.testing.assert_close(LMLikelihoodReward(model, constraints=restricted, renormalise=False)(batch),
+                               LMLikelihoodReward(model, stop_token_ids=LM_STOP)(batch))
+
+
+def test_lm_likelihood_errors():
+    model = make_tiny_lm(seed=23)
+    tok = make_tiny_tokenizer(words=LM_WORDS)
+    batch = make_batch(columns={"topic": TOPICS}, tok=tok)
+    with pytest.raises(RewardError, match=r"context template names 'missing', which is not a dataset column "
+                                          r"\(columns: \['prompt', 'topic'\]\)"):
+        LMLikelihoodReward(model, context="Q: {missing}", stop_token_ids=[2])(batch)
+    with pytest.raises(RewardError, match=r"suffix template names 'answer', which is not a dataset column"):
+        LMLikelihoodReward(model, suffix="ending {answer}")(batch)
+    with pytest.raises(RewardError, match=r"prefixes='stoppable' needs the policy's constraints"):
+        LMLikelihoodReward(model, suffix="ending", prefixes="stoppable")
+    with pytest.raises(RewardError, match=r"without a suffix scores the stop action: pass stop_token_ids or constraints"):
+        LMLikelihoodReward(model)
+    with pytest.raises(RewardError, match=r"prefixes='every': choose 'all', 'stoppable' or 'terminal'"):
+        LMLikelihoodReward(model, stop_token_ids=[2], prefixes="every")
+    with pytest.raises(RewardError, match=r"a suffix is empty"):
+        LMLikelihoodReward(model, suffix=lambda row: "")(batch)
+    no_tok = make_batch()
+    no_tok.tokenizer = None
+    with pytest.raises(RewardError, match=r"need a tokenizer"):
+        LMLikelihoodReward(model, suffix="ending")(no_tok)
 
 # ----------------------------------------------------------------------------------------------
 # combination and checks

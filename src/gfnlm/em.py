@@ -47,36 +47,29 @@ def phrase_log_probs(model, prompts: Sequence[Sequence[int]], middles: Sequence[
 
     Returns:
         log_p_middle [B] (log space; sum over Z's tokens), log_p_phrases [B, K] (log space; sum over
-        each phrase's tokens). Computed in fp32; each distinct X is encoded once and its KV cache
-        reused by its B*K rows Z Y_k (:func:`gfnlm.scoring.completion_logits`).
+        each phrase's tokens). Computed in fp32 by the shared likelihood pass
+        (:func:`gfnlm.scoring.continuation_log_probs`) over the B*K rows Z Y_k: each distinct X is
+        encoded once and its KV cache reused by all of its rows.
     """
-    from .scoring import completion_logits
+    from .scoring import continuation_log_probs
 
     B, K = len(prompts), len(phrases)
     if any(len(p) == 0 for p in phrases):
         raise DataError("empty label phrase")
-    device = next(model.parameters()).device
-    # each distinct prompt is encoded once; its KV cache serves every (rationale, label) row
     uniq: dict[tuple, int] = {}
-    for p in prompts:
-        uniq.setdefault(tuple(p), len(uniq))
-    index, rows, mid_len = [], [], []
-    for b in range(B):
-        for k in range(K):
-            index.append(uniq[tuple(prompts[b])])
-            rows.append(list(middles[b]) + list(phrases[k]))
-            mid_len.append(len(middles[b]))
-    width = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    logits, _ = completion_logits(model, [list(p) for p in uniq], torch.tensor(index, device=device), tokens, lengths,
-                                  pad_id, prefix=prefix)  # [BK, width+1, V]: next-token logits after X, X z_1, ...
-    logp = logits[:, :-1].float().log_softmax(-1).gather(2, tokens[:, :, None]).squeeze(2)  # [BK, width]
-    pos = torch.arange(width, device=device)[None, :]
-    m = torch.tensor(mid_len, device=device)[:, None]
-    zeros = torch.zeros_like(logp)
-    mid = torch.where(pos < m, logp, zeros).sum(1).view(B, K)[:, 0]
-    phrase = torch.where((pos >= m) & (pos < lengths[:, None]), logp, zeros).sum(1).view(B, K)
+    context = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+    # row b*K + k is Z_b Y_k after X_b
+    rows = [list(middles[b]) + list(phrases[k]) for b in range(B) for k in range(K)]
+    row_context = [context[b] for b in range(B) for _ in range(K)]
+    mid_len = [len(middles[b]) for b in range(B) for _ in range(K)]
+    token_logp, _ = continuation_log_probs(model, [list(c) for c in uniq], row_context, rows, pad_id=pad_id,
+                                           prefix=prefix)  # [BK, W], 0 beyond each row's length
+    device = token_logp.device
+    pos = torch.arange(token_logp.shape[1], device=device)[None, :]
+    in_middle = pos < torch.tensor(mid_len, dtype=torch.long, device=device)[:, None]
+    zeros = torch.zeros_like(token_logp)
+    mid = torch.where(in_middle, token_logp, zeros).sum(1).view(B, K)[:, 0]
+    phrase = torch.where(in_middle, zeros, token_logp).sum(1).view(B, K)
     return mid, phrase
 
 
@@ -139,7 +132,7 @@ class LikelihoodModel:
         """The module that computes p(Y | X, Z): the fitted adapter (``fitted`` True, default: if it
         has been fitted) or the base model with every adapter off. Restores the previously active
         adapter and every ``requires_grad`` flag on exit."""
-        from .rewards import base_model
+        from .policy import base_model
 
         use = self.fitted if fitted is None else fitted
         if use and not self.fitted:
