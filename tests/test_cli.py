@@ -48,7 +48,10 @@ def test_train_sample_eval_roundtrip(tmp_path, tiny_model_dir, capsys):
     assert main(["eval", "--task", "rng", "--checkpoint", str(ck), "-n", str(n), "--output", str(metrics)]) == 0
     printed = capsys.readouterr().out
     assert "valid_fraction" in printed and "exact_tv_to_uniform" in printed
+    assert "sampler diagnostics (1 prompts x 16 samples" in printed and "ELBO E_q[log R - log q]" in printed
     m = json.loads(metrics.read_text())
+    d = m["diagnostics"]  # on the policy's own samples; the ELBO is a lower bound on log Z, the IW bound between
+    assert d["elbo"] <= d["iw_bound"] + 1e-9 <= d["log_z_is"] + 2e-9 and 0 < d["ess"] <= 1 and d["log_w_var"] >= 0
     assert m["n"] == n and sum(m["counts"]) + m["invalid"] == n
     # the TVs are those of the run's own samples and exact probabilities (target: uniform on 0..100)
     u = 1.0 / 101

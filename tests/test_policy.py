@@ -55,6 +55,14 @@ def trained_reward_check(trainer: GFNTrainer, reward, batch, reference_reward) -
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     assert any(not torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters() if n in weights)
+    # every step's figures are in the run's history file: log R per kind of episode, length, forced stops
+    import json
+    from pathlib import Path
+
+    hist = json.loads((Path(trainer.args.output_dir) / "history.json").read_text())
+    assert hist == json.loads(json.dumps(trainer.history)) and len(hist) == trainer.args.max_steps
+    for key in ("loss", "reward/log_r_on_policy", "episodes/length_mean", "episodes/forced_stop_fraction"):
+        assert all(key in h for h in hist), key
     after = reward(batch)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     torch.testing.assert_close(after, reference_reward(batch), rtol=0, atol=1e-6)  # a never-trained copy

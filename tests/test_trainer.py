@@ -378,3 +378,23 @@ def test_log_probs_of_training_equal_sampled_ones(tmp_path):
     torch.testing.assert_close(lp, s.log_pf, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp, sc.log_pf)
     assert torch.equal(torch.isneginf(lt), torch.isneginf(s.log_pterm))
+
+
+def test_rows_are_drawn_in_proportion_to_the_weight_column(tmp_path):
+    """row_weight_column: a row of weight 5 is drawn about 5 times as often as a row of weight 1
+    (binomial check over many draws); bad weights are a one-line error."""
+    from gfnlm.errors import DataError
+
+    rows = [{"prompt": "<s>", "weight": 5.0}, {"prompt": "<s> a", "weight": 1.0}, {"prompt": "<s> b", "weight": 0.0}]
+    tr = make_trainer(tmp_path, dataset=rows, row_weight_column="weight")
+    draws = tr.collector.draw_rows(6000)
+    counts = [draws.count(i) for i in range(3)]
+    assert counts[2] == 0
+    p = 5 / 6
+    assert abs(counts[0] - 6000 * p) < 4.5 * math.sqrt(6000 * p * (1 - p))
+    bad = make_trainer(tmp_path / "bad", dataset=[{"prompt": "<s>", "weight": -1.0}], row_weight_column="weight")
+    with pytest.raises(DataError, match="weights must be finite, >= 0"):
+        bad.collector.draw_rows(1)
+    missing = make_trainer(tmp_path / "m", dataset=["<s>"], row_weight_column="weight")
+    with pytest.raises(DataError, match="every dataset row needs a number there"):
+        missing.collector.draw_rows(1)

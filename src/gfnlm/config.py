@@ -62,6 +62,7 @@ class GFNConfig:
 
     # --- episodes ------------------------------------------------------------------------------
     prompts_per_step: int = _f(1, "Distinct prompts per micro-batch.")
+    row_weight_column: str | None = _f(None, "Dataset column holding each row's relative chance of being drawn for a step (None: rows drawn uniformly). The arithmetic task draws its labelled questions 5 times as often as the pool's, as the paper does.")
     samples_per_prompt: int = _f(16, "Episodes per prompt per micro-batch (on-policy + tempered + replayed).")
     max_new_tokens: int = _f(20, "Maximum episode length; stopping is forced there.")
     min_new_tokens: int = _f(0, "Minimum episode length; stopping is impossible before it.")

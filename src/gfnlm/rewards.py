@@ -25,7 +25,6 @@ from torch import Tensor
 
 from .errors import RewardError
 from .sampling import Constraints
-from .policy import base_model  # noqa: F401  (defined in gfnlm.policy; re-exported)
 
 
 @dataclass

@@ -92,6 +92,7 @@ class Collector:
         self.buffer = ReplayBuffer(args.buffer_capacity, args.buffer_priority_temperature)
         self.generator = generator
         self.sample_metrics = sample_metrics
+        self._row_weights: Tensor | None = None
 
     def check_prompts_fit(self, model) -> None:
         """A one-line error naming the first prompt that leaves no room for an episode."""
@@ -183,11 +184,26 @@ class Collector:
         return {"tool": self.tool, "tokenizer": self.tokenizer, "max_tool_tokens": self.args.max_tool_tokens}
 
     # --- one micro-batch ---------------------------------------------------------------------
+    def draw_rows(self, n: int) -> list[int]:
+        """``n`` row indices for a step: uniform, or in proportion to ``row_weight_column``."""
+        col = self.args.row_weight_column
+        if col is None:
+            return torch.randint(len(self.rows), (n,), generator=self.generator).tolist()
+        if self._row_weights is None:
+            try:
+                w = torch.tensor([float(r[col]) for r in self.rows])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"row_weight_column {col!r}: every dataset row needs a number there") from None
+            if (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
+                raise DataError(f"row_weight_column {col!r}: weights must be finite, >= 0, and not all 0")
+            self._row_weights = w
+        return torch.multinomial(self._row_weights, n, replacement=True, generator=self.generator).tolist()
+
     @torch.no_grad()
     def collect(self, model, device) -> Episodes:
         """Replay first, then sample and score fresh episodes, then add those to the buffer."""
         a, g = self.args, self.generator
-        row_ids = torch.randint(len(self.rows), (a.prompts_per_step,), generator=g).tolist()
+        row_ids = self.draw_rows(a.prompts_per_step)
         fresh_idx, temps, kind, replayed, rep_idx = [], [], [], [], []
         for p, r in enumerate(row_ids):
             n_on, n_temp, n_rep = episode_split(a.samples_per_prompt, a.replay_fraction, a.tempered_fraction,

@@ -270,6 +270,17 @@ class GFNTrainer:
         texts = [self.tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
+    def diagnostics(self, k: int = 64, rows: Sequence[dict] | None = None, max_prompts: int = 8) -> dict:
+        """How close the policy is to its target R^(1/T) (T: the final reward temperature), on ``k``
+        of its own samples per prompt for the first ``max_prompts`` of ``rows`` (default: the
+        training rows): ELBO, importance-weighted bound, log Z estimate, ESS, Var(log R - log q)
+        (:func:`gfnlm.evaluation.sampler_report`; log space)."""
+        from .evaluation import sampler_report
+
+        return sampler_report(self.model, self.tokenizer, self.args, self.constraints, self.rewards,
+                              rows if rows is not None else self.rows, k=k, max_prompts=max_prompts,
+                              seed=self.args.seed, tool=self.tool)
+
     def _collect(self) -> Episodes:
         """One micro-batch of episodes (no grad)."""
         return self.collector.collect(self.model, self.accelerator.device)
@@ -370,6 +381,9 @@ class GFNTrainer:
                 if self.accelerator.is_main_process:
                     ckpt.rotate(a.output_dir, a.save_total_limit)
         bar.close()
+        if self.accelerator.is_main_process:  # every logged figure of every step, for plots and bench results
+            Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(a.output_dir) / "history.json").write_text(json.dumps(self.history, indent=0))
         self.save_checkpoint(Path(a.output_dir) / f"checkpoint-{self.step}")
         if self.accelerator.is_main_process:
             ckpt.rotate(a.output_dir, a.save_total_limit)

@@ -146,6 +146,7 @@ class ArithmeticArgs:
     invalid_log_reward: float | None = None  # None: low enough at every reward temperature (invalid_floor)
     max_operands: int = 2
     seed_buffer: bool = True
+    supervised_weight: float = 5.0  # a labelled question is drawn this many times as often as a pool question
     vote_samples: int = 10
     vote_temperature: float = 0.1
     eval_questions: int = 100
@@ -165,7 +166,8 @@ class ArithmeticTask(Task):
         "stop_after_tool": True,
         "samples_per_prompt": 8,
         "prompts_per_step": 2,
-        "tempered_fraction": 0.25,
+        "row_weight_column": "weight",
+        "tempered_fraction": 0.5,
         "replay_fraction": 0.25,
         "reward_temperature": 1.1,
         "reward_temperature_end": 0.5,
@@ -197,8 +199,10 @@ class ArithmeticTask(Task):
         return out
 
     def dataset(self) -> list[dict]:
-        rows = self.supervised() + self.pool()
-        return [{"prompt": r["str_query"], "num_sol": r["num_sol"]} for r in rows]
+        """Labelled and pool questions; ``weight`` (the config's ``row_weight_column``) draws the
+        labelled ones ``supervised_weight`` times as often, as the paper does."""
+        rows = [(r, self.args.supervised_weight) for r in self.supervised()] + [(r, 1.0) for r in self.pool()]
+        return [{"prompt": r["str_query"], "num_sol": r["num_sol"], "weight": w} for r, w in rows]
 
     def few_shot_context(self, k: int) -> str:
         """k solved examples (rationales with calculator outputs), one a line."""
