@@ -135,11 +135,12 @@ def _plain_logits(model, ids, cache=None):
     return cache[key]
 
 
-def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None, suffix=None, cache=None):
+def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None, suffix=None, cache=None, actions=None):
     """For t = 0..n, each from its own plain forward pass over ``prompt + comp[:t] (+ suffix)``:
     log p(z_1:t, stop | X), or log p(z_1:t, Y | X) with ``suffix`` Y (token ids). With ``legal``, the
-    state's tokens and the stop are renormalised over legal + stop ids, the suffix's tokens never.
-    ``cache`` (a dict) memoises the logits of identical sequences (same model only)."""
+    state's action tokens (``actions[k]`` True; default all) and the stop are renormalised over legal +
+    stop ids, a tool's tokens and the suffix's never. ``cache`` (a dict) memoises the logits of
+    identical sequences (same model only)."""
     tail = list(suffix) if suffix is not None else []
     out = []
     for t in range(len(comp) + 1):
@@ -149,7 +150,7 @@ def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None, suffix=None
         for k in range(t + (len(tail) if suffix is not None else 1)):
             row = logits[len(prompt) - 1 + k]
             is_stop = suffix is None and k == t
-            if legal is not None and (k < t or is_stop):
+            if legal is not None and ((k < t and (actions is None or actions[k])) or is_stop):
                 mask = torch.zeros_like(row, dtype=torch.bool)
                 mask[list(legal) + list(stop_ids)] = True
                 row = row.masked_fill(~mask, -math.inf)
@@ -341,7 +342,7 @@ def test_lm_likelihood_options_equal_brute_force(lm_setup, context, suffix, pref
             ctx = ctx or [tok.bos_token_id]
         y = tok.encode(SUFFIXES[suffix].format(**row), add_special_tokens=False) if SUFFIXES[suffix] else None
         values = brute_force_lm_reward(model, shared_ids + ctx, comp, LM_STOP, legal=LM_LEGAL if restricted else None,
-                                       suffix=y, cache=memo)
+                                       suffix=y, cache=memo, actions=mask[b] if mask else None)
         for t, ok in enumerate(may_stop(comp, mask[b] if mask else None, c, mode)):
             if ok:
                 expected[b, t] = WEIGHT * values[t]
@@ -481,3 +482,27 @@ def test_prefix_rule_reward_sees_every_prefix_text():
             assert (batch.prompts[b], text) in calls
             assert out[b, t] == rule(batch.prompts[b], text)
     assert n_calls == sum(len(c) + 1 for c in COMPS)
+
+
+def test_renormalised_reward_scores_tool_output_under_the_full_vocabulary():
+    """A token a tool wrote is not a policy action: with a restricted vocabulary it is scored under
+    the full softmax (a brute-force pass), not renormalised (where it would be -inf)."""
+    model = make_tiny_lm(seed=31)
+    c = Constraints(stop_token_ids=[2], min_new_tokens=0, max_new_tokens=4, allowed_token_ids=[3, 4, 5])
+    r = LMLikelihoodReward(model, constraints=c)
+    batch = make_batch(comps=[[3, 7, 4]], index=[0])
+    batch.action_mask = torch.tensor([[True, False, True]])
+    out = r(batch)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROMPT_IDS[0] + [3, 7, 4]])).logits[0].double()
+    legal = torch.full_like(logits[0], -math.inf)
+    legal[[3, 4, 5, 2]] = 0.0
+    renorm = (logits + legal).log_softmax(-1)
+    full = logits.log_softmax(-1)
+    p0 = len(PROMPT_IDS[0]) - 1
+    toks = [float(renorm[p0, 3]), float(full[p0 + 1, 7]), float(renorm[p0 + 2, 4])]
+    stops = [float(renorm[p0 + t, 2]) for t in range(4)]
+    want = [sum(toks[:t]) + stops[t] for t in range(4)]
+    torch.testing.assert_close(out[0].double(), torch.tensor(want, dtype=torch.float64), atol=3e-5, rtol=1e-5)
+    with pytest.raises(RewardError, match=r"stop_token_ids \[6\] differ from the constraints' \[2\]"):
+        LMLikelihoodReward(model, constraints=c, stop_token_ids=[6])

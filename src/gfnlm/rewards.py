@@ -164,10 +164,12 @@ class LMLikelihoodReward(Reward):
             only; [B], a terminal reward).
         constraints: the policy's action space: the stop ids, the prefixes ``"stoppable"`` keeps, and
             the allowed ids when ``renormalise``.
-        stop_token_ids: the stop ids when there are no ``constraints`` (needed without a suffix).
-        renormalise: with ``constraints`` that restrict the vocabulary, the state's tokens and ⊤ are
+        stop_token_ids: the stop ids when there are no ``constraints`` (needed without a suffix; with
+            constraints they must be the constraints' own).
+        renormalise: with ``constraints`` that restrict the vocabulary, the policy's actions and ⊤ are
             scored under p_LM renormalised over the allowed and stop ids (as the paper does for its
-            restricted tasks; length limits ignored); a suffix always uses the full vocabulary.
+            restricted tasks; length limits ignored); a tool's output and a suffix always use the
+            full vocabulary.
         shared_prefix: constant text placed before every context (e.g. solved examples).
         weight: exponent of p_LM (log R is multiplied by it): R = p(Z|X)^a p(Z)^b is two instances,
             weights a and b, summed in log space by the trainer.
@@ -190,6 +192,9 @@ class LMLikelihoodReward(Reward):
             raise RewardError("prefixes='stoppable' needs the policy's constraints (constraints=...)")
         if suffix is None and constraints is None and not stop_token_ids:
             raise RewardError("LMLikelihoodReward without a suffix scores the stop action: pass stop_token_ids or constraints")
+        if constraints is not None and stop_token_ids and sorted(stop_token_ids) != sorted(constraints.stop_token_ids):
+            raise RewardError(f"stop_token_ids {list(stop_token_ids)} differ from the constraints' "
+                              f"{list(constraints.stop_token_ids)}: give one of them")
         self.base_lm = BaseLM(model)
         self.tokenizer = tokenizer
         self.context, self.suffix, self.prefixes = context, suffix, prefixes
@@ -275,6 +280,9 @@ class LMLikelihoodReward(Reward):
         scored = self.scored(batch)
         contexts, ctx_index = self._contexts(batch, tok)
         states = [batch.tokens[b, :int(batch.lengths[b])].tolist() for b in range(B)]
+        # the policy's own actions are renormalised; a tool's output is scored under the full vocabulary
+        acts = [[True] * len(z) if batch.action_mask is None else batch.action_mask[b, :len(z)].tolist()
+                for b, z in enumerate(states)]
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         values = torch.zeros(B, N + 1)
         with self.base_lm() as base:
@@ -283,7 +291,8 @@ class LMLikelihoodReward(Reward):
                       max_batch_tokens=self.max_batch_tokens)
             if self.suffix is None:  # one row per episode: every prefix's stop comes from the same pass
                 tok_lp, stop_lp = continuation_log_probs(base, contexts, ctx_index, states,
-                                                         stop_token_ids=self.stop_token_ids, **kw)
+                                                         stop_token_ids=self.stop_token_ids,
+                                                         renormalise_mask=acts, **kw)
                 cum = torch.cat([tok_lp.new_zeros(B, 1), tok_lp.cumsum(1)], dim=1)
                 values[:, :cum.shape[1]] = (cum + stop_lp).cpu()
             else:  # one row per scored prefix: z_1:t followed by Y
@@ -294,7 +303,7 @@ class LMLikelihoodReward(Reward):
                     raise RewardError(f"{self.name}: a suffix is empty: give Y as non-empty text")
                 rows = [states[b][:t] + suffixes[b] for b, t in jobs]
                 tok_lp, _ = continuation_log_probs(base, contexts, [ctx_index[b] for b, _ in jobs], rows,
-                                                   renormalise_upto=[t for _, t in jobs], **kw)
+                                                   renormalise_mask=[acts[b][:t] for b, t in jobs], **kw)
                 if jobs:
                     values[scored] = tok_lp.sum(1).cpu()
         out = torch.where(scored, self.weight * values, torch.full_like(values, self.invalid_log_reward))

@@ -122,7 +122,7 @@ def score(
 def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_index: Sequence[int],
                            sequences: Sequence[Sequence[int]], *, pad_id: int = 0, prefix: PrefixCache | None = None,
                            stop_token_ids: Sequence[int] | None = None, renormalise: Constraints | None = None,
-                           renormalise_upto: Sequence[int] | None = None,
+                           renormalise_mask: Sequence[Sequence[bool]] | None = None,
                            max_batch_tokens: int | None = None) -> tuple[Tensor, Tensor | None]:
     """log p_LM of every token of each sequence after its context: the one teacher-forced
     likelihood pass that LM rewards, EM and evaluation share.
@@ -135,10 +135,10 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_ind
         prefix: optional :class:`PrefixCache` of a constant text read before every context.
         stop_token_ids: if given, also return log p(⊤) at every position: the summed probability of
             these ids.
-        renormalise: optional :class:`Constraints`: the first ``renormalise_upto[r]`` tokens of row r
-            (default: all) and ⊤ get the distribution renormalised over the allowed and stop ids
-            (length limits ignored); later tokens (e.g. an answer outside the policy's vocabulary)
-            are scored under the full vocabulary.
+        renormalise: optional :class:`Constraints`: the tokens where ``renormalise_mask[r]`` is True
+            (default: all; the policy's actions) and ⊤ get the distribution renormalised over the
+            allowed and stop ids (length limits ignored); the others (a tool's output, an answer
+            outside the policy's vocabulary) are scored under the full vocabulary.
         max_batch_tokens: rows are scored in chunks of at most this many (rows × padded width)
             tokens after the context (at least one row per chunk); None: one chunk.
 
@@ -157,7 +157,6 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_ind
         renormalise = Constraints(stop_token_ids=list(renormalise.stop_token_ids), min_new_tokens=0,
                                   max_new_tokens=10**9, allowed_token_ids=renormalise.allowed_token_ids,
                                   forbidden_token_ids=list(renormalise.forbidden_token_ids))
-    upto = list(renormalise_upto) if renormalise_upto is not None else lengths_all
     for rows in _chunks(lengths_all, max_batch_tokens):
         used = sorted({int(context_index[r]) for r in rows})
         where = {c: i for i, c in enumerate(used)}
@@ -170,8 +169,12 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_ind
         lengths = torch.tensor([lengths_all[r] for r in rows], device=device)
         logits, _ = completion_logits(model, [list(contexts[c]) for c in used], index, tokens, lengths, pad_id,
                                       prefix=prefix)  # [r, width+1, V]
-        tok, stop = _token_and_stop_log_probs(logits, tokens, stop_token_ids, renormalise,
-                                              torch.tensor([upto[r] for r in rows], device=device))
+        inside = torch.ones((len(rows), width), dtype=torch.bool, device=device)
+        if renormalise_mask is not None:
+            for i, r in enumerate(rows):
+                m = list(renormalise_mask[r])[:width]
+                inside[i] = torch.tensor(m + [False] * (width - len(m)), dtype=torch.bool, device=device)
+        tok, stop = _token_and_stop_log_probs(logits, tokens, stop_token_ids, renormalise, inside)
         valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
         sel = torch.tensor(rows, device=device)
         tok_out[sel, :width] = torch.where(valid, tok, torch.zeros_like(tok))
@@ -181,9 +184,9 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_ind
 
 
 def _token_and_stop_log_probs(logits: Tensor, tokens: Tensor, stop_token_ids, renormalise: Constraints | None,
-                              upto: Tensor) -> tuple[Tensor, Tensor | None]:
+                              inside: Tensor) -> tuple[Tensor, Tensor | None]:
     """log p of each next token [r, w] and of ⊤ [r, w+1] from logits [r, w+1, V], in fp32: full
-    softmax, or renormalised over ``renormalise``'s ids for the first ``upto[r]`` tokens and ⊤."""
+    softmax, or renormalised over ``renormalise``'s ids where ``inside`` [r, w] is True, and for ⊤."""
     r, w1, _ = logits.shape
     full = logits.float().log_softmax(-1)
     tok = full[:, :-1].gather(2, tokens[:, :, None]).squeeze(2)
@@ -192,7 +195,6 @@ def _token_and_stop_log_probs(logits: Tensor, tokens: Tensor, stop_token_ids, re
         steps = torch.zeros((r, w1), dtype=torch.long, device=logits.device)
         nxt = torch.cat([tokens, tokens.new_full((r, 1), renormalise.stop_token_ids[0])], dim=1)
         sel_tok, stop = renormalise.selected_log_probs(logits, steps, nxt)
-        inside = torch.arange(w1 - 1, device=logits.device)[None, :] < upto[:, None]
         tok = torch.where(inside, sel_tok[:, :-1], tok)
     elif stop_token_ids is not None:
         stop = torch.logsumexp(full[..., torch.as_tensor(list(stop_token_ids), device=logits.device)], dim=-1)
