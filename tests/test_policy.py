@@ -142,3 +142,32 @@ def test_cli_path_reward_is_the_base_model_before_and_after_training(tmp_path):
     fresh, _ = load_model(str(model_dir))
     (reference,) = task.reward_funcs(fresh, tok, trainer.constraints, cfg)
     trained_reward_check(trainer, reward, batch, reference)
+
+
+def test_base_model_restores_requires_grad_flags():
+    """PEFT's adapter switch sets requires_grad; a frozen (evaluation) PeftModel stays frozen."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(make_tiny_lm(seed=4), lora_config())
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    with base_model(peft_model):
+        pass
+    assert not any(p.requires_grad for p in peft_model.parameters())
+
+
+def test_resuming_with_another_dataset_is_an_error(tmp_path):
+    from gfnlm.errors import DataError
+
+    tok = make_tiny_tokenizer()
+    kw = dict(train_dataset=["<s>", "<s> a"], processing_class=tok)
+    reward = LMLikelihoodReward(make_tiny_lm(seed=7, vocab_size=6), stop_token_ids=[2])
+    tr = GFNTrainer(make_tiny_lm(seed=7, vocab_size=6), reward, python_config(tmp_path, max_steps=1), **kw)
+    tr.train()
+    other = GFNTrainer(make_tiny_lm(seed=7, vocab_size=6), reward, python_config(tmp_path, max_steps=2),
+                       train_dataset=["<s> a", "<s>"], processing_class=tok)
+    with pytest.raises(DataError, match="written for another dataset"):
+        other.train(resume_from_checkpoint=True)
+    same = GFNTrainer(make_tiny_lm(seed=7, vocab_size=6), reward, python_config(tmp_path, max_steps=2), **kw)
+    same.train(resume_from_checkpoint=True)
+    assert same.step == 2

@@ -334,8 +334,9 @@ def test_lm_likelihood_options_equal_brute_force(lm_setup, context, suffix, pref
     for b, comp in enumerate(COMPS):
         row = {"prompt": batch.prompts[b], "topic": TOPICS[b]}
         spec = CONTEXTS[context]
-        if spec is None:
+        if spec is None:  # the policy's prompt; after a shared prefix without its leading <s> (unless that is all)
             ctx = PROMPT_IDS[INDEX[b]]
+            ctx = ctx[1:] if shared and len(ctx) > 1 and ctx[0] == tok.bos_token_id else ctx
         else:
             text = spec(row) if callable(spec) else spec.format(**row)
             ctx = tok(text, add_special_tokens=not shared)["input_ids"] if text else []  # <s> once, at the start

@@ -347,3 +347,15 @@ def test_em_resume_names_a_missing_checkpoint(data_dir, model_dir, tmp_path):
         task.train(trainer, tmp_path / "nowhere")
     with pytest.raises(DataError, match="no complete checkpoint"):
         task.train(trainer, True)
+
+
+def test_em_refuses_full_fine_tuning(data_dir, model_dir, tmp_path):
+    """The likelihood model is a second adapter on the policy's base: full fine-tuning would train
+    the model that computes p_LM(Z | X), so it is a one-line error."""
+    from gfnlm.cli import make_trainer
+    from gfnlm.errors import ConfigError
+
+    cfg = config(model=str(model_dir), output_dir=str(tmp_path / "run"), use_peft=False,
+                 task_args={"data_dir": str(data_dir), "train_size": 4, "val_size": 6, "seed_rationales": 0})
+    with pytest.raises(ConfigError, match="set use_peft: true"):
+        make_trainer(cfg)

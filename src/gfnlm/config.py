@@ -48,13 +48,13 @@ class GFNConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables clipping), applied to the LM's parameters and to log Z's apart (one joint norm under DeepSpeed or FSDP).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimiser step.")
 
     # --- objective -----------------------------------------------------------------------------
     loss_type: str = _f("modified_subtb", "GFlowNet objective: modified_subtb, tb, vargrad or modified_db (see gfnlm.losses).")
     subtb_lambda: float = _f(1.0, "Modified SubTB weight lambda^(j-i-1) of a pair (i<j); 1.0 weights all pairs equally (O(n) closed form).")
-    log_z: str = _f("auto", "Learned log Z: 'none', 'scalar', 'prompt' (a linear head on the prompt's last hidden state) or 'auto' (scalar for tb, and for modified SubTB when stopping at the empty prefix is impossible).")
+    log_z: str = _f("auto", "Learned log Z: 'none', 'scalar', 'prompt' (a linear head on the prompt's last hidden state) or 'auto' (for tb, and for modified SubTB when stopping at the empty prefix is impossible: 'prompt' when the dataset has several distinct prompts, 'scalar' for one; else none).")
     reward_temperature: float = _f(1.0, "Reward temperature T at step 0: the target is R^(1/T) (log R / T).")
     reward_temperature_end: float | None = _f(None, "Reward temperature at the end of the schedule (None: constant).")
     reward_temperature_horizon: int = _f(0, "Steps over which T moves linearly from reward_temperature to reward_temperature_end.")
@@ -77,8 +77,8 @@ class GFNConfig:
     explore_temperature_min: float = _f(0.5, "Tempered episodes use a temperature drawn uniformly from [min, max].")
     explore_temperature_max: float = _f(2.0, "See explore_temperature_min.")
     epsilon: float = _f(0.0, "Epsilon-uniform exploration: probability of a uniformly random allowed action at each step (fresh episodes).")
-    replay_fraction: float = _f(0.25, "Fraction of each prompt's episodes replayed from the buffer (once it holds entries for that prompt).")
-    buffer_capacity: int = _f(50, "Replay-buffer capacity per prompt (distinct completions, lowest reward evicted).")
+    replay_fraction: float = _f(0.25, "Fraction of each row's episodes replayed from its buffer (once it holds entries for that row); drawn before the step's fresh episodes are added.")
+    buffer_capacity: int = _f(50, "Replay-buffer capacity per dataset row (distinct completions, lowest reward evicted).")
     buffer_priority_temperature: float = _f(1.0, "Replay sampling is proportional to exp(log R / this); large values approach uniform.")
 
     # --- LoRA (PEFT) ---------------------------------------------------------------------------

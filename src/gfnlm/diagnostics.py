@@ -109,7 +109,7 @@ def sampler_diagnostics(log_r, log_q, iw_k: int | None = None) -> dict[str, floa
     * ``ess``: the effective-sample-size fraction ``(sum w)^2 / (K sum w^2)`` of the
       weights ``w = R / q``, in ``(0, 1]``, ``1`` at the optimum;
     * ``log_w_var``: the unbiased variance (divisor ``K - 1``; ``0`` when ``K = 1``) of
-      ``log_w``, ``0`` at the optimum; ``log_w_std`` its square root;
+      ``log_w``, ``0`` at the optimum; ``log_w_std`` the mean over prompts of its square root;
     * ``n_samples`` = ``K`` and ``n_prompts`` = ``P``.
 
     Raises :class:`ValueError` on shape mismatch, empty input, non-finite values (a sample

@@ -4,7 +4,7 @@ GFlowNet fine-tuning trains a policy q(Z|X), usually a frozen base LM plus LoRA 
 LM-likelihood rewards must score text with the *base* LM.  Two rules keep the two apart:
 
 * :func:`wrap_policy` is the only place that adds adapters (PEFT's ``get_peft_model``).  The
-  trainer calls it, and so does :func:`gfnlm.cli.make_trainer` *before* a task builds its rewards,
+  trainer calls it, and so does :func:`gfnlm.tasks.make_trainer` *before* a task builds its rewards,
   so no reward is ever built on a model that is wrapped afterwards.
 * :class:`BaseLM` is the only way a reward reaches the base LM.  Whatever object it is given (a
   plain model, a ``PeftModel``, or a plain model into which PEFT later injected LoRA layers in
@@ -39,7 +39,8 @@ def adapter_layers(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def base_model(model: nn.Module):
     """Context in which ``model`` computes its base LM: every adapter layer off, eval mode (dropout
-    off). Restores each layer's previous state and the training flag on exit.
+    off). Restores each layer's previous state, every ``requires_grad`` flag (PEFT's switch sets
+    them) and the training flag on exit.
 
     Works on a ``PeftModel`` and on the plain model PEFT injected its layers into (the same
     module tree), so a reward holding either cannot see the adapters."""
@@ -50,6 +51,7 @@ def base_model(model: nn.Module):
                           "recovered: unmerge them (model.unmerge_adapter()) before computing an LM reward")
     was_training = model.training
     was_disabled = [bool(m.disable_adapters) for m in layers]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     prompt_learning = getattr(model, "peft_config", None) and any(
         getattr(c, "is_prompt_learning", False) for c in model.peft_config.values())
     model.eval()
@@ -64,6 +66,8 @@ def base_model(model: nn.Module):
     finally:
         for m, off in zip(layers, was_disabled):
             m.enable_adapters(not off)
+        for p, flag in grads:
+            p.requires_grad_(flag)
         model.train(was_training)
 
 

@@ -33,7 +33,7 @@ class ReplayBuffer:
             raise ValueError("buffer capacity must be at least 1")
         self.capacity = capacity
         self.priority_temperature = priority_temperature
-        self._data: dict[str, dict[tuple[int, ...], Entry]] = {}
+        self._data: dict = {}  # key (a dataset row's index) -> {tokens: Entry}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._data.values())
@@ -42,13 +42,13 @@ class ReplayBuffer:
         """Forget every entry (e.g. when the reward changes, as after an EM M-step)."""
         self._data.clear()
 
-    def size(self, key: str) -> int:
+    def size(self, key) -> int:
         return len(self._data.get(key, {}))
 
-    def entries(self, key: str) -> list[Entry]:
+    def entries(self, key) -> list[Entry]:
         return list(self._data.get(key, {}).values())
 
-    def add(self, key: str, tokens: Sequence[int], log_r_terminal: float, log_r_prefix: Tensor | None = None,
+    def add(self, key, tokens: Sequence[int], log_r_terminal: float, log_r_prefix: Tensor | None = None,
             action_mask: Sequence[bool] | None = None) -> bool:
         """Insert one completion; returns True if the buffer changed."""
         tokens = tuple(int(t) for t in tokens)
@@ -66,7 +66,7 @@ class ReplayBuffer:
         bucket[tokens] = entry
         return True
 
-    def add_batch(self, keys: Sequence[str], tokens: Tensor, lengths: Tensor, log_r: Tensor,
+    def add_batch(self, keys: Sequence, tokens: Tensor, lengths: Tensor, log_r: Tensor,
                   action_mask: Tensor | None = None) -> int:
         """Insert B episodes. ``log_r`` is [B, N+1] (prefix) or [B] (terminal), untempered;
         ``action_mask`` [B, N] marks policy actions when a tool wrote some tokens."""
@@ -80,7 +80,7 @@ class ReplayBuffer:
                 added += self.add(key, tokens[b, :n].tolist(), float(log_r[b]), None, mask)
         return added
 
-    def sample(self, key: str, k: int, generator: torch.Generator | None = None) -> list[Entry]:
+    def sample(self, key, k: int, generator: torch.Generator | None = None) -> list[Entry]:
         """Draw ``k`` entries of ``key`` with replacement, prioritised by reward."""
         bucket = self.entries(key)
         if not bucket or k <= 0:

@@ -222,8 +222,10 @@ class LMLikelihoodReward(Reward):
 
     def _contexts(self, batch: RewardBatch, tok) -> tuple[list[list[int]], list[int]]:
         """Distinct context token lists and the context of each episode."""
-        if self.context is None:
-            return [list(p) for p in batch.prompt_ids], batch.prompt_index.tolist()
+        if self.context is None:  # after a shared prefix the prompt continues the text: no second BOS
+            bos = tok.bos_token_id if tok is not None and self.shared_prefix else None
+            return ([list(p[1:]) if bos is not None and len(p) > 1 and p[0] == bos else list(p) for p in batch.prompt_ids],
+                    batch.prompt_index.tolist())
         uniq: dict[tuple, int] = {}
         index = []
         for b in range(batch.tokens.shape[0]):
@@ -262,7 +264,7 @@ class LMLikelihoodReward(Reward):
         c = self.constraints
         acts = (torch.arange(N)[None, :] < lengths) if batch.action_mask is None else batch.action_mask.cpu().bool()
         n_act = torch.cat([torch.zeros((B, 1), dtype=torch.long), acts.long().cumsum(1)], dim=1)
-        ok = inside & (n_act >= c.min_new_tokens) & (n_act <= c.max_new_tokens)
+        ok = inside & (n_act >= c.min_new_tokens)
         ok &= torch.cat([acts, torch.zeros((B, 1), dtype=torch.bool)], dim=1) | (t == lengths)  # not in tool output
         if c.stop_after_tool:
             ok &= tool_output_ends(acts, batch.lengths.cpu())

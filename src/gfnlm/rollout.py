@@ -64,8 +64,8 @@ KIND_NAMES = {ON_POLICY: "on_policy", TEMPERED: "tempered", REPLAYED: "replayed"
 def episode_split(k: int, replay_fraction: float, tempered_fraction: float, can_replay: bool) -> tuple[int, int, int]:
     """(on-policy, tempered, replayed) counts of ``k`` episodes of one prompt: each count is
     rounded, replay and tempering never take more than ``k`` together, and at least one fresh
-    episode is sampled when ``k > 1`` (so every row keeps exploring)."""
-    n_rep = min(round(k * replay_fraction), k - 1 if k > 1 else k) if can_replay else 0
+    episode is sampled (so every row keeps exploring)."""
+    n_rep = min(round(k * replay_fraction), k - 1) if can_replay else 0
     n_temp = min(round(k * tempered_fraction), k - n_rep)
     return k - n_rep - n_temp, n_temp, n_rep
 
@@ -93,6 +93,13 @@ class Collector:
         self.generator = generator
         self.sample_metrics = sample_metrics
         self._row_weights: Tensor | None = None
+
+    def fingerprint(self) -> str:
+        """A digest of the dataset rows in order (the replay buffer is keyed by row index)."""
+        import hashlib
+        import json
+
+        return hashlib.sha1(json.dumps(self.rows, sort_keys=True, default=str).encode()).hexdigest()
 
     def check_prompts_fit(self, model) -> None:
         """A one-line error naming the first prompt that leaves no room for an episode."""
@@ -232,13 +239,15 @@ class Collector:
         return ep
 
     def episode_metrics(self, ep: Episodes, fresh_batch: RewardBatch) -> dict:
-        """Terminal log R per kind of episode, mean length, forced-stop fraction, sample metrics."""
+        """Terminal log R per kind of episode; over the fresh (on-policy and tempered) episodes, as
+        before replay existed: mean and max log R, mean length, forced-stop fraction; sample metrics."""
         term = ep.log_r.gather(1, ep.lengths[:, None]).squeeze(1) if ep.log_r.ndim == 2 else ep.log_r
         acts = ep.lengths if ep.action_mask is None else ep.action_mask.sum(1)
-        m = {"reward/log_r_mean": term.mean().item(), "reward/log_r_max": term.max().item(),
-             "episodes/length_mean": ep.lengths.float().mean().item(),
-             "episodes/forced_stop_fraction": (acts >= self.constraints.max_new_tokens).float().mean().item(),
-             "episodes/replayed": float((ep.kind == REPLAYED).sum())}
+        fresh = ep.kind != REPLAYED
+        m = {"reward/log_r_mean": term[fresh].mean().item(), "reward/log_r_max": term[fresh].max().item(),
+             "episodes/length_mean": ep.lengths[fresh].float().mean().item(),
+             "episodes/forced_stop_fraction": (acts[fresh] >= self.constraints.max_new_tokens).float().mean().item(),
+             "episodes/replayed": float((~fresh).sum())}
         for k, name in KIND_NAMES.items():
             sel = ep.kind == k
             if sel.any():

@@ -55,9 +55,7 @@ def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -
                                               action_mask[pick, :width].to(device))
         nll = -(log_pf.sum(1) + log_pterm.gather(1, lengths[pick].to(device)[:, None]).squeeze(1)).mean()
         trainer.accelerator.backward(nll)
-        if a.max_grad_norm:
-            trainer.accelerator.clip_grad_norm_([p for p in trainer.policy.parameters() if p.requires_grad],
-                                                a.max_grad_norm)
+        trainer.clip_gradients()
         trainer.optimizer.step()
         trainer.scheduler.step()
         trainer.optimizer.zero_grad(set_to_none=True)

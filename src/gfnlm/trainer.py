@@ -1,17 +1,18 @@
 """``GFNTrainer``: GFlowNet fine-tuning of a causal LM, in TRL's shape, on Accelerate.
 
-One optimiser step, for each of ``gradient_accumulation_steps`` micro-batches:
+The policy is wrapped once (:func:`gfnlm.policy.wrap_policy`); LM rewards read its base model only
+through :class:`gfnlm.policy.BaseLM`. One optimiser step, for each of
+``gradient_accumulation_steps`` micro-batches:
 
-1. pick ``prompts_per_step`` prompts; for each, ``samples_per_prompt`` episodes split into
-   on-policy, tempered-policy (exploration) and replayed ones;
-2. sample the fresh episodes under ``no_grad`` (KV cache, the prompt encoded once);
-3. score their log-rewards for every prefix (untempered), add them to the replay buffer;
-4. one teacher-forced pass of the policy gives log q of every token and of stopping at every
-   prefix (:mod:`gfnlm.scoring`); the GFlowNet loss (:mod:`gfnlm.losses`) compares them with
-   the tempered log-rewards; backward.
+1. collect episodes (:class:`gfnlm.rollout.Collector`, no grad): draw ``prompts_per_step`` rows;
+   for each, replay first from that row's buffer, then sample on-policy and tempered episodes,
+   score their untempered log-rewards for every prefix, and add them to the buffer;
+2. one teacher-forced pass of the policy gives log q of every token and of stopping at every
+   prefix (:mod:`gfnlm.scoring`); the objective (:data:`gfnlm.losses.LOSSES`, one
+   :class:`~gfnlm.losses.LossSpec` each) compares them with the tempered log-rewards; backward.
 
-Then clip, step the optimiser and the learning-rate schedule.  The model stays in eval mode
-throughout, so dropout (LoRA's included) is off during GFlowNet training.
+Then clip (the LM's gradient and log Z's apart), step the optimiser and the learning-rate
+schedule.  The model stays in eval mode throughout, so dropout (LoRA's included) is off.
 
 Several processes (DDP, FSDP, DeepSpeed) come from ``accelerate launch``: each rank samples
 its own episodes (seed + rank) and gradients are averaged by Accelerate.
@@ -211,6 +212,9 @@ class GFNTrainer:
         self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                                        num_training_steps=args.max_steps)
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        for r in rewards:  # a frozen base copy lives where the policy does
+            if getattr(getattr(r, "base_lm", None), "frozen_copy", False):
+                r.base_lm.module.to(self.accelerator.device)
         self.step = 0
         self.history: list[dict] = []
         #: extra JSON-able entries written into every checkpoint's trainer_state.json (e.g. EM progress)
@@ -336,16 +340,23 @@ class GFNTrainer:
     def clip_gradients(self) -> dict:
         """Clip the LM's gradient and log Z's gradient to ``max_grad_norm`` each, apart: log Z's
         gradient is in nats, often far larger than the adapters', and one shared norm would let it
-        shrink the adapters' step to nothing. Returns the norms before clipping."""
-        a = self.args
+        shrink the adapters' step to nothing. Gradients are unscaled once (fp16 loss scaling), then
+        each group is clipped. Under DeepSpeed or FSDP, which clip sharded gradients themselves, one
+        joint norm is applied (logged as ``grad_norm``). Returns the norms before clipping."""
+        from accelerate.utils import DistributedType
+
+        a, acc = self.args, self.accelerator
         if not a.max_grad_norm or a.max_grad_norm <= 0:
             return {}
-        named = [(n, p) for n, p in self.accelerator.unwrap_model(self.policy).named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in acc.unwrap_model(self.policy).named_parameters() if p.requires_grad]
+        if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            return {"grad_norm": float(acc.clip_grad_norm_(self.policy.parameters(), a.max_grad_norm))}
+        acc.unscale_gradients()
         out = {}
         for key, params in (("grad_norm", [p for n, p in named if not n.startswith("log_z")]),
                             ("grad_norm_log_z", [p for n, p in named if n.startswith("log_z")])):
             if params:
-                out[key] = float(self.accelerator.clip_grad_norm_(params, a.max_grad_norm))
+                out[key] = float(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
         return out
 
     def train(self, resume_from_checkpoint: str | bool | None = None) -> list[dict]:
@@ -371,7 +382,7 @@ class GFNTrainer:
             if self.step % a.logging_steps == 0:
                 if a.report_to:
                     self.accelerator.log({k: v for k, v in m.items() if k != "step"}, step=self.step)
-                post = {"loss": f"{m['loss']:.3g}", "logR": f"{m['reward/log_r_mean']:.3g}",
+                post = {"loss": f"{m['loss']:.3g}", "logR": f"{m.get('reward/log_r_on_policy', m['reward/log_r_mean']):.3g}",
                         "eps/s": f"{m['episodes_per_second']:.1f}"}
                 post.update({k.split("/")[-1]: f"{v:.3g}" for k, v in m.items() if k.startswith("samples/")})
                 bar.set_postfix(post)
@@ -407,7 +418,8 @@ class GFNTrainer:
         acc.wait_for_everyone()
         tmp = ckpt.temp_path(path)
         r = acc.process_index
-        torch.save({"buffer": self.buffer.state_dict(), "generator": self.generator.get_state(),
+        torch.save({"buffer": self.buffer.state_dict(), "rows": self.collector.fingerprint(),
+                    "generator": self.generator.get_state(),
                     "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
                    tmp / f"rank{r}.pt")
         acc.wait_for_everyone()
@@ -442,6 +454,9 @@ class GFNTrainer:
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         rs = torch.load(path / f"rank{r}.pt", map_location="cpu", weights_only=False)
+        if rs.get("rows", self.collector.fingerprint()) != self.collector.fingerprint():
+            raise DataError(f"'{path}' was written for another dataset (its replay buffer is keyed by row): "
+                            "resume with the same rows in the same order, or start a new run")
         self.buffer.load_state_dict(rs["buffer"])
         self.generator.set_state(rs["generator"])
         torch.set_rng_state(rs["torch"])

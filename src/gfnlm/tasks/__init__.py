@@ -115,10 +115,17 @@ class Task:
         against the task's target (:func:`gfnlm.evaluation.sampler_report`)."""
         from ..evaluation import sampler_report
 
+        from ..policy import adapter_layers
+
         rows = self.eval_rows()
         if not rows:
             return {}
-        return sampler_report(model, tokenizer, config, constraints, self.reward_funcs(model, tokenizer, constraints, config),
+        base = model
+        if not adapter_layers(model):  # a fully fine-tuned policy: the target's LM is the original base model
+            from ..models import load_model
+
+            base = load_model(config.model)[0].to(next(model.parameters()).device)
+        return sampler_report(model, tokenizer, config, constraints, self.reward_funcs(base, tokenizer, constraints, config),
                               rows, k=k, max_prompts=max_prompts, seed=seed, tool=self.tool())
 
     def report(self, results: dict, label: str, args) -> None:
@@ -224,7 +231,7 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
     from ..models import load_model
     from ..policy import wrap_policy
     from ..rewards import NoReward
-    from ..trainer import GFNTrainer, lora_config
+    from ..trainer import GFNTrainer, constraints_from_config, lora_config
 
     if config.task is None:
         raise ConfigError("the command line needs a task (e.g. --task rng); custom rewards are set up from Python")
@@ -239,7 +246,7 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
     if model is None:
         model, tokenizer = load_model(config.model)
     model = wrap_policy(model, config.use_peft, None, lambda: lora_config(config), config.seed)  # before any reward holds it
-    constraints = task.constraints(config, tokenizer)
+    constraints = task.constraints(config, tokenizer) or constraints_from_config(config, tokenizer)
     rewards = task.reward_funcs(model, tokenizer, constraints, config) if with_rewards else [NoReward()]
     dataset = config.dataset or task.dataset()
     trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,

@@ -45,7 +45,7 @@ from ..rewards import LMLikelihoodReward
 from ..sampling import Constraints
 from ..tools import Calculator, evaluate_expression
 from ..trainer import constraints_from_config
-from . import Task
+from . import Task, build_config
 
 ALLOWED_CHARS = set("0123456789+-=,. ")
 ANSWER_SUFFIX = ". The answer is {n}."
@@ -242,7 +242,8 @@ class ArithmeticTask(Task):
         if self.args.invalid_log_reward is not None:
             return self.args.invalid_log_reward
         k = len(self.allowed_token_ids(tokenizer)) + 1
-        t_max = 1.0 if config is None else max(config.reward_temperature, config.reward_temperature_end or 0.0)
+        cfg = config if config is not None else build_config(self.name, {})  # the task's own schedule
+        t_max = max(cfg.reward_temperature, cfg.reward_temperature_end or 0.0)
         return -t_max * (constraints.max_new_tokens * math.log(k) + 50.0)
 
     def sample_metrics(self):

@@ -179,6 +179,11 @@ class SubjectivityTask(Task):
         return self.likelihood
 
     def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
+        if config is not None and not config.use_peft:
+            from ..errors import ConfigError
+
+            raise ConfigError("subjectivity's EM keeps its likelihood model as a second LoRA adapter on the policy's "
+                              "base model, which full fine-tuning would train: set use_peft: true")
         return [RationaleReward(self, tokenizer, self.args.penalty)]
 
     def prepare_trainer(self, trainer) -> None:
