@@ -189,8 +189,10 @@ def report(args) -> str:
         lines.append(f"- {l} operands: {r['removed_as_in_training']} test questions removed because they occur in a "
                      "training file.")
     for name, r in rows:  # every row is scored on the first n of the same (deduplicated) test questions
-        lines.append(f"- {name}: the first {', '.join(str(v['questions']) for v in r[0].values())} questions "
-                     f"of the {'/'.join(r[0])}-operand test sets; {len(r)} seed{'s' if len(r) > 1 else ''}.")
+        counts = sorted({tuple(v["questions"] for v in x.values()) for x in r})
+        lines.append(f"- {name}: the first {' or '.join('/'.join(map(str, c)) for c in counts)} questions of the "
+                     f"{'/'.join(r[0])}-operand test sets; {len(r)} seed{'s' if len(r) > 1 else ''}"
+                     + (" (seeds evaluated on different question counts: see each run below)." if len(counts) > 1 else "."))
     lines.append("- Cells: accuracy in % of the majority vote over 10 rationales at T = 0.1 (greedy in brackets).")
     for m, res in results.items():
         lines.append(f"- {m}: {res['seconds']:.0f} s in all; {json.dumps(res['info'])}")
