@@ -250,25 +250,21 @@ class LMLikelihoodReward(Reward):
 
     # --- which prefixes ------------------------------------------------------------------------
     def scored(self, batch: RewardBatch) -> Tensor:
-        """[B, N+1] bool: the prefixes this reward scores."""
-        from .sampling import tool_output_ends
+        """[B, N+1] bool: the prefixes this reward scores ("stoppable": where the policy acts, past
+        ``min_new_tokens``, and with ``stop_after_tool`` right after a tool's output)."""
+        from .sampling import EpisodeStates
 
-        B, N = batch.tokens.shape
+        N = batch.tokens.shape[1]
         t = torch.arange(N + 1)[None, :]
-        lengths = batch.lengths.cpu()[:, None]
+        lengths = batch.lengths.cpu()
         if self.prefixes == "terminal":
-            return t == lengths
-        inside = t <= lengths
+            return t == lengths[:, None]
         if self.prefixes == "all":
-            return inside
+            return t <= lengths[:, None]
         c = self.constraints
-        acts = (torch.arange(N)[None, :] < lengths) if batch.action_mask is None else batch.action_mask.cpu().bool()
-        n_act = torch.cat([torch.zeros((B, 1), dtype=torch.long), acts.long().cumsum(1)], dim=1)
-        ok = inside & (n_act >= c.min_new_tokens)
-        ok &= torch.cat([acts, torch.zeros((B, 1), dtype=torch.bool)], dim=1) | (t == lengths)  # not in tool output
-        if c.stop_after_tool:
-            ok &= tool_output_ends(acts, batch.lengths.cpu())
-        return ok
+        st = EpisodeStates.of(lengths, N, None if batch.action_mask is None else batch.action_mask.cpu())
+        ok = st.policy_acts & (st.n_act >= c.min_new_tokens)
+        return ok & st.after_tool if c.stop_after_tool else ok
 
     # --- the reward ----------------------------------------------------------------------------
     @torch.no_grad()

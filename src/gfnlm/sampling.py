@@ -238,6 +238,36 @@ def tool_output_ends(action_mask: Tensor, lengths: Tensor) -> Tensor:
     return after & (acts_next | at_end)
 
 
+@dataclass
+class EpisodeStates:
+    """Where the policy acts in a batch of states, for scoring passes and rewards.
+
+    Attributes:
+        acts: [B, N] bool, token t is the policy's action (in range, not tool-written).
+        n_act: [B, N+1] long, actions taken before state t (what the length limits count).
+        after_tool: [B, N+1] bool, state t ends with a tool's complete output.
+        policy_acts: [B, N+1] bool, the policy acts (and may stop) at state t: at the end, or
+            before one of its own actions, never inside tool output.
+    """
+
+    acts: Tensor
+    n_act: Tensor
+    after_tool: Tensor
+    policy_acts: Tensor
+
+    @classmethod
+    def of(cls, lengths: Tensor, width: int, action_mask: Tensor | None = None) -> "EpisodeStates":
+        """From ``lengths`` [B], the padded width N, and ``action_mask`` [B, N] (None: all actions)."""
+        device = lengths.device
+        B = lengths.shape[0]
+        in_range = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        acts = in_range if action_mask is None else action_mask.to(device).bool() & in_range
+        n_act = torch.cat([torch.zeros((B, 1), dtype=torch.long, device=device), acts.long().cumsum(1)], dim=1)
+        at_end = torch.arange(width + 1, device=device)[None, :] == lengths[:, None]
+        policy_acts = at_end | torch.cat([acts, acts.new_zeros((B, 1))], dim=1)
+        return cls(acts, n_act, tool_output_ends(acts, lengths), policy_acts)
+
+
 def pad_right(seqs: Sequence[Sequence], pad, dtype=torch.long) -> tuple[Tensor, Tensor]:
     """Right-pad lists (token ids, masks...). Returns values [K, N] and lengths [K]."""
     width = max((len(x) for x in seqs), default=0)

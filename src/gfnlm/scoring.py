@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .sampling import (NEG_INF, Constraints, PrefixCache, cache_kwargs, check_fits, encode_prompts, pad_prompts,
-                       tool_output_ends)
+from .sampling import (NEG_INF, Constraints, EpisodeStates, PrefixCache, cache_kwargs, check_fits, encode_prompts,
+                       pad_prompts)
 
 
 @dataclass
@@ -100,22 +100,12 @@ def score(
     check_fits(model, prompts, max(tokens.shape[1], 1))
     prompt_index = prompt_index.to(tokens.device)
     logits, hidden = completion_logits(model, prompts, prompt_index, tokens, lengths, pad_id, return_prompt_hidden)
-    B, N1, _ = logits.shape
-    device = tokens.device
-    positions = torch.arange(N1, device=device).expand(B, N1)
-    in_range = positions < lengths[:, None]  # [B, N+1]: a token follows state t
-    if action_mask is None:
-        acts = in_range[:, :-1]
-    else:
-        acts = action_mask.to(device).bool() & in_range[:, :-1]
-    steps = torch.cat([torch.zeros_like(lengths)[:, None], acts.long().cumsum(1)], dim=1)  # actions so far
+    B = logits.shape[0]
+    st = EpisodeStates.of(lengths, tokens.shape[1], action_mask)
     next_tokens = torch.cat([tokens, tokens.new_full((B, 1), constraints.stop_token_ids[0])], dim=1)
-    after_tool = tool_output_ends(acts, lengths)  # where stop_after_tool allows a stop
-    tok, stop_lp = constraints.selected_log_probs(logits, steps, next_tokens, after_tool)  # [B, N+1] each
-    # the policy acts (and may stop) at the end and before each of its own actions, not inside tool output
-    real = (positions == lengths[:, None]) | torch.cat([acts, acts.new_zeros((B, 1))], dim=1)
-    log_pterm = torch.where(real, stop_lp, torch.full_like(stop_lp, NEG_INF))
-    log_pf = torch.where(acts, tok[:, :-1], torch.zeros_like(tok[:, :-1]))
+    tok, stop_lp = constraints.selected_log_probs(logits, st.n_act, next_tokens, st.after_tool)  # [B, N+1] each
+    log_pterm = torch.where(st.policy_acts, stop_lp, torch.full_like(stop_lp, NEG_INF))
+    log_pf = torch.where(st.acts, tok[:, :-1], torch.zeros_like(tok[:, :-1]))
     return PolicyScores(log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden)
 
 
