@@ -220,7 +220,7 @@ def make_grpo_trainer(task, model, tokenizer, config: GFNConfig, *, output_dir: 
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from .trainer import constraints_from_config, disable_dropout, lora_config
+    from .trainer import disable_dropout, lora_config
 
     max_steps = config.max_steps if max_steps is None else max_steps
     learning_rate = config.learning_rate if learning_rate is None else learning_rate
@@ -234,7 +234,7 @@ def make_grpo_trainer(task, model, tokenizer, config: GFNConfig, *, output_dir: 
         raise ConfigError("pass the tokenizer when model is not a name or path")
     if num_generations < 2:
         raise ConfigError("GRPO needs num_generations >= 2 (advantages are relative to the prompt's group)")
-    constraints = task.constraints(config, tokenizer) or constraints_from_config(config, tokenizer)
+    constraints = task.constraints(config, tokenizer)
     # TRL's log-prob pass sees token ids only, not which tokens a tool wrote, so it cannot apply a
     # state-dependent stop rule: the RL policy may stop anywhere (its correct-answer reward is 0
     # for a rationale without a result anyway)

@@ -73,8 +73,10 @@ class Task:
         raise NotImplementedError
 
     def constraints(self, config: GFNConfig, tokenizer):
-        """The action space; None uses the config's stop/allowed/forbidden tokens."""
-        return None
+        """The action space (default: the config's stop/allowed/forbidden tokens and lengths)."""
+        from ..trainer import constraints_from_config
+
+        return constraints_from_config(config, tokenizer)
 
     def tool(self):
         """Optional tool ``f(completion_text) -> str | None`` written into the state (not actions)."""
@@ -168,13 +170,7 @@ class Task:
         config = build_config(cls.name if cls.name in REGISTRY else args.task, {"model": args.model, **extra})
         model, tok = load_model(config.model)
         task = cls(config.task_args)
-        return model, tok, config, task.constraints(config, tok) or _config_constraints(config, tok), task
-
-
-def _config_constraints(config, tokenizer):
-    from ..trainer import constraints_from_config
-
-    return constraints_from_config(config, tokenizer)
+        return model, tok, config, task.constraints(config, tok), task
 
 
 def format_diagnostics(d: dict) -> str:
@@ -231,7 +227,7 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
     from ..models import load_model
     from ..policy import wrap_policy
     from ..rewards import NoReward
-    from ..trainer import GFNTrainer, constraints_from_config, lora_config
+    from ..trainer import GFNTrainer, lora_config
 
     if config.task is None:
         raise ConfigError("the command line needs a task (e.g. --task rng); custom rewards are set up from Python")
@@ -246,7 +242,7 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
     if model is None:
         model, tokenizer = load_model(config.model)
     model = wrap_policy(model, config.use_peft, None, lambda: lora_config(config), config.seed)  # before any reward holds it
-    constraints = task.constraints(config, tokenizer) or constraints_from_config(config, tokenizer)
+    constraints = task.constraints(config, tokenizer)
     rewards = task.reward_funcs(model, tokenizer, constraints, config) if with_rewards else [NoReward()]
     dataset = config.dataset or task.dataset()
     trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
