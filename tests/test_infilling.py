@@ -111,8 +111,8 @@ def byte_ids(tok, text):
 
 
 def brute(model, tok, beginning, z, ending, t):
-    """log p(z_1:t | X) + log p(" " Y | X z_1:t), X the beginning alone, one plain forward pass."""
-    ctx, y = byte_ids(tok, beginning), byte_ids(tok, " " + ending)
+    """log p(z_1:t "." | X) + log p(" " Y | X z_1:t "."), X the beginning alone, one plain forward pass."""
+    ctx, y = byte_ids(tok, beginning), byte_ids(tok, ". " + ending)
     ids = ctx + z[:t] + y
     with torch.no_grad():
         lp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
@@ -129,7 +129,7 @@ def reward_batch(tok, rows, completions):
 
 
 def check_reward(reward, model, tok, rows, min_new):
-    batch, z = reward_batch(tok, rows, [" Al got a hat.", " It fell"])
+    batch, z = reward_batch(tok, rows, [" Al got a hat", " It fell"])
     got = reward(batch)
     assert got.shape == (2, batch.tokens.shape[1] + 1)
     for b, r in enumerate(rows):
@@ -152,7 +152,7 @@ def test_reward_against_brute_force_python_and_cli_paths(stories, tmp_path, tiny
     (reward,) = task.reward_funcs(model, tok, cons, cfg)
     check_reward(reward, model, tok, rows, cons.min_new_tokens)
     # the context is the beginning only: scoring under the policy's prompt gives another value
-    batch, z = reward_batch(tok, rows, [" Al got a hat.", " It fell"])
+    batch, z = reward_batch(tok, rows, [" Al got a hat", " It fell"])
     under_prompt = brute(model, tok, rows[0]["prompt"], z[0], rows[0]["ending"], len(z[0]))
     assert reward(batch)[0, len(z[0])].item() != pytest.approx(under_prompt, abs=1e-3)
     # CLI path: make_trainer wraps the policy with LoRA first; the reward reads the base model
@@ -168,22 +168,24 @@ def test_sampler_honours_the_stop_rule(stories, tmp_path):
     cfg = config(stories, tmp_path, max_new_tokens=12, min_new_tokens=3)
     task = InfillingTask(cfg.task_args)
     cons = task.constraints(cfg, tok)
-    newline, eos = byte_ids(tok, "\n"), tok.eos_token_id
-    assert sorted(cons.stop_token_ids) == sorted(newline + [eos])
-    assert newline[0] not in cons.allowed_token_ids and eos not in cons.allowed_token_ids
+    stop = byte_ids(tok, ".")
+    assert cons.stop_token_ids == stop  # the full stop ends the middle sentence
+    not_actions = byte_ids(tok, "\n!?") + [tok.eos_token_id] + stop
+    assert not set(not_actions) & set(cons.allowed_token_ids)
     model = make_tiny_lm(vocab_size=len(tok), seed=5, max_positions=512)
-    with torch.no_grad():  # make the newline likely, so that episodes stop of their own accord
+    with torch.no_grad():  # make the full stop and the newline likely: episodes stop of their own accord
         model.lm_head.weight.mul_(20)
-        model.lm_head.weight[newline[0]] = model.model.norm.weight.sign() * 3
+        model.lm_head.weight[stop[0]] = model.model.norm.weight.sign() * 2
+        model.lm_head.weight[not_actions[0]] = model.model.norm.weight.sign() * 3
     prompt = byte_ids(tok, task.dataset()[0]["prompt"])
     s = sample(model, [prompt], torch.zeros(200, dtype=torch.long), cons, pad_id=0, generator=torch.Generator().manual_seed(0))
     lengths = s.lengths.tolist()
     assert min(lengths) >= 3 and max(lengths) <= 12
     assert any(n < 12 for n in lengths)  # some stopped before the limit
     for b, n in enumerate(lengths):
-        assert not set(s.tokens[b, :n].tolist()) & {eos, newline[0]}  # the stop is not part of Z
+        assert not set(s.tokens[b, :n].tolist()) & set(not_actions)  # one sentence; the stop is not part of Z
     texts = [t for ss, g in task.infill(model, tok, cfg, cons, task.dataset()[:2], k=3, temperature=0.9) for t in ss + [g]]
-    assert len(texts) == 8 and not any("\n" in t for t in texts)
+    assert len(texts) == 8 and all(t.endswith(".") and t.count(".") == 1 and "\n" not in t for t in texts)
 
 
 def test_metrics_on_known_pairs(stories):
@@ -247,7 +249,7 @@ def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
     assert main(["sample", "--checkpoint", str(gfn), "-n", "3", "--json", "--beginning", "Al was sad. It was cold.",
                  "--ending", "Al is glad."]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and all("\n" not in json.loads(x) for x in lines)
+    assert len(lines) == 3 and all(json.loads(x).endswith(".") and "\n" not in json.loads(x) for x in lines)
     assert main(["sample", "--checkpoint", str(gfn), "--beginning", "Al was sad.", "--ending", " "]) == 2
     assert "the ending is empty" in capsys.readouterr().err
     long = " ".join(["Al was sad."] * 60)

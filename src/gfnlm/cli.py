@@ -70,7 +70,7 @@ def cmd_sft(args, rest: list[str]) -> int:
     if args.target not in cls.sft_targets:
         raise GFNLMError(f"task {data['task']} fine-tunes --target {' or '.join(cls.sft_targets)}, not {args.target!r}")
     rows, completions, defaults = cls(data.get("task_args")).sft_data(args.target)
-    data = {**defaults, **data}  # the user's values win over the target's defaults
+    data = merge_overrides(defaults, data)  # the user's values win over the target's defaults
     data.setdefault("output_dir", f"runs/{data['task']}-sft")
     config = build_config(data["task"], data)
     task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
@@ -142,6 +142,7 @@ def cmd_sample(args, rest: list[str] | None = None) -> int:
     with torch.no_grad():
         texts = sample_completions(model, tok, ids, cons, args.n, temperature=args.temperature, seed=args.seed)
     for t in texts:
+        t = task.completion_text(t) if task is not None else t
         print(json.dumps(t, ensure_ascii=False) if args.json else t)
     return 0
 

@@ -142,6 +142,10 @@ class Collector:
                 raise DataError(f"{what}: {desc} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
             if len(ids) > self.constraints.max_new_tokens:
                 raise DataError(f"{what}: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
+            bad = [i for i in ids if not self._is_action(i)]
+            if bad:
+                raise DataError(f"{what}: completion {t!r} has tokens the policy may not write "
+                                f"({self.tokenizer.convert_ids_to_tokens(bad[:3])}): remove them or widen the constraints")
             state, mask = self.with_tool_output(ids)
             states.append(state)
             masks.append(mask)
@@ -150,6 +154,17 @@ class Collector:
         tokens, lengths = pad_right(states, self.pad_id)
         action_mask, _ = pad_right(masks, False, dtype=torch.bool)
         return tokens, lengths, action_mask
+
+    def _is_action(self, token_id: int) -> bool:
+        c = self.constraints
+        if token_id in c.stop_token_ids or token_id in (c.forbidden_token_ids or ()):
+            return False
+        return c.allowed_token_ids is None or token_id in self._allowed_set()
+
+    def _allowed_set(self) -> set[int]:
+        if getattr(self, "_allowed", None) is None:
+            self._allowed = set(self.constraints.allowed_token_ids or ())
+        return self._allowed
 
     def with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
         """The state the sampler would build from these actions: tool output inserted after each

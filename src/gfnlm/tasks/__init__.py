@@ -107,6 +107,10 @@ class Task:
             raise ConfigError(f"task {self.name} samples from --prompt TEXT, not {sorted(columns)}")
         return columns["prompt"]
 
+    def completion_text(self, text: str) -> str:
+        """The text an episode stands for (``gfnlm sample`` prints it; default: the completion as is)."""
+        return text
+
     def correct_reward(self):
         """A TRL-style reward ``f(prompts, completions, **columns) -> list[float]``: 1.0 for a correct
         completion, else 0.0 (not a log-reward). Used by the RL baseline (:mod:`gfnlm.rl`)."""

@@ -7,15 +7,18 @@ file in the same form, or with ``beginning`` / ``ending`` [/ ``middle``] fields)
 ``valid_stories`` the validation set, the next ``train_stories`` the training set; a training story
 whose beginning also occurs in the test or validation set is dropped.
 
-Policy q(Z | X, Y): the prompt "Beginning: X\\nEnding: Y\\nMiddle:" (no chat template); Z is free
-text without a newline (tokens containing one are not actions), 3 to 25 tokens (every true middle
-of the data is 3 to 20 SmolLM2 tokens); the episode stops with EOS or a newline (one stop action),
-so Z carries its own final punctuation.
+Policy q(Z | X, Y): the prompt "Beginning: X\\nEnding: Y\\nMiddle:" (no chat template). Z is one
+sentence: the stop action is the full stop "." that ends it, so the middle's text is Z + "."; the
+actions are the tokens without a newline, ".", "!" or "?" (and no special tokens), 2 to 24 of them
+(every true middle of the data is 2 to 19 SmolLM2 tokens before its final punctuation). Stopping at
+the end of a sentence rather than at EOS or a newline keeps episodes one sentence long: the base
+model rarely writes a newline after its sentence and ran on to the length limit in most episodes.
+True middles that end with "!" or "?" (6% of the data) are used with "." in the buffer and SFT.
 
-Reward, the paper's definition (not its code's): log R(z_1:t ⊤) = log p_LM(z_1:t | X) +
-log p_LM(" " Y | X z_1:t), with X the beginning only, for every prefix where the policy may stop
-(t >= 3), from the engine's one :class:`~gfnlm.rewards.LMLikelihoodReward` (context = beginning,
-suffix = ending, full vocabulary). The LM is the base model (adapters off), or with
+Reward, the paper's definition (not its code's): log R(z_1:t ⊤) = log p_LM(z_1:t "." | X) +
+log p_LM(" " Y | X z_1:t "."), with X the beginning only, for every prefix where the policy may stop
+(t >= 2), from the engine's one :class:`~gfnlm.rewards.LMLikelihoodReward` (context = beginning,
+suffix = ". " + ending, full vocabulary). The LM is the base model (adapters off), or with
 ``task_args.reward_model`` a reward LM fine-tuned on the training stories (``gfnlm sft --task
 infilling --target reward``: LoRA, maximum likelihood of sentences 4-5 given 1-3), merged and frozen.
 
@@ -45,6 +48,8 @@ from ..trainer import constraints_from_config
 from . import Task, format_diagnostics
 
 PROMPT = "Beginning: {beginning}\nEnding: {ending}\nMiddle:"
+END = "."  # the stop action: the middle sentence's full stop
+NOT_IN_A_SENTENCE = ("\n", "\r", ".", "!", "?")
 METRICS = ("bleu4", "gleu4", "bertscore", "bertscore_rescaled")
 
 
@@ -138,6 +143,7 @@ class InfillingArgs:
     eval_temperature: float = 0.9
     bertscore_model: str = "all-MiniLM-L6-v2"
     bertscore_layer: int = 6
+    one_sentence: bool = True  # actions exclude newlines and sentence ends (False: only the reward LM's SFT)
 
 
 class InfillingTask(Task):
@@ -147,9 +153,9 @@ class InfillingTask(Task):
     config_defaults = {
         "task": "infilling",
         "chat_template": "never",
-        "stop_tokens": ["eos", "\n"],
-        "min_new_tokens": 3,
-        "max_new_tokens": 25,
+        "stop_tokens": [END],
+        "min_new_tokens": 2,
+        "max_new_tokens": 24,
         "loss_type": "modified_subtb",
         "samples_per_prompt": 8,
         "prompts_per_step": 2,
@@ -193,10 +199,17 @@ class InfillingTask(Task):
         return story_row(columns["beginning"], columns["ending"], where="command line")["prompt"]
 
     # policy
-    def allowed_token_ids(self, tokenizer) -> list[int]:
+    def allowed_token_ids(self, tokenizer) -> list[int] | None:
         special = set(tokenizer.all_special_ids)
-        ids = self.tokens_where(tokenizer, lambda t: bool(t) and "\n" not in t and "\r" not in t, "free of newlines")
+        if not self.args.one_sentence:
+            return None
+        ids = self.tokens_where(tokenizer, lambda t: bool(t) and not any(c in t for c in NOT_IN_A_SENTENCE),
+                                "free of newlines and sentence ends")
         return [i for i in ids if i not in special]
+
+    def completion_text(self, text: str) -> str:
+        """The middle sentence an episode stands for: its tokens, then the full stop (the stop action)."""
+        return text.strip() + END
 
     def constraints(self, config, tokenizer) -> Constraints:
         return constraints_from_config(config, tokenizer, allowed_token_ids=self.allowed_token_ids(tokenizer))
@@ -222,15 +235,21 @@ class InfillingTask(Task):
         return f"fine-tuned reward LM {self.args.reward_model}" if self.args.reward_model else "base LM"
 
     def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
-        """log R(z_1:t ⊤) = log p_LM(z_1:t | X) + log p_LM(" " Y | X z_1:t), X the beginning only,
+        """log R(z_1:t ⊤) = log p_LM(z_1:t "." | X) + log p_LM(" " Y | X z_1:t "."), X the beginning only,
         at every prefix where the policy may stop (the one LM-likelihood reward)."""
         return [LMLikelihoodReward(self.reward_lm(model, config), tokenizer, context=lambda row: row["beginning"],
-                                   suffix=lambda row: " " + row["ending"], prefixes="stoppable",
+                                   suffix=lambda row: END + " " + row["ending"], prefixes="stoppable",
                                    constraints=constraints, renormalise=False, name="middle_and_ending_likelihood")]
 
     def supervised_completions(self) -> dict[str, list[str]]:
-        """The true middles of the training stories (those that fit ``max_new_tokens`` are used)."""
-        return {r["prompt"]: [" " + r["middle"]] for r in self.dataset() if r.get("middle")}
+        """The true middles of the training stories, without their final punctuation (the stop action
+        writes the full stop)."""
+        out = {}
+        for r in self.dataset():
+            body = r.get("middle", "").rstrip(" .!?")
+            if body and not any(c in body for c in NOT_IN_A_SENTENCE):  # else the policy cannot write it
+                out[r["prompt"]] = [" " + body]
+        return out
 
     def sft_data(self, target: str):
         """``policy``: (beginning, ending) -> middle; ``reward``: the reward LM, maximum likelihood of
@@ -241,15 +260,22 @@ class InfillingTask(Task):
             raise GFNLMError(f"infilling fine-tunes --target policy or reward, not {target!r}")
         rows = [{"prompt": r["beginning"]} for r in self.dataset() if r.get("middle")]
         comps = {r["beginning"]: [f" {r['middle']} {r['ending']}"] for r in self.dataset() if r.get("middle")}
-        return rows, comps, {"max_new_tokens": 64, "output_dir": "runs/infilling-reward-lm"}
+        return rows, comps, {"task_args": {"one_sentence": False}, "stop_tokens": ["eos"], "min_new_tokens": 1,
+                             "max_new_tokens": 96, "output_dir": "runs/infilling-reward-lm"}
 
     def fitting(self, trainer, completions: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
-        """The completions whose length fits the policy's limits, and how many were skipped."""
+        """The completions the policy can produce (length within its limits, every token an action),
+        and how many were skipped."""
         c = trainer.constraints
+        allowed = set(c.allowed_token_ids) if c.allowed_token_ids is not None else None
+
+        def fits(t: str) -> bool:
+            ids = trainer.tokenizer.encode(t, add_special_tokens=False)
+            return c.min_new_tokens <= len(ids) <= c.max_new_tokens and (allowed is None or set(ids) <= allowed)
+
         kept, skipped = {}, 0
         for p, texts in completions.items():
-            ok = [t for t in texts if c.min_new_tokens <= len(trainer.tokenizer.encode(t, add_special_tokens=False))
-                  <= c.max_new_tokens]
+            ok = [t for t in texts if fits(t)]
             skipped += len(texts) - len(ok)
             if ok:
                 kept[p] = ok
@@ -259,8 +285,9 @@ class InfillingTask(Task):
         if self.args.seed_buffer and trainer.args.max_steps > 0 and not isinstance(trainer.rewards[0], NoReward):
             kept, skipped = self.fitting(trainer, self.supervised_completions())
             if skipped:
-                print(f"infilling: {skipped} true middles outside {trainer.constraints.min_new_tokens}.."
-                      f"{trainer.constraints.max_new_tokens} tokens not put in the replay buffer")
+                print(f"infilling: {skipped} true middles the policy cannot write (length outside "
+                      f"{trainer.constraints.min_new_tokens}..{trainer.constraints.max_new_tokens} tokens, or a token "
+                      "that is not an action) not put in the replay buffer")
             if kept:
                 trainer.seed_buffer(kept)
 
@@ -289,7 +316,7 @@ class InfillingTask(Task):
         from ..evaluation import sample_votes
 
         prompts = [render_prompt(tokenizer, r["prompt"], config.chat_template) for r in rows]
-        dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+        dec = lambda ids: self.completion_text(tokenizer.decode(ids, skip_special_tokens=True))  # noqa: E731
         return [([dec(s) for s in sampled], dec(greedy))
                 for sampled, greedy in sample_votes(model, tokenizer, prompts, constraints, k, temperature, seed=seed,
                                                     batch_prompts=max(1, 32 // (k + 1)), progress=progress,

@@ -123,8 +123,11 @@ class RandomIntegerTask(Task):
         return valid_fraction
 
     def prepare_trainer(self, trainer) -> None:
-        if self.args.seed_buffer:
-            trainer.seed_buffer({self.args.prompt: [str(k) for k in range(NUM_VALUES)]})
+        if self.args.seed_buffer:  # the valid answers this tokenizer can spell (a toy word-level one may lack "10")
+            tok = trainer.tokenizer
+            spelt = [str(k) for k in range(NUM_VALUES)
+                     if tok.decode(tok.encode(str(k), add_special_tokens=False)).strip() == str(k)]
+            trainer.seed_buffer({self.args.prompt: spelt})
 
     # --- evaluation ----------------------------------------------------------------------------
     def answer_token_ids(self, tokenizer, constraints: Constraints) -> list[list[int]]:
