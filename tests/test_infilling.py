@@ -223,7 +223,8 @@ def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
     rlm = tmp_path / "rlm" / "checkpoint-3"
     cfg = config(stories, tmp_path, model=str(tiny_dir), task_args=task_args(stories, reward_model=str(rlm)))
     task, trainer = make_trainer(cfg)
-    assert sum(len(trainer.buffer.entries(i)) for i in range(len(trainer.rows))) == len(trainer.rows)
+    assert sum(len(trainer.buffer.entries(i)) for i in range(len(trainer.rows))) == 0  # seeded when first drawn
+    assert sorted(trainer.collector.pending_seeds) == list(range(len(trainer.rows)))
     merged = task.reward_lm(trainer.model, cfg)
     tok = trainer.tokenizer
     check_reward(trainer.rewards[0], merged, tok, task.dataset()[:2], trainer.constraints.min_new_tokens)
@@ -255,3 +256,31 @@ def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
     long = " ".join(["Al was sad."] * 60)
     assert main(["sample", "--checkpoint", str(gfn), "--beginning", long, "--ending", "Al is glad."]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err
+
+
+def test_lazy_seeds_enter_the_buffer_when_their_row_is_drawn(stories, tmp_path, tiny_dir):
+    """A lazily seeded row gets exactly the entry eager seeding gives it, before its first replay
+    draw; a row that already holds entries (as after a resume) does not get its seeds again."""
+    cfg = config(stories, tmp_path, model=str(tiny_dir), prompts_per_step=3, replay_fraction=0.5)
+    task, eager = make_trainer(cfg)
+    eager.collector.pending_seeds.clear()
+    eager.seed_buffer(task.supervised_completions())  # every row now
+    _, lazy = make_trainer(cfg)
+    g = torch.Generator().manual_seed(7)
+    lazy.collector.generator = g
+    rows = lazy.collector.draw_rows(3)
+    lazy.collector.generator = torch.Generator().manual_seed(7)
+    ep = lazy.collector.collect(lazy.model, lazy.accelerator.device)
+    assert (ep.kind == 2).any()  # the seeds were there to replay at the first draw
+    for r in set(rows):
+        seeded = [e for e in lazy.buffer.entries(r) if tuple(e.tokens) == tuple(eager.buffer.entries(r)[0].tokens)]
+        assert len(seeded) == 1 and seeded[0].log_r_terminal == pytest.approx(eager.buffer.entries(r)[0].log_r_terminal, abs=1e-5)
+        assert r not in lazy.collector.pending_seeds
+    other = next(r for r in range(len(lazy.rows)) if r not in rows)
+    before = len(lazy.buffer.entries(other))
+    lazy.buffer.add_batch([other], torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.zeros(1, 4))
+    lazy.collector.draw_rows = lambda n: [other] * n
+    lazy.collector.collect(lazy.model, lazy.accelerator.device)
+    assert before == 0 and other not in lazy.collector.pending_seeds
+    middle = eager.buffer.entries(other)[0].tokens
+    assert not any(tuple(e.tokens) == tuple(middle) for e in lazy.buffer.entries(other))

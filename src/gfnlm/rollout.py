@@ -93,6 +93,7 @@ class Collector:
         self.generator = generator
         self.sample_metrics = sample_metrics
         self._row_weights: Tensor | None = None
+        self.pending_seeds: dict[int, list[str]] = {}  # row -> completions to add when it is first drawn
 
     def fingerprint(self) -> str:
         """A digest of the dataset rows in order (the replay buffer is keyed by row index)."""
@@ -181,10 +182,17 @@ class Collector:
             used += len(out)
         return state, mask
 
-    def seed_buffer(self, completions: dict[str, list[str]] | list[tuple[str, str]], batch_size: int = 32) -> int:
+    def seed_buffer(self, completions: dict[str, list[str]] | list[tuple[str, str]], batch_size: int = 32,
+                    lazy: bool = False) -> int:
         """Add known completions to the replay buffer of every row with that prompt (each row's
         own rewards, computed ``batch_size`` episodes at a time). ``completions`` maps a prompt to
-        completion texts (with a tool: the policy's actions only). Returns how many entries were added."""
+        completion texts (with a tool: the policy's actions only). Returns how many entries were added.
+
+        ``lazy``: only check and remember them; a row's completions are scored and added when the row
+        is first drawn, before its replay (a run of S steps scores at most S x prompts_per_step rows'
+        seeds, not the whole dataset's). A row that already holds entries (e.g. restored from a
+        checkpoint) has had its seeds, so they are dropped then: resume stays exact. Returns how many
+        completions wait."""
         pairs = list(completions.items()) if isinstance(completions, dict) else [(p, [c]) for p, c in completions]
         by_prompt: dict[str, list[int]] = {}
         for i, r in enumerate(self.rows):
@@ -194,6 +202,15 @@ class Collector:
             if prompt not in by_prompt:
                 raise DataError(f"seed_buffer: prompt {prompt[:40]!r} is not in the training dataset")
             jobs += [(row, t) for row in by_prompt[prompt] for t in texts]
+        if lazy:
+            self.encode_completions([t for _, t in jobs], "seed_buffer")  # errors now, not at some later step
+            for row, t in jobs:
+                self.pending_seeds.setdefault(row, []).append(t)
+            return len(jobs)
+        return self._add_seeds(jobs, batch_size)
+
+    def _add_seeds(self, jobs: list[tuple[int, str]], batch_size: int = 32) -> int:
+        """Score (row, completion text) pairs and add them to the buffer."""
         added = 0
         for i in range(0, len(jobs), batch_size):
             chunk = jobs[i:i + batch_size]
@@ -231,6 +248,10 @@ class Collector:
         """Replay first, then sample and score fresh episodes, then add those to the buffer."""
         a, g = self.args, self.generator
         row_ids = self.draw_rows(a.prompts_per_step)
+        seeds = [(r, t) for r in dict.fromkeys(row_ids) if r in self.pending_seeds
+                 for t in self.pending_seeds.pop(r) if self.buffer.size(r) == 0]
+        if seeds:  # lazily seeded rows: their known completions enter the buffer before the replay draw
+            self._add_seeds(seeds)
         fresh_idx, temps, kind, replayed, rep_idx = [], [], [], [], []
         for p, r in enumerate(row_ids):
             n_on, n_temp, n_rep = episode_split(a.samples_per_prompt, a.replay_fraction, a.tempered_fraction,

@@ -258,9 +258,10 @@ class GFNTrainer:
         """Untempered log R: [B, N+1] with prefix rewards, else [B]."""
         return self.collector.log_rewards(batch)
 
-    def seed_buffer(self, completions) -> int:
-        """Add known completions to the replay buffer (see :meth:`gfnlm.rollout.Collector.seed_buffer`)."""
-        return self.collector.seed_buffer(completions)
+    def seed_buffer(self, completions, lazy: bool = False) -> int:
+        """Add known completions to the replay buffer, now or (``lazy``) when their row is first drawn
+        (see :meth:`gfnlm.rollout.Collector.seed_buffer`)."""
+        return self.collector.seed_buffer(completions, lazy=lazy)
 
     def encode_completions(self, texts: Sequence[str], what: str = "completions"):
         return self.collector.encode_completions(texts, what)

@@ -22,7 +22,8 @@ suffix = ". " + ending, full vocabulary). The LM is the base model (adapters off
 ``task_args.reward_model`` a reward LM fine-tuned on the training stories (``gfnlm sft --task
 infilling --target reward``: LoRA, maximum likelihood of sentences 4-5 given 1-3), merged and frozen.
 
-Replay: each training story's buffer is seeded with its true middle (``seed_buffer``).
+Replay: each training story's buffer is seeded with its true middle (``seed_buffer``), scored and
+added when the story is first drawn.
 
 Evaluation (``gfnlm eval --task infilling``): on the test stories, ``eval_samples`` middles per
 story at ``eval_temperature`` (the paper's 0.9) and one greedy middle, scored against the true
@@ -288,8 +289,8 @@ class InfillingTask(Task):
                 print(f"infilling: {skipped} true middles the policy cannot write (length outside "
                       f"{trainer.constraints.min_new_tokens}..{trainer.constraints.max_new_tokens} tokens, or a token "
                       "that is not an action) not put in the replay buffer")
-            if kept:
-                trainer.seed_buffer(kept)
+            if kept:  # scored when a story is first drawn: a short run never scores all 900
+                trainer.seed_buffer(kept, lazy=True)
 
     # evaluation
     def scorer(self):

@@ -1,0 +1,234 @@
+"""Table 2 of the paper on the embedded model: story infilling.
+
+Every method gets the same model (SmolLM2-135M-Instruct by default), the same split of
+``../shared/data/stories/stories.jsonl`` (100 test, 100 validation, 900 training stories, seed 0),
+the same prompt and action space (one sentence, ended by the stop action "."), and is evaluated on
+the same test stories (``--stories``), never trained on: ``eval_samples`` middles per story at
+T = 0.9 and one greedy middle, scored against the true sentence 4 with nltk BLEU-4 / GLEU-4 and
+BERTScore (bert-score, all-MiniLM-L6-v2, layer 6; raw F1 and rescaled against random pairs of
+training middles).
+
+* prompting: the base model with the infill prompt;
+* sft: LoRA, maximum likelihood of the true middles of the training stories;
+* gfn: GFlowNet fine-tuning (modified SubTB) from the base model, reward log p(Z.|X) + log p(Y|XZ.)
+  under the base model, replay seeded with the true middles;
+* gfn_sft: the same, starting from the sft run's adapters;
+* gfn_rlm: GFlowNet fine-tuning from the base model with a reward LM first fine-tuned on the
+  training stories (``gfnlm sft --target reward``), as the paper did.
+
+Each run writes ``<out>/infilling/<method>[-seed<k>].json``; ``--report`` combines them into
+``<out>/infilling.md`` and ``<out>/infilling.json``.
+
+    .venv/bin/python bench/infilling.py --methods prompting,sft,gfn_sft --stories 100
+    .venv/bin/python bench/infilling.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+METHODS = ["prompting", "sft", "gfn", "gfn_sft", "reward_lm", "gfn_rlm"]
+NAMES = {"prompting": "Prompting", "sft": "Supervised fine-tuning", "gfn": "GFlowNet fine-tuning (from base)",
+         "gfn_sft": "GFlowNet fine-tuning (from SFT)", "gfn_rlm": "GFlowNet fine-tuning (from base, fine-tuned reward LM)"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="prompting,sft,gfn_sft", help=f"comma-separated subset of {METHODS}")
+    p.add_argument("--report", action="store_true", help="only combine the per-run results into the table")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--stories", type=int, default=100, help="test stories evaluated")
+    p.add_argument("--samples", type=int, default=4, help="middles per test story at T = 0.9")
+    p.add_argument("--sft_steps", type=int, default=200)
+    p.add_argument("--sft_lr", type=float, default=5e-4)
+    p.add_argument("--reward_lm_steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=60, help="GFlowNet optimiser steps")
+    p.add_argument("--gfn_lr", type=float, default=1e-4)
+    p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for GFlowNet runs, name=value")
+    p.add_argument("--seed", type=int, default=0, help="training seed; seeds other than 0 write <method>-seed<k>.json")
+    p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "stories" / "stories.jsonl"))
+    p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-infilling"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    return p.parse_args(argv)
+
+
+def build(args, method: str, overrides: dict | None = None):
+    import yaml
+
+    from gfnlm.tasks import build_config
+
+    name = method if args.seed == 0 else f"{method}-seed{args.seed}"
+    data = {"model": args.model, "seed": args.seed, "report_to": [], "output_dir": f"{args.run_dir}/{name}",
+            "task_args": {"data_file": args.data_file, "eval_samples": args.samples}}
+    if method.startswith("gfn"):
+        data.update({"max_steps": args.steps, "learning_rate": args.gfn_lr, "reward_temperature_horizon": args.steps,
+                     **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.gfn_set)}})
+    return build_config("infilling", {**data, **(overrides or {})})
+
+
+def run_dir(args, method: str) -> Path:
+    return Path(args.run_dir) / (method if args.seed == 0 else f"{method}-seed{args.seed}")
+
+
+def evaluate(task, model, tok, config, cons, args) -> dict:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return task.evaluate(model, tok, config, cons, n=args.stories, seed=args.seed, progress=True)
+
+
+def run_method(method: str, args) -> dict:
+    from gfnlm.models import load_model
+    from gfnlm.policy import base_model
+    from gfnlm.sft import sft_train
+    from gfnlm.tasks import get_task_class, make_trainer
+
+    t0 = time.perf_counter()
+    info: dict = {}
+    result = None
+    if method == "prompting":
+        config = build(args, method)
+        model, tok = load_model(config.model)
+        task = get_task_class("infilling")(config.task_args)
+        with base_model(model) as base:
+            result = evaluate(task, base, tok, config, task.constraints(config, tok), args)
+    elif method in ("sft", "reward_lm"):
+        target = "policy" if method == "sft" else "reward"
+        probe = get_task_class("infilling")(build(args, method).task_args)
+        rows, completions, defaults = probe.sft_data(target)
+        steps = args.sft_steps if method == "sft" else args.reward_lm_steps
+        config = build(args, method, {**defaults, "max_steps": steps, "learning_rate": args.sft_lr,
+                                      "task_args": {**build(args, method).task_args, **defaults.get("task_args", {})},
+                                      "output_dir": str(run_dir(args, method))})
+        task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
+        losses = sft_train(trainer, completions, batch_size=8)
+        info = {"target": target, "nll_first10": statistics.fmean(losses[:10]), "nll_last10": statistics.fmean(losses[-10:]),
+                "steps": len(losses), "batch": 8, "learning_rate": args.sft_lr, "examples": len(completions),
+                "train_seconds": round(time.perf_counter() - t0, 1)}
+        if method == "sft":
+            result = evaluate(task, trainer.model, trainer.tokenizer, config, trainer.constraints, args)
+    elif method in ("gfn", "gfn_sft", "gfn_rlm"):
+        over: dict = {}
+        if method == "gfn_sft":
+            start = run_dir(args, "sft") / f"checkpoint-{args.sft_steps}"
+            if not start.is_dir():
+                raise SystemExit(f"gfn_sft starts from the sft run: run --methods sft first ({start} is missing)")
+            over["init_from"] = str(start)
+        if method == "gfn_rlm":
+            rlm = run_dir(args, "reward_lm") / f"checkpoint-{args.reward_lm_steps}"
+            if not rlm.is_dir():
+                raise SystemExit(f"gfn_rlm needs the reward LM: run --methods reward_lm first ({rlm} is missing)")
+            over["task_args"] = {**build(args, method).task_args, "reward_model": str(rlm)}
+        config = build(args, method, over)
+        task, trainer = make_trainer(config)
+        t1 = time.perf_counter()
+        trainer.train()
+        info["history"] = trainer.history
+        info["diagnostics"] = task.diagnostics(trainer.model, trainer.tokenizer, config, trainer.constraints,
+                                               k=16, seed=args.seed)
+        info.update({"steps": config.max_steps, "episodes_per_step": config.samples_per_prompt * config.prompts_per_step,
+                     "loss": config.loss_type, "log_z": trainer.log_z_kind(), "learning_rate": config.learning_rate,
+                     "reward_temperature": [config.reward_temperature, config.reward_temperature_end],
+                     "init_from": config.init_from, "reward_model": task.reward_model_name(),
+                     "setup_seconds": round(t1 - t0, 1), "train_seconds": round(time.perf_counter() - t1, 1)})
+        result = evaluate(task, trainer.model, trainer.tokenizer, config, trainer.constraints, args)
+    else:
+        raise SystemExit(f"unknown method {method!r}: choose from {METHODS}")
+    return {"method": method, "result": result, "info": info, "seconds": round(time.perf_counter() - t0, 1),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "report")}}
+
+
+def report(args) -> str:
+    from gfnlm.tasks.infilling import table2
+
+    folder = Path(args.out) / "infilling"
+    runs = {}
+    for m in METHODS:
+        for f in [folder / f"{m}.json"] + sorted(folder.glob(f"{m}-seed*.json")):
+            if f.exists():
+                runs[f.stem] = json.loads(f.read_text())
+    evaluated = {name: r for name, r in runs.items() if r["result"]}
+    by_method: dict[str, list[dict]] = {}
+    for name, r in evaluated.items():
+        by_method.setdefault(r["method"], []).append(r["result"])
+    first = next(iter(evaluated.values()))["result"] if evaluated else None
+    t = f"T={first['temperature']:g}" if first else "T=0.9"
+    lines = [f"# Story infilling (Table 2) on {next(iter(runs.values()))['settings']['model'] if runs else '?'}", ""]
+    lines.append("Each run (mean ± std over samples and stories, greedy in brackets):\n")
+    lines.append(table2({f"{NAMES[r['method']]}" + (f", seed {r['settings']['seed']}" if r["settings"]["seed"] else ""):
+                         r["result"] for r in evaluated.values()}))
+    metrics = ["bleu4", "gleu4", "bertscore", "bertscore_rescaled"]
+
+    def seed_mean(method, metric, label=t):
+        vals = [res[label][metric]["mean"] for res in by_method.get(method, [])]
+        return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)) if vals else None
+
+    lines += ["", f"Seed means at {t} (± std over seeds where there are several):", "",
+              "| method | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for m in by_method:
+        cells = [seed_mean(m, x) for x in metrics]
+        lines.append(f"| {NAMES[m]} | {cells[0][2]} | " + " | ".join(f"{c[0]:.4f} ± {c[1]:.4f}" for c in cells) + " |")
+    checks = {}
+    for g in ("gfn", "gfn_sft", "gfn_rlm"):
+        if g not in by_method:
+            continue
+        for base in ("sft", "prompting"):
+            if base not in by_method:
+                continue
+            for x in ("bleu4", "gleu4", "bertscore"):
+                a, b = seed_mean(g, x), seed_mean(base, x)
+                checks[f"{NAMES[g]} > {NAMES[base]} on {x}"] = (f"{a[0]:.4f} vs {b[0]:.4f} ({a[0] - b[0]:+.4f})", a[0] > b[0])
+    if checks:
+        lines += ["", f"| target (at {t}) | measured | met |", "|---|---|---|"]
+        lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
+    lines += ["", "Runs:"]
+    for name, r in runs.items():
+        info = {k: v for k, v in r["info"].items() if k not in ("history",)}
+        lines.append(f"- {name}: {r['seconds']:.0f} s in all; {json.dumps(info)}")
+    if first:
+        lines.append(f"\nReward model: see each run; {first['bertscore']}; {first['stories']} test stories, "
+                     f"{first['samples_per_story']} samples each at {t}.")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "infilling.md").write_text(text)
+    (Path(args.out) / "infilling.json").write_text(json.dumps(
+        {"runs": runs, "targets": {k: {"measured": v, "met": ok} for k, (v, ok) in checks.items()}}, indent=1))
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from gfnlm.cli import _setup_runtime
+
+    _setup_runtime()
+    if not args.report:
+        folder = Path(args.out) / "infilling"
+        folder.mkdir(parents=True, exist_ok=True)
+        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            print(f"[bench/infilling] {m} ...", flush=True)
+            res = run_method(m, args)
+            name = m if args.seed == 0 else f"{m}-seed{args.seed}"
+            if "history" in res["info"]:
+                (folder / f"{name}-history.json").write_text(json.dumps(res["info"].pop("history"), indent=0))
+            tmp = folder / f".{name}.json.tmp"
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(folder / f"{name}.json")
+            print(f"[bench/infilling] {m} done in {res['seconds']:.0f} s", flush=True)
+    print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
