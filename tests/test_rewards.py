@@ -507,3 +507,25 @@ def test_renormalised_reward_scores_tool_output_under_the_full_vocabulary():
     torch.testing.assert_close(out[0].double(), torch.tensor(want, dtype=torch.float64), atol=3e-5, rtol=1e-5)
     with pytest.raises(RewardError, match=r"stop_token_ids \[6\] differ from the constraints' \[2\]"):
         LMLikelihoodReward(model, constraints=c, stop_token_ids=[6])
+
+
+@pytest.mark.parametrize("budget", [None, 12])
+def test_prefix_suffix_pass_equals_one_sequence_per_prefix(budget):
+    """Y read after z_1:t through the state's KV cache = the sequence z_1:t Y scored on its own:
+    contexts of different lengths, an empty state, t = 0 and t = n, one-token and longer suffixes."""
+    from gfnlm.scoring import continuation_log_probs, prefix_suffix_log_probs
+
+    model = make_tiny_lm(vocab_size=16, seed=11)
+    model.lm_head.weight.data.mul_(20)
+    contexts = [[1, 5, 6], [1, 7]]
+    ctx_index = [0, 1, 0]
+    states = [[3, 4, 9], [], [8, 8, 3, 12]]
+    suffixes = [[10, 11], [13], [6, 14, 15]]
+    jobs = [(0, 0), (0, 2), (0, 3), (1, 0), (2, 1), (2, 4)]
+    state_lp, suffix_lp = prefix_suffix_log_probs(model, contexts, ctx_index, states, suffixes, jobs, max_batch_tokens=budget)
+    whole, _ = continuation_log_probs(model, contexts, ctx_index, states)
+    torch.testing.assert_close(state_lp, whole, rtol=0, atol=1e-5)
+    rows = [states[b][:t] + suffixes[b] for b, t in jobs]
+    per_row, _ = continuation_log_probs(model, contexts, [ctx_index[b] for b, _ in jobs], rows)
+    want = torch.stack([per_row[j, t:t + len(suffixes[b])].sum() for j, (b, t) in enumerate(jobs)])
+    torch.testing.assert_close(suffix_lp, want, rtol=0, atol=1e-4)

@@ -269,7 +269,7 @@ class LMLikelihoodReward(Reward):
     # --- the reward ----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, batch: RewardBatch) -> Tensor:
-        from .scoring import continuation_log_probs
+        from .scoring import continuation_log_probs, prefix_suffix_log_probs
 
         tok = self.tokenizer or batch.tokenizer
         if (self.context is not None or self.suffix is not None or self.shared_prefix) and tok is None:
@@ -293,17 +293,18 @@ class LMLikelihoodReward(Reward):
                                                          renormalise_mask=acts, **kw)
                 cum = torch.cat([tok_lp.new_zeros(B, 1), tok_lp.cumsum(1)], dim=1)
                 values[:, :cum.shape[1]] = (cum + stop_lp).cpu()
-            else:  # one row per scored prefix: z_1:t followed by Y
+            else:  # each state read once; Y read after each scored prefix z_1:t through the state's KV cache
                 jobs = scored.nonzero().tolist()
                 suffixes = [tok.encode(self._text(self.suffix, batch.row(b), "suffix"), add_special_tokens=False)
                             for b in range(B)]
                 if any(not suffixes[b] for b, _ in jobs):
                     raise RewardError(f"{self.name}: a suffix is empty: give Y as non-empty text")
-                rows = [states[b][:t] + suffixes[b] for b, t in jobs]
-                tok_lp, _ = continuation_log_probs(base, contexts, [ctx_index[b] for b, _ in jobs], rows,
-                                                   renormalise_mask=[acts[b][:t] for b, t in jobs], **kw)
                 if jobs:
-                    values[scored] = tok_lp.sum(1).cpu()
+                    state_lp, suffix_lp = prefix_suffix_log_probs(base, contexts, ctx_index, states, suffixes, jobs,
+                                                                  renormalise_mask=acts, **kw)
+                    cum = torch.cat([state_lp.new_zeros(B, 1), state_lp.cumsum(1)], dim=1)  # log p(z_1:t | C)
+                    b_idx, t_idx = scored.nonzero(as_tuple=True)
+                    values[scored] = (cum[b_idx.to(cum.device), t_idx.to(cum.device)] + suffix_lp).cpu()
         out = torch.where(scored, self.weight * values, torch.full_like(values, self.invalid_log_reward))
         if self.prefixes == "terminal":
             return out.gather(1, batch.lengths.cpu()[:, None]).squeeze(1)

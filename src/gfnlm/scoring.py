@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .sampling import (NEG_INF, Constraints, EpisodeStates, PrefixCache, cache_kwargs, check_fits, encode_prompts,
-                       pad_prompts)
+                       output_cache, pad_prompts)
 
 
 @dataclass
@@ -206,3 +206,109 @@ def _chunks(lengths: Sequence[int], max_batch_tokens: int | None) -> list[list[i
     if cur:
         out.append(cur)
     return out
+
+
+def prefix_suffix_log_probs(model, contexts: Sequence[Sequence[int]], context_index: Sequence[int],
+                            states: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
+                            jobs: Sequence[tuple[int, int]], *, pad_id: int = 0, prefix: PrefixCache | None = None,
+                            renormalise: Constraints | None = None,
+                            renormalise_mask: Sequence[Sequence[bool]] | None = None,
+                            max_batch_tokens: int | None = None) -> tuple[Tensor, Tensor]:
+    """log p_LM of each state after its context, and of a suffix Y after each of several of its
+    prefixes: what a reward log p(z_1:t Y | C) of every prefix t needs, in two short passes.
+
+    One pass reads each state s_b after its context (each distinct context encoded once); then, for
+    every job (b, t), one pass reads only Y_b, attending to the first t tokens of s_b through that
+    pass's KV cache (the later state tokens are masked out, positions continue from t). The same
+    numbers as scoring ``s_b,1:t + Y_b`` as its own sequence (:func:`continuation_log_probs`), for
+    about |Y| tokens per job instead of t + |Y|.
+
+    Args:
+        contexts, context_index, prefix, pad_id: as :func:`continuation_log_probs`.
+        states: B token id lists; suffixes: B non-empty token id lists, Y of each state.
+        jobs: J pairs (b, t), 0 <= t <= len(states[b]).
+        renormalise, renormalise_mask: the state tokens where the mask is True (default all) are
+            scored renormalised over the constraints' allowed and stop ids; Y never is.
+        max_batch_tokens: budget of one pass (rows × padded width), as there.
+
+    Returns:
+        state_logp [B, W] fp32, log p(s_b,k | C, s_b,<k) (0 beyond each length), and suffix_logp
+        [J] fp32, log p(Y_b | C, s_b,1:t) summed over Y's tokens.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    B = len(states)
+    W = max((len(s) for s in states), default=0)
+    state_out = torch.zeros((B, W), device=device)
+    suffix_out = torch.zeros(len(jobs), device=device)
+    if renormalise is not None:
+        renormalise = Constraints(stop_token_ids=list(renormalise.stop_token_ids), min_new_tokens=0,
+                                  max_new_tokens=10**9, allowed_token_ids=renormalise.allowed_token_ids,
+                                  forbidden_token_ids=list(renormalise.forbidden_token_ids))
+    jobs_of: dict[int, list[int]] = {}
+    for j, (b, _) in enumerate(jobs):
+        jobs_of.setdefault(int(b), []).append(j)
+    for eps in _chunks([len(s) for s in states], max_batch_tokens):
+        # pass 1: the states after their contexts
+        used = sorted({int(context_index[b]) for b in eps})
+        where = {c: i for i, c in enumerate(used)}
+        idx = torch.tensor([where[int(context_index[b])] for b in eps], device=device)
+        p_ids, p_mask = pad_prompts([list(contexts[c]) for c in used], pad_id, device)
+        out, cache, full_mask = encode_prompts(model, p_ids, p_mask, prefix=prefix)
+        first = out.logits[:, -1, :][idx]  # [e, V]
+        ctx_mask = full_mask[idx]
+        start = ctx_mask.sum(-1)
+        w = max(len(states[b]) for b in eps)
+        tokens = torch.full((len(eps), w), pad_id, dtype=torch.long, device=device)
+        for i, b in enumerate(eps):
+            if states[b]:
+                tokens[i, :len(states[b])] = torch.as_tensor(list(states[b]), device=device)
+        cache.batch_select_indices(idx)
+        logits = first[:, None, :]
+        if w:
+            o = model(input_ids=tokens, attention_mask=torch.cat([ctx_mask, torch.ones_like(tokens)], dim=1),
+                      position_ids=start[:, None] + torch.arange(w, device=device)[None, :], use_cache=True,
+                      **cache_kwargs(model, cache))
+            logits, cache = torch.cat([logits, o.logits], dim=1), output_cache(o)  # [e, w+1, V]
+        inside = torch.ones((len(eps), w), dtype=torch.bool, device=device)
+        if renormalise_mask is not None:
+            for i, b in enumerate(eps):
+                m = list(renormalise_mask[b])[:w]
+                inside[i] = torch.tensor(m + [False] * (w - len(m)), dtype=torch.bool, device=device)
+        tok, _ = _token_and_stop_log_probs(logits, tokens, None, renormalise, inside)
+        lengths = torch.tensor([len(states[b]) for b in eps], device=device)
+        valid = torch.arange(w, device=device)[None, :] < lengths[:, None]
+        state_out[torch.tensor(eps, device=device), :w] = torch.where(valid, tok, torch.zeros_like(tok))
+        # the first suffix token comes from pass 1's logits at prefix t (full vocabulary)
+        mine = [j for b in eps for j in jobs_of.get(b, [])]
+        if not mine:
+            continue
+        row = {b: i for i, b in enumerate(eps)}
+        jr = torch.tensor([row[int(jobs[j][0])] for j in mine], device=device)
+        jt = torch.tensor([int(jobs[j][1]) for j in mine], device=device)
+        y0 = torch.tensor([suffixes[jobs[j][0]][0] for j in mine], device=device)
+        suffix_out[torch.tensor(mine, device=device)] = logits[jr, jt].float().log_softmax(-1).gather(1, y0[:, None]).squeeze(1)
+        # pass 2: the rest of each suffix, reading the state's cache up to t
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        rest = [len(suffixes[jobs[j][0]]) - 1 for j in mine]
+        for part in _chunks(rest, max_batch_tokens):
+            part = [p for p in part if rest[p] > 0]
+            if not part:
+                continue
+            wy = max(rest[p] for p in part)
+            sel, t = jr[part], jt[part]
+            ys = torch.full((len(part), wy + 1), pad_id, dtype=torch.long, device=device)
+            for i, p in enumerate(part):
+                y = suffixes[jobs[mine[p]][0]]
+                ys[i, :len(y)] = torch.as_tensor(list(y), device=device)
+            attn = torch.cat([ctx_mask[sel], (torch.arange(w, device=device)[None, :] < t[:, None]).to(ctx_mask.dtype),
+                              torch.ones((len(part), wy), dtype=ctx_mask.dtype, device=device)], dim=1)
+            o = model(input_ids=ys[:, :wy], attention_mask=attn,
+                      position_ids=(start[sel] + t)[:, None] + torch.arange(wy, device=device)[None, :], use_cache=True,
+                      **cache_kwargs(model, DynamicCache(ddp_cache_data=[(k[sel], v[sel]) for k, v in layers])))
+            lp = o.logits.float().log_softmax(-1).gather(2, ys[:, 1:, None]).squeeze(2)  # [p, wy]
+            n = torch.tensor([rest[p] for p in part], device=device)
+            lp = torch.where(torch.arange(wy, device=device)[None, :] < n[:, None], lp, torch.zeros_like(lp))
+            suffix_out[torch.tensor([mine[p] for p in part], device=device)] += lp.sum(1)
+    return state_out, suffix_out
