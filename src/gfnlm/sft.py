@@ -44,6 +44,9 @@ def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -
     rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions)
     device = trainer.accelerator.device
     losses = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=a.max_steps, initial=trainer.step, desc="SFT", disable=a.disable_tqdm or not trainer.accelerator.is_main_process)
     while trainer.step < a.max_steps:
         pick = torch.randint(len(rows), (min(batch_size, len(rows)),), generator=trainer.generator)
         row_ids = sorted(set(rows[pick].tolist()))
@@ -61,5 +64,8 @@ def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.step += 1
         losses.append(float(nll.detach()))
+        bar.update(1)
+        bar.set_postfix(nll=f"{losses[-1]:.3f}")
+    bar.close()
     trainer.save_checkpoint(Path(a.output_dir) / f"checkpoint-{trainer.step}")
     return losses
