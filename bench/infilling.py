@@ -13,8 +13,8 @@ training middles).
 * gfn: GFlowNet fine-tuning (modified SubTB) from the base model, reward log p(Z.|X) + log p(Y|XZ.)
   under the base model, replay seeded with the true middles;
 * gfn_sft: the same, starting from the sft run's adapters;
-* gfn_rlm: GFlowNet fine-tuning from the base model with a reward LM first fine-tuned on the
-  training stories (``gfnlm sft --target reward``), as the paper did.
+* gfn_rlm: GFlowNet fine-tuning from the SFT policy with a reward LM first fine-tuned on the
+  training stories (``reward_lm``: ``gfnlm sft --target reward``), as the paper did.
 
 Each run writes ``<out>/infilling/<method>[-seed<k>].json``; ``--report`` combines them into
 ``<out>/infilling.md`` and ``<out>/infilling.json``.
@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ["prompting", "sft", "gfn", "gfn_sft", "reward_lm", "gfn_rlm"]
 NAMES = {"prompting": "Prompting", "sft": "Supervised fine-tuning", "gfn": "GFlowNet fine-tuning (from base)",
-         "gfn_sft": "GFlowNet fine-tuning (from SFT)", "gfn_rlm": "GFlowNet fine-tuning (from base, fine-tuned reward LM)"}
+         "gfn_sft": "GFlowNet fine-tuning (from SFT)", "gfn_rlm": "GFlowNet fine-tuning (from SFT, fine-tuned reward LM)"}
 
 
 def parse_args(argv=None):
@@ -121,10 +121,10 @@ def run_method(method: str, args) -> dict:
             result = evaluate(task, trainer.model, trainer.tokenizer, config, trainer.constraints, args)
     elif method in ("gfn", "gfn_sft", "gfn_rlm"):
         over: dict = {}
-        if method == "gfn_sft":
+        if method in ("gfn_sft", "gfn_rlm"):
             start = run_dir(args, "sft") / f"checkpoint-{args.sft_steps}"
             if not start.is_dir():
-                raise SystemExit(f"gfn_sft starts from the sft run: run --methods sft first ({start} is missing)")
+                raise SystemExit(f"{method} starts from the sft run: run --methods sft first ({start} is missing)")
             over["init_from"] = str(start)
         if method == "gfn_rlm":
             rlm = run_dir(args, "reward_lm") / f"checkpoint-{args.reward_lm_steps}"
