@@ -143,10 +143,7 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_ind
     want_stop = stop_token_ids is not None or renormalise is not None
     tok_out = torch.zeros((R, W), device=device)
     stop_out = torch.full((R, W + 1), NEG_INF, device=device) if want_stop else None
-    if renormalise is not None:
-        renormalise = Constraints(stop_token_ids=list(renormalise.stop_token_ids), min_new_tokens=0,
-                                  max_new_tokens=10**9, allowed_token_ids=renormalise.allowed_token_ids,
-                                  forbidden_token_ids=list(renormalise.forbidden_token_ids))
+    renormalise = _without_lengths(renormalise)
     for rows in _chunks(lengths_all, max_batch_tokens):
         used = sorted({int(context_index[r]) for r in rows})
         where = {c: i for i, c in enumerate(used)}
@@ -159,11 +156,7 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_ind
         lengths = torch.tensor([lengths_all[r] for r in rows], device=device)
         logits, _ = completion_logits(model, [list(contexts[c]) for c in used], index, tokens, lengths, pad_id,
                                       prefix=prefix)  # [r, width+1, V]
-        inside = torch.ones((len(rows), width), dtype=torch.bool, device=device)
-        if renormalise_mask is not None:
-            for i, r in enumerate(rows):
-                m = list(renormalise_mask[r])[:width]
-                inside[i] = torch.tensor(m + [False] * (width - len(m)), dtype=torch.bool, device=device)
+        inside = _inside(renormalise_mask, rows, width, device)
         tok, stop = _token_and_stop_log_probs(logits, tokens, stop_token_ids, renormalise, inside)
         valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
         sel = torch.tensor(rows, device=device)
@@ -171,6 +164,24 @@ def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_ind
         if want_stop:
             stop_out[sel, :width + 1] = stop
     return tok_out, stop_out
+
+
+def _without_lengths(c: Constraints | None) -> Constraints | None:
+    """The constraints' vocabulary rule alone (length limits ignored), for renormalising a likelihood."""
+    if c is None:
+        return None
+    return Constraints(stop_token_ids=list(c.stop_token_ids), min_new_tokens=0, max_new_tokens=10**9,
+                       allowed_token_ids=c.allowed_token_ids, forbidden_token_ids=list(c.forbidden_token_ids))
+
+
+def _inside(renormalise_mask, rows: Sequence[int], width: int, device) -> Tensor:
+    """[len(rows), width] bool: where each row's tokens are renormalised (default everywhere)."""
+    inside = torch.ones((len(rows), width), dtype=torch.bool, device=device)
+    if renormalise_mask is not None:
+        for i, r in enumerate(rows):
+            m = list(renormalise_mask[r])[:width]
+            inside[i] = torch.tensor(m + [False] * (width - len(m)), dtype=torch.bool, device=device)
+    return inside
 
 
 def _token_and_stop_log_probs(logits: Tensor, tokens: Tensor, stop_token_ids, renormalise: Constraints | None,
@@ -242,10 +253,7 @@ def prefix_suffix_log_probs(model, contexts: Sequence[Sequence[int]], context_in
     W = max((len(s) for s in states), default=0)
     state_out = torch.zeros((B, W), device=device)
     suffix_out = torch.zeros(len(jobs), device=device)
-    if renormalise is not None:
-        renormalise = Constraints(stop_token_ids=list(renormalise.stop_token_ids), min_new_tokens=0,
-                                  max_new_tokens=10**9, allowed_token_ids=renormalise.allowed_token_ids,
-                                  forbidden_token_ids=list(renormalise.forbidden_token_ids))
+    renormalise = _without_lengths(renormalise)
     jobs_of: dict[int, list[int]] = {}
     for j, (b, _) in enumerate(jobs):
         jobs_of.setdefault(int(b), []).append(j)
@@ -271,11 +279,7 @@ def prefix_suffix_log_probs(model, contexts: Sequence[Sequence[int]], context_in
                       position_ids=start[:, None] + torch.arange(w, device=device)[None, :], use_cache=True,
                       **cache_kwargs(model, cache))
             logits, cache = torch.cat([logits, o.logits], dim=1), output_cache(o)  # [e, w+1, V]
-        inside = torch.ones((len(eps), w), dtype=torch.bool, device=device)
-        if renormalise_mask is not None:
-            for i, b in enumerate(eps):
-                m = list(renormalise_mask[b])[:w]
-                inside[i] = torch.tensor(m + [False] * (w - len(m)), dtype=torch.bool, device=device)
+        inside = _inside(renormalise_mask, eps, w, device)
         tok, _ = _token_and_stop_log_probs(logits, tokens, None, renormalise, inside)
         lengths = torch.tensor([len(states[b]) for b in eps], device=device)
         valid = torch.arange(w, device=device)[None, :] < lengths[:, None]
