@@ -391,6 +391,9 @@ def table2(results: dict[str, dict]) -> str:
             digits = 1 if f == 100 else 3
             cells.append(f"{f * s['mean']:.{digits}f} ± {f * s['std']:.{digits}f} ({f * g['mean']:.{digits}f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rewards = {r["reward_model"] for r in methods.values()}
+    reward = (first["reward_model"] if len(rewards) == 1 else
+              "; ".join(f"{name}: {r['reward_model']}" for name, r in methods.items()))
     lines.append(f"\n{first['stories']} test stories x {first['samples_per_story']} samples at {t} (greedy in brackets); "
-                 f"reward: {first['reward_model']}; {first['bertscore']}")
+                 f"reward: {reward}; {first['bertscore']}")
     return "\n".join(lines)
