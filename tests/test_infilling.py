@@ -284,3 +284,47 @@ def test_lazy_seeds_enter_the_buffer_when_their_row_is_drawn(stories, tmp_path, 
     assert before == 0 and other not in lazy.collector.pending_seeds
     middle = eager.buffer.entries(other)[0].tokens
     assert not any(tuple(e.tokens) == tuple(middle) for e in lazy.buffer.entries(other))
+
+
+def test_optional_llm_judge_through_an_openai_compatible_endpoint(stories, tmp_path, tiny_dir):
+    """A local fake of the chat-completions endpoint: each middle is sent with its story, the
+    rating is read from the answer, and answers without one are counted, not scored."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    pytest.importorskip("openai")
+    asked = []
+
+    class Fake(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            q = body["messages"][0]["content"]
+            asked.append(q)
+            answer = "I cannot tell." if len(asked) % 3 == 0 else str(1 + len(asked) % 5)
+            out = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant", "content": answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        cfg = config(stories, tmp_path, model=str(tiny_dir), task_args=task_args(stories, judge_url=url, judge_model="fake"))
+        task, trainer = make_trainer(cfg)
+        out = task.evaluate(trainer.model, trainer.tokenizer, cfg, trainer.constraints, n=2)
+    finally:
+        server.shutdown()
+    assert len(asked) == 2 * 2 + 2  # 2 stories x 2 samples, then 2 greedy middles
+    story = task.split()["test"][0]
+    assert story["beginning"] in asked[0] and story["ending"] in asked[0] and "Fourth sentence:" in asked[0]
+    assert out["T=0.9"]["judge"]["n"] + out["judge_unrated_T=0.9"] == 4 and out["judge_unrated_T=0.9"] == 1
+    assert out["T=0.9"]["judge"]["mean"] == pytest.approx((2 + 3 + 5) / 3)
+    assert "LLM judge (1-5)" in __import__("gfnlm.tasks.infilling", fromlist=["table2"]).table2({"GFN": out})

@@ -203,3 +203,28 @@ class BERTScore:
     def describe(self) -> str:
         base = (f", rescaled against {self.baseline_pairs} random pairs of training sentences" if self.rescaled else "")
         return f"BERTScore F1: bert-score on {self.model}, layer {self.layer}{base}"
+
+
+class LLMJudge:
+    """An LLM judge behind any OpenAI-compatible chat endpoint (the ``openai`` client, ``base_url``),
+    for optional, off-by-default quality ratings. ``api_key_env`` names the environment variable
+    holding the key (a local server may need none)."""
+
+    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0):
+        import os
+
+        try:
+            import openai
+        except ImportError:
+            raise ImportError("the LLM judge needs the openai client: pip install openai") from None
+        self.model = model
+        self.client = openai.OpenAI(base_url=url, api_key=os.environ.get(api_key_env) or "none", timeout=timeout)
+
+    def ask(self, questions: Sequence[str]) -> list[str]:
+        """The judge's answer to each question (temperature 0)."""
+        out = []
+        for q in questions:
+            r = self.client.chat.completions.create(model=self.model, temperature=0,
+                                                    messages=[{"role": "user", "content": q}])
+            out.append(r.choices[0].message.content or "")
+        return out

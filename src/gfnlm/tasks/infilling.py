@@ -29,6 +29,8 @@ Evaluation (``gfnlm eval --task infilling``): on the test stories, ``eval_sample
 story at ``eval_temperature`` (the paper's 0.9) and one greedy middle, scored against the true
 sentence 4 with nltk BLEU-4 and GLEU-4 and with BERTScore (bert-score on a packaged embedding
 model, named in every report); mean ± std over samples and stories; then the sampler diagnostics.
+Optional, off by default: an LLM judge's 1-5 rating of each middle in its story, through any
+OpenAI-compatible endpoint (``task_args.judge_url``, ``judge_model``; the ``openai`` client).
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ from ..trainer import constraints_from_config
 from . import Task, format_diagnostics
 
 PROMPT = "Beginning: {beginning}\nEnding: {ending}\nMiddle:"
+JUDGE_PROMPT = ("Here is a five-sentence story with its fourth sentence given separately.\n"
+                "Beginning: {beginning}\nFourth sentence: {middle}\nEnding: {ending}\n"
+                "Rate from 1 (does not fit) to 5 (fits perfectly) how well the fourth sentence connects the "
+                "beginning to the ending. Answer with the number only.")
 END = "."  # the stop action: the middle sentence's full stop
 NOT_IN_A_SENTENCE = ("\n", "\r", ".", "!", "?")
-METRICS = ("bleu4", "gleu4", "bertscore", "bertscore_rescaled")
+METRICS = ("bleu4", "gleu4", "bertscore", "bertscore_rescaled", "judge")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -144,6 +150,9 @@ class InfillingArgs:
     eval_temperature: float = 0.9
     bertscore_model: str = "all-MiniLM-L6-v2"
     bertscore_layer: int = 6
+    judge_url: str | None = None  # optional LLM judge: an OpenAI-compatible endpoint (off by default)
+    judge_model: str = "gpt-4o-mini"
+    judge_api_key_env: str = "OPENAI_API_KEY"
     one_sentence: bool = True  # actions exclude newlines and sentence ends (False: only the reward LM's SFT)
 
 
@@ -310,6 +319,18 @@ class InfillingTask(Task):
                "gleu4": [gleu4(c, r) for c, r in zip(candidates, references)]}
         return {**out, **self.scorer()(candidates, references)}
 
+    def judge_scores(self, rows: list[dict], middles: list[str]) -> list[float | None]:
+        """The LLM judge's 1-5 rating of each middle in its story (None when the answer holds no rating)."""
+        import re
+
+        from ..evaluation import LLMJudge
+
+        judge = LLMJudge(self.args.judge_url, self.args.judge_model, self.args.judge_api_key_env)
+        answers = judge.ask([JUDGE_PROMPT.format(beginning=r["beginning"], middle=m, ending=r["ending"])
+                             for r, m in zip(rows, middles)])
+        found = [re.search(r"[1-5]", a) for a in answers]
+        return [float(f.group()) if f else None for f in found]
+
     @torch.no_grad()
     def infill(self, model, tokenizer, config, constraints, rows: list[dict], *, k: int, temperature: float,
                seed: int = 0, progress: bool = False) -> list[tuple[list[str], str]]:
@@ -339,6 +360,11 @@ class InfillingTask(Task):
                "reward_model": self.reward_model_name(), "bertscore": self.scorer().describe()}
         for label, pairs in ((f"T={a.eval_temperature:g}", sampled), ("greedy", greedy)):
             scores = self.score_texts([c for c, _ in pairs], [r for _, r in pairs])
+            if a.judge_url:
+                story = [r for r, (ss, _) in zip(rows, made) for _ in (ss if label != "greedy" else [0])]
+                rated = self.judge_scores(story, [c for c, _ in pairs])
+                scores["judge"] = [x for x in rated if x is not None]
+                out[f"judge_unrated_{label}"] = sum(x is None for x in rated)
             out[label] = {m: summary(v) for m, v in scores.items()}
             out[label]["length_words"] = summary([len(c.split()) for c, _ in pairs])
         out["examples"] = [{"beginning": r["beginning"], "ending": r["ending"], "true_middle": r["middle"],
@@ -380,9 +406,10 @@ def table2(results: dict[str, dict]) -> str:
         return "(no results)"
     first = next(iter(methods.values()))
     t = f"T={first['temperature']:g}"
-    scale = {"bleu4": 100, "gleu4": 100, "bertscore": 1, "bertscore_rescaled": 1}
+    scale = {"bleu4": 100, "gleu4": 100, "bertscore": 1, "bertscore_rescaled": 1, "judge": 1}
     cols = [m for m in METRICS if m in first[t]]
-    names = {"bleu4": "BLEU-4 (%)", "gleu4": "GLEU-4 (%)", "bertscore": "BERTScore F1", "bertscore_rescaled": "BERTScore F1, rescaled"}
+    names = {"bleu4": "BLEU-4 (%)", "gleu4": "GLEU-4 (%)", "bertscore": "BERTScore F1", "bertscore_rescaled": "BERTScore F1, rescaled",
+             "judge": "LLM judge (1-5)"}
     lines = ["| method | " + " | ".join(names[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in methods.items():
         cells = []
