@@ -253,6 +253,10 @@ def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
     assert len(lines) == 3 and all(json.loads(x).endswith(".") and "\n" not in json.loads(x) for x in lines)
     assert main(["sample", "--checkpoint", str(gfn), "--beginning", "Al was sad.", "--ending", " "]) == 2
     assert "the ending is empty" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(gfn), "--temprature", "0.5"]) == 2
+    assert "unrecognized arguments: --temprature (this checkpoint's task takes --beginning, --ending)" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "rlm" / "checkpoint-3"), "--beginning", "A.", "--ending", "B."]) == 2
+    assert "reward LM" in capsys.readouterr().err
     long = " ".join(["Al was sad."] * 60)
     assert main(["sample", "--checkpoint", str(gfn), "--beginning", long, "--ending", "Al is glad."]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err
@@ -300,7 +304,7 @@ def test_optional_llm_judge_through_an_openai_compatible_endpoint(stories, tmp_p
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             q = body["messages"][0]["content"]
             asked.append(q)
-            answer = "I cannot tell." if len(asked) % 3 == 0 else str(1 + len(asked) % 5)
+            answer = {2: "10 out of 10", 3: "I cannot tell."}.get(len(asked), f" {1 + len(asked) % 5}.")
             out = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                               "choices": [{"index": 0, "finish_reason": "stop",
                                            "message": {"role": "assistant", "content": answer}}]}).encode()
@@ -325,6 +329,6 @@ def test_optional_llm_judge_through_an_openai_compatible_endpoint(stories, tmp_p
     assert len(asked) == 2 * 2 + 2  # 2 stories x 2 samples, then 2 greedy middles
     story = task.split()["test"][0]
     assert story["beginning"] in asked[0] and story["ending"] in asked[0] and "Fourth sentence:" in asked[0]
-    assert out["T=0.9"]["judge"]["n"] + out["judge_unrated_T=0.9"] == 4 and out["judge_unrated_T=0.9"] == 1
-    assert out["T=0.9"]["judge"]["mean"] == pytest.approx((2 + 3 + 5) / 3)
+    assert out["T=0.9"]["judge"]["n"] + out["judge_unrated_T=0.9"] == 4 and out["judge_unrated_T=0.9"] == 2
+    assert out["T=0.9"]["judge"]["mean"] == pytest.approx((2 + 5) / 2)  # "10 out of 10" is not a rating of 1
     assert "LLM judge (1-5)" in __import__("gfnlm.tasks.infilling", fromlist=["table2"]).table2({"GFN": out})

@@ -74,6 +74,10 @@ def cmd_sft(args, rest: list[str]) -> int:
     data.setdefault("output_dir", f"runs/{data['task']}-sft")
     config = build_config(data["task"], data)
     task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
+    completions, skipped = trainer.collector.writable(completions)
+    if skipped and trainer.accelerator.is_main_process:
+        print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
+              f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
     losses = sft_train(trainer, completions, batch_size=args.batch_size)
     if trainer.accelerator.is_main_process:
         print(f"sft ({args.target}): {len(losses)} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode"
@@ -128,6 +132,11 @@ def cmd_sample(args, rest: list[str] | None = None) -> int:
 
         task = get_task_class(config.task)(config.task_args)
     prompt = args.prompt
+    fields = task.prompt_fields if task is not None else ()
+    unknown = [k for k in columns if k not in fields]
+    if unknown:
+        raise GFNLMError(f"unrecognized arguments: {' '.join('--' + k for k in unknown)}"
+                         + (f" (this checkpoint's task takes {', '.join('--' + f for f in fields)})" if fields else ""))
     if columns:
         if prompt is not None:
             raise GFNLMError(f"give --prompt or the task's fields ({', '.join('--' + k for k in columns)}), not both")

@@ -156,6 +156,20 @@ class Collector:
         action_mask, _ = pad_right(masks, False, dtype=torch.bool)
         return tokens, lengths, action_mask
 
+    def writable(self, completions: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
+        """The completions the policy can write (length within the limits, every token an action),
+        by prompt, and how many others were left out."""
+        c = self.constraints
+        kept, skipped = {}, 0
+        for prompt, texts in completions.items():
+            ok = [t for t in texts
+                  if c.min_new_tokens <= len(ids := self.tokenizer.encode(t, add_special_tokens=False)) <= c.max_new_tokens
+                  and all(self._is_action(i) for i in ids)]
+            skipped += len(texts) - len(ok)
+            if ok:
+                kept[prompt] = ok
+        return kept, skipped
+
     def _is_action(self, token_id: int) -> bool:
         c = self.constraints
         if token_id in c.stop_token_ids or token_id in (c.forbidden_token_ids or ()):

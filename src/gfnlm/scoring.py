@@ -296,7 +296,8 @@ def prefix_suffix_log_probs(model, contexts: Sequence[Sequence[int]], context_in
         # pass 2: the rest of each suffix, reading the state's cache up to t
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         rest = [len(suffixes[jobs[j][0]]) - 1 for j in mine]
-        for part in _chunks(rest, max_batch_tokens):
+        cached = ctx_mask.shape[1] + w  # every job row carries a copy of its state's cache
+        for part in _chunks([cached + r for r in rest], max_batch_tokens):
             part = [p for p in part if rest[p] > 0]
             if not part:
                 continue

@@ -101,6 +101,9 @@ class Task:
             raise ConfigError(f"task {self.name} fine-tunes only --target policy, not {target!r}")
         return None, self.supervised_completions(), {}
 
+    #: The ``gfnlm sample --<field> TEXT`` options that build this task's prompt (besides --prompt).
+    prompt_fields: tuple[str, ...] = ()
+
     def prompt_of(self, columns: dict) -> str:
         """The policy's prompt text from ``gfnlm sample --<column> TEXT`` flags (default: ``--prompt``)."""
         if set(columns) != {"prompt"}:

@@ -202,8 +202,12 @@ class InfillingTask(Task):
     def eval_rows(self) -> list[dict]:
         return self.split()["test"]
 
+    prompt_fields = ("beginning", "ending")
+
     def prompt_of(self, columns: dict) -> str:
         """``gfnlm sample --beginning TEXT --ending TEXT``."""
+        if not self.args.one_sentence:
+            raise GFNLMError("this checkpoint is a reward LM (it continues a beginning): sample from it with --prompt TEXT")
         if set(columns) != {"beginning", "ending"}:
             raise GFNLMError("infilling samples from --beginning TEXT --ending TEXT (the story's first sentences and its last)")
         return story_row(columns["beginning"], columns["ending"], where="command line")["prompt"]
@@ -219,7 +223,7 @@ class InfillingTask(Task):
 
     def completion_text(self, text: str) -> str:
         """The middle sentence an episode stands for: its tokens, then the full stop (the stop action)."""
-        return text.strip() + END
+        return text.strip() + END if self.args.one_sentence else text
 
     def constraints(self, config, tokenizer) -> Constraints:
         return constraints_from_config(config, tokenizer, allowed_token_ids=self.allowed_token_ids(tokenizer))
@@ -273,27 +277,9 @@ class InfillingTask(Task):
         return rows, comps, {"task_args": {"one_sentence": False}, "stop_tokens": ["eos"], "min_new_tokens": 1,
                              "max_new_tokens": 96, "output_dir": "runs/infilling-reward-lm"}
 
-    def fitting(self, trainer, completions: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
-        """The completions the policy can produce (length within its limits, every token an action),
-        and how many were skipped."""
-        c = trainer.constraints
-        allowed = set(c.allowed_token_ids) if c.allowed_token_ids is not None else None
-
-        def fits(t: str) -> bool:
-            ids = trainer.tokenizer.encode(t, add_special_tokens=False)
-            return c.min_new_tokens <= len(ids) <= c.max_new_tokens and (allowed is None or set(ids) <= allowed)
-
-        kept, skipped = {}, 0
-        for p, texts in completions.items():
-            ok = [t for t in texts if fits(t)]
-            skipped += len(texts) - len(ok)
-            if ok:
-                kept[p] = ok
-        return kept, skipped
-
     def prepare_trainer(self, trainer) -> None:
         if self.args.seed_buffer and trainer.args.max_steps > 0 and not isinstance(trainer.rewards[0], NoReward):
-            kept, skipped = self.fitting(trainer, self.supervised_completions())
+            kept, skipped = trainer.collector.writable(self.supervised_completions())
             if skipped:
                 print(f"infilling: {skipped} true middles the policy cannot write (length outside "
                       f"{trainer.constraints.min_new_tokens}..{trainer.constraints.max_new_tokens} tokens, or a token "
@@ -328,8 +314,8 @@ class InfillingTask(Task):
         judge = LLMJudge(self.args.judge_url, self.args.judge_model, self.args.judge_api_key_env)
         answers = judge.ask([JUDGE_PROMPT.format(beginning=r["beginning"], middle=m, ending=r["ending"])
                              for r, m in zip(rows, middles)])
-        found = [re.search(r"[1-5]", a) for a in answers]
-        return [float(f.group()) if f else None for f in found]
+        found = [re.match(r"\s*([1-5])(?![0-9])", a) for a in answers]  # the answer starts with the rating
+        return [float(f.group(1)) if f else None for f in found]
 
     @torch.no_grad()
     def infill(self, model, tokenizer, config, constraints, rows: list[dict], *, k: int, temperature: float,
