@@ -264,7 +264,7 @@ def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
 
 def test_lazy_seeds_enter_the_buffer_when_their_row_is_drawn(stories, tmp_path, tiny_dir):
     """A lazily seeded row gets exactly the entry eager seeding gives it, before its first replay
-    draw; a row that already holds entries (as after a resume) does not get its seeds again."""
+    draw, and never again after a resume."""
     cfg = config(stories, tmp_path, model=str(tiny_dir), prompts_per_step=3, replay_fraction=0.5)
     task, eager = make_trainer(cfg)
     eager.collector.pending_seeds.clear()
@@ -280,14 +280,17 @@ def test_lazy_seeds_enter_the_buffer_when_their_row_is_drawn(stories, tmp_path, 
         seeded = [e for e in lazy.buffer.entries(r) if tuple(e.tokens) == tuple(eager.buffer.entries(r)[0].tokens)]
         assert len(seeded) == 1 and seeded[0].log_r_terminal == pytest.approx(eager.buffer.entries(r)[0].log_r_terminal, abs=1e-5)
         assert r not in lazy.collector.pending_seeds
-    other = next(r for r in range(len(lazy.rows)) if r not in rows)
-    before = len(lazy.buffer.entries(other))
-    lazy.buffer.add_batch([other], torch.tensor([[5, 6, 7]]), torch.tensor([3]), torch.zeros(1, 4))
-    lazy.collector.draw_rows = lambda n: [other] * n
-    lazy.collector.collect(lazy.model, lazy.accelerator.device)
-    assert before == 0 and other not in lazy.collector.pending_seeds
-    middle = eager.buffer.entries(other)[0].tokens
-    assert not any(tuple(e.tokens) == tuple(middle) for e in lazy.buffer.entries(other))
+    # resume: the rows whose seeds were used travel in the checkpoint; an emptied buffer (as after an
+    # EM step) does not bring them back
+    path = lazy.save_checkpoint(tmp_path / "ck")
+    _, again = make_trainer(cfg)
+    again.load_checkpoint(path)
+    assert again.collector.seeds_used == set(rows)
+    again.buffer.clear()
+    again.collector.draw_rows = lambda n: [rows[0]] * n
+    again.collector.collect(again.model, again.accelerator.device)
+    middle = eager.buffer.entries(rows[0])[0].tokens
+    assert not any(tuple(e.tokens) == tuple(middle) for e in again.buffer.entries(rows[0]))
 
 
 def test_optional_llm_judge_through_an_openai_compatible_endpoint(stories, tmp_path, tiny_dir):

@@ -94,6 +94,7 @@ class Collector:
         self.sample_metrics = sample_metrics
         self._row_weights: Tensor | None = None
         self.pending_seeds: dict[int, list[str]] = {}  # row -> completions to add when it is first drawn
+        self.seeds_used: set[int] = set()  # rows whose lazy seeds were consumed (checkpointed)
 
     def fingerprint(self) -> str:
         """A digest of the dataset rows in order (the replay buffer is keyed by row index)."""
@@ -204,9 +205,8 @@ class Collector:
 
         ``lazy``: only check and remember them; a row's completions are scored and added when the row
         is first drawn, before its replay (a run of S steps scores at most S x prompts_per_step rows'
-        seeds, not the whole dataset's). A row that already holds entries (e.g. restored from a
-        checkpoint) has had its seeds, so they are dropped then: resume stays exact. Returns how many
-        completions wait."""
+        seeds, not the whole dataset's). The rows whose seeds were used are part of the checkpoint, so a
+        resumed run does not add them again: resume stays exact. Returns how many completions wait."""
         pairs = list(completions.items()) if isinstance(completions, dict) else [(p, [c]) for p, c in completions]
         by_prompt: dict[str, list[int]] = {}
         for i, r in enumerate(self.rows):
@@ -262,8 +262,9 @@ class Collector:
         """Replay first, then sample and score fresh episodes, then add those to the buffer."""
         a, g = self.args, self.generator
         row_ids = self.draw_rows(a.prompts_per_step)
-        seeds = [(r, t) for r in dict.fromkeys(row_ids) if r in self.pending_seeds
-                 for t in self.pending_seeds.pop(r) if self.buffer.size(r) == 0]
+        fresh_rows = [r for r in dict.fromkeys(row_ids) if r in self.pending_seeds]
+        seeds = [(r, t) for r in fresh_rows for t in self.pending_seeds.pop(r) if r not in self.seeds_used]
+        self.seeds_used.update(fresh_rows)
         if seeds:  # lazily seeded rows: their known completions enter the buffer before the replay draw
             self._add_seeds(seeds)
         fresh_idx, temps, kind, replayed, rep_idx = [], [], [], [], []

@@ -420,6 +420,7 @@ class GFNTrainer:
         tmp = ckpt.temp_path(path)
         r = acc.process_index
         torch.save({"buffer": self.buffer.state_dict(), "rows": self.collector.fingerprint(),
+                    "seeds_used": sorted(self.collector.seeds_used),
                     "generator": self.generator.get_state(),
                     "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
                    tmp / f"rank{r}.pt")
@@ -459,6 +460,7 @@ class GFNTrainer:
             raise DataError(f"'{path}' was written for another dataset (its replay buffer is keyed by row): "
                             "resume with the same rows in the same order, or start a new run")
         self.buffer.load_state_dict(rs["buffer"])
+        self.collector.seeds_used = set(rs.get("seeds_used", []))
         self.generator.set_state(rs["generator"])
         torch.set_rng_state(rs["torch"])
         random.setstate(rs["python"])
