@@ -157,7 +157,7 @@ def report(args) -> str:
     runs = {}
     for m in METHODS:
         for f in [folder / f"{m}.json"] + sorted(folder.glob(f"{m}-seed*.json")):
-            if f.exists():
+            if f.exists() and not f.stem.endswith("-history"):
                 runs[f.stem] = json.loads(f.read_text())
     evaluated = {name: r for name, r in runs.items() if r["result"]}
     by_method: dict[str, list[dict]] = {}
