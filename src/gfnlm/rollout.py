@@ -95,6 +95,8 @@ class Collector:
         self._row_weights: Tensor | None = None
         self.pending_seeds: dict[int, list[str]] = {}  # row -> completions to add when it is first drawn
         self.seeds_used: set[int] = set()  # rows whose lazy seeds were consumed (checkpointed)
+        named = [*constraints.stop_token_ids, *(constraints.allowed_token_ids or ()), *constraints.forbidden_token_ids]
+        self._vocab_size = max([len(tokenizer), *named]) + 1  # covers every id the tokenizer or the constraints name
 
     def fingerprint(self) -> str:
         """A digest of the dataset rows in order (the replay buffer is keyed by row index)."""
@@ -138,16 +140,9 @@ class Collector:
         is inserted as the sampler would."""
         states, masks = [], []
         for t in texts:
-            ids = self.tokenizer.encode(t, add_special_tokens=False)
-            if len(ids) < self.constraints.min_new_tokens:
-                desc = "empty completion" if not ids else f"completion {t!r} ({len(ids)} tokens)"
-                raise DataError(f"{what}: {desc} is shorter than min_new_tokens={self.constraints.min_new_tokens}")
-            if len(ids) > self.constraints.max_new_tokens:
-                raise DataError(f"{what}: completion {t!r} is longer than max_new_tokens={self.constraints.max_new_tokens}")
-            bad = [i for i in ids if not self._is_action(i)]
-            if bad:
-                raise DataError(f"{what}: completion {t!r} has tokens the policy may not write "
-                                f"({self.tokenizer.convert_ids_to_tokens(bad[:3])}): remove them or widen the constraints")
+            ids, problem = self._actions_of(t)
+            if problem:
+                raise DataError(f"{what}: {problem}")
             state, mask = self.with_tool_output(ids)
             states.append(state)
             masks.append(mask)
@@ -160,27 +155,30 @@ class Collector:
     def writable(self, completions: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
         """The completions the policy can write (length within the limits, every token an action),
         by prompt, and how many others were left out."""
-        c = self.constraints
         kept, skipped = {}, 0
         for prompt, texts in completions.items():
-            ok = [t for t in texts
-                  if c.min_new_tokens <= len(ids := self.tokenizer.encode(t, add_special_tokens=False)) <= c.max_new_tokens
-                  and all(self._is_action(i) for i in ids)]
+            ok = [t for t in texts if self._actions_of(t)[1] is None]
             skipped += len(texts) - len(ok)
             if ok:
                 kept[prompt] = ok
         return kept, skipped
 
-    def _is_action(self, token_id: int) -> bool:
+    def _actions_of(self, text: str) -> tuple[list[int], str | None]:
+        """The token ids of a completion text, and why the policy could not write them (None if it can:
+        a length within the limits, every token an action of :meth:`Constraints.token_mask`)."""
         c = self.constraints
-        if token_id in c.stop_token_ids or token_id in (c.forbidden_token_ids or ()):
-            return False
-        return c.allowed_token_ids is None or token_id in self._allowed_set()
-
-    def _allowed_set(self) -> set[int]:
-        if getattr(self, "_allowed", None) is None:
-            self._allowed = set(self.constraints.allowed_token_ids or ())
-        return self._allowed
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) < c.min_new_tokens:
+            desc = "empty completion" if not ids else f"completion {text!r} ({len(ids)} tokens)"
+            return ids, f"{desc} is shorter than min_new_tokens={c.min_new_tokens}"
+        if len(ids) > c.max_new_tokens:
+            return ids, f"completion {text!r} is longer than max_new_tokens={c.max_new_tokens}"
+        actions = c.token_mask(self._vocab_size, "cpu")[0]
+        bad = [i for i in ids if i >= len(actions) or not actions[i]]
+        if bad:
+            return ids, (f"completion {text!r} has tokens the policy may not write "
+                         f"({self.tokenizer.convert_ids_to_tokens(bad[:3])}): remove them or widen the constraints")
+        return ids, None
 
     def with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
         """The state the sampler would build from these actions: tool output inserted after each
