@@ -50,6 +50,15 @@ def completion_logits(model, prompts: Sequence[Sequence[int]], prompt_index: Ten
     Returns (logits [B, N+1, V], prompt_hidden [P, H] or None). Grad flows unless the caller
     disables it.
     """
+    logits, hidden, _ = _completion_pass(model, prompts, prompt_index, tokens, return_prompt_hidden, prefix, pad_id)
+    return logits, hidden
+
+
+def _completion_pass(model, prompts, prompt_index: Tensor, tokens: Tensor, return_prompt_hidden: bool = False,
+                     prefix: PrefixCache | None = None, pad_id: int = 0):
+    """:func:`completion_logits` plus what a later pass needs to read on: (logits [B, N+1, V],
+    prompt_hidden or None, (cache of prompt + tokens per row, prompt attention mask [B, L], position of
+    each row's first token [B]))."""
     device = tokens.device
     p_ids, p_mask = pad_prompts(prompts, pad_id, device)
     out, cache, full_mask = encode_prompts(model, p_ids, p_mask, output_hidden_states=return_prompt_hidden,
@@ -57,15 +66,16 @@ def completion_logits(model, prompts: Sequence[Sequence[int]], prompt_index: Ten
     hidden = out.hidden_states[-1][:, -1, :] if return_prompt_hidden else None
     first = out.logits[:, -1, :][prompt_index]  # [B, V]
     B, N = tokens.shape
-    if N == 0:
-        return first[:, None, :], hidden
     cache.batch_select_indices(prompt_index)
-    attn = torch.cat([full_mask[prompt_index], torch.ones((B, N), dtype=full_mask.dtype, device=device)], dim=1)
-    start = full_mask.sum(-1)[prompt_index]
+    ctx_mask = full_mask[prompt_index]
+    start = ctx_mask.sum(-1)
+    if N == 0:
+        return first[:, None, :], hidden, (cache, ctx_mask, start)
+    attn = torch.cat([ctx_mask, torch.ones((B, N), dtype=full_mask.dtype, device=device)], dim=1)
     positions = start[:, None] + torch.arange(N, device=device)[None, :]
-    rest = model(input_ids=tokens, attention_mask=attn, position_ids=positions, use_cache=True,
-                 **cache_kwargs(model, cache)).logits  # [B, N, V]
-    return torch.cat([first[:, None, :], rest], dim=1), hidden
+    o = model(input_ids=tokens, attention_mask=attn, position_ids=positions, use_cache=True,
+              **cache_kwargs(model, cache))  # logits [B, N, V]
+    return torch.cat([first[:, None, :], o.logits], dim=1), hidden, (output_cache(o), ctx_mask, start)
 
 
 def score(
@@ -262,23 +272,13 @@ def prefix_suffix_log_probs(model, contexts: Sequence[Sequence[int]], context_in
         used = sorted({int(context_index[b]) for b in eps})
         where = {c: i for i, c in enumerate(used)}
         idx = torch.tensor([where[int(context_index[b])] for b in eps], device=device)
-        p_ids, p_mask = pad_prompts([list(contexts[c]) for c in used], pad_id, device)
-        out, cache, full_mask = encode_prompts(model, p_ids, p_mask, prefix=prefix)
-        first = out.logits[:, -1, :][idx]  # [e, V]
-        ctx_mask = full_mask[idx]
-        start = ctx_mask.sum(-1)
         w = max(len(states[b]) for b in eps)
         tokens = torch.full((len(eps), w), pad_id, dtype=torch.long, device=device)
         for i, b in enumerate(eps):
             if states[b]:
                 tokens[i, :len(states[b])] = torch.as_tensor(list(states[b]), device=device)
-        cache.batch_select_indices(idx)
-        logits = first[:, None, :]
-        if w:
-            o = model(input_ids=tokens, attention_mask=torch.cat([ctx_mask, torch.ones_like(tokens)], dim=1),
-                      position_ids=start[:, None] + torch.arange(w, device=device)[None, :], use_cache=True,
-                      **cache_kwargs(model, cache))
-            logits, cache = torch.cat([logits, o.logits], dim=1), output_cache(o)  # [e, w+1, V]
+        logits, _, (cache, ctx_mask, start) = _completion_pass(model, [list(contexts[c]) for c in used], idx, tokens,
+                                                               prefix=prefix, pad_id=pad_id)  # [e, w+1, V]
         inside = _inside(renormalise_mask, eps, w, device)
         tok, _ = _token_and_stop_log_probs(logits, tokens, None, renormalise, inside)
         lengths = torch.tensor([len(states[b]) for b in eps], device=device)
