@@ -183,6 +183,8 @@ class InfillingTask(Task):
     def __init__(self, task_args: dict | None = None):
         super().__init__(task_args)
         self._split: dict[str, list[dict]] | None = None
+        self._bertscore = None
+        self._reward_lm: dict[str, object] = {}  # the merged reward LM, by device: loaded once per task
 
     # data
     def split(self) -> dict[str, list[dict]]:
@@ -234,6 +236,9 @@ class InfillingTask(Task):
         path = self.args.reward_model
         if not path:
             return model
+        device = next(model.parameters()).device
+        if str(device) in self._reward_lm:  # training and the diagnostics of gfnlm eval both ask for it
+            return self._reward_lm[str(device)]
         from ..trainer import load_trained
 
         lm, _, cfg, _ = load_trained(path)
@@ -243,7 +248,8 @@ class InfillingTask(Task):
         if hasattr(lm, "merge_and_unload"):
             lm = lm.merge_and_unload()
         lm.requires_grad_(False).eval()
-        return lm.to(next(model.parameters()).device)
+        self._reward_lm[str(device)] = lm.to(device)
+        return self._reward_lm[str(device)]
 
     def reward_model_name(self) -> str:
         return f"fine-tuned reward LM {self.args.reward_model}" if self.args.reward_model else "base LM"
@@ -292,7 +298,7 @@ class InfillingTask(Task):
         """BERTScore on the packaged embedding model, rescaled against random pairs of training middles."""
         from ..evaluation import BERTScore
 
-        if getattr(self, "_bertscore", None) is None:
+        if self._bertscore is None:
             sents = [r["middle"] for r in self.dataset() if r.get("middle")]
             self._bertscore = BERTScore(self.args.bertscore_model, self.args.bertscore_layer, sents)
         return self._bertscore
