@@ -230,18 +230,9 @@ def main(argv=None) -> int:
 
     _setup_runtime()
     if not args.report:
-        folder = Path(args.out) / "arithmetic"
-        folder.mkdir(parents=True, exist_ok=True)
-        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            print(f"[bench/arithmetic] {m} ...", flush=True)
-            res = run_method(m, args)
-            name = m if args.seed == 0 else f"{m}-seed{args.seed}"  # other seeds: their own file, one table row
-            if "history" in res["info"]:  # every step's figures (log R per kind of episode, loss, log Z, ...)
-                (folder / f"{name}-history.json").write_text(json.dumps(res["info"].pop("history"), indent=0))
-            tmp = folder / f".{name}.json.tmp"
-            tmp.write_text(json.dumps(res, indent=1))
-            tmp.replace(folder / f"{name}.json")
-            print(f"[bench/arithmetic] {m} done in {res['seconds']:.0f} s", flush=True)
+        from common import run_methods
+
+        run_methods("arithmetic", args.methods, args.seed, Path(args.out) / "arithmetic", run_method, args)
     print(report(args))
     return 0
 
