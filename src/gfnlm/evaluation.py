@@ -33,27 +33,64 @@ def sample_completions(model, tokenizer, prompt_ids: Sequence[int], constraints:
 
 
 @torch.no_grad()
-def sample_votes(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, k: int,
-                 temperature: float, *, seed: int = 0, batch_prompts: int = 8, tool=None, max_tool_tokens: int = 0,
-                 prefix=None, progress: bool = False, desc: str = "sampling") -> list[tuple[list[list[int]], list[int]]]:
-    """What a posterior-predictive vote reads: for each prompt, ``k`` completions sampled at
-    ``temperature`` and one greedy completion (token id lists; tool output included, stop excluded).
+def sample_per_prompt(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, k: int,
+                      temperature: float = 1.0, *, greedy: bool = False, seed: int = 0, batch_prompts: int = 8,
+                      tool=None, max_tool_tokens: int = 0, prefix=None, progress: bool = False,
+                      desc: str = "sampling") -> list[tuple[list[list[int]], list[float], list[int] | None]]:
+    """For each prompt, ``k`` completions sampled at ``temperature`` with their log q (the sampler's
+    own, stop included; log space), and with ``greedy`` one greedy completion (else None). Token id
+    lists, tool output included, stop excluded.
 
-    Prompts are sampled ``batch_prompts`` at a time, k + 1 rows each; ``prefix`` (a
+    Prompts are sampled ``batch_prompts`` at a time, k (+1) rows each; ``prefix`` (a
     :class:`~gfnlm.sampling.PrefixCache`) is a constant context read before every prompt; ``progress``
-    shows a bar over the prompts. Returns ``[(sampled [k], greedy)]`` in the order of ``prompts``."""
+    shows a bar over the prompts. Returns ``[(sampled [k], log_q [k], greedy)]`` in prompt order."""
     from tqdm.auto import tqdm
+
     g = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    temps = torch.tensor([temperature] * k + [1e-4])  # the last row of each prompt: greedy
+    per = k + int(greedy)
+    temps = torch.tensor([temperature] * k + [1e-4] * int(greedy))  # the last row of each prompt: greedy
     out = []
     for i in tqdm(range(0, len(prompts), batch_prompts), disable=not progress, desc=desc, leave=False, unit="batch"):
         chunk = [list(p) for p in prompts[i:i + batch_prompts]]
-        index = torch.arange(len(chunk)).repeat_interleave(k + 1)
+        index = torch.arange(len(chunk)).repeat_interleave(per)
         s = sample(model, chunk, index, constraints, temperature=temps.repeat(len(chunk)), pad_id=pad, generator=g,
                    tool=tool, tokenizer=tokenizer, max_tool_tokens=max_tool_tokens, prefix=prefix)
-        ids = s.completion_ids()
-        out += [(ids[j * (k + 1):j * (k + 1) + k], ids[j * (k + 1) + k]) for j in range(len(chunk))]
+        ids, lq = s.completion_ids(), s.log_prob.tolist()
+        out += [(ids[j * per:j * per + k], lq[j * per:j * per + k], ids[j * per + k] if greedy else None)
+                for j in range(len(chunk))]
+    return out
+
+
+def sample_votes(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, k: int,
+                 temperature: float, **kw) -> list[tuple[list[list[int]], list[int]]]:
+    """What a posterior-predictive vote reads: for each prompt, ``k`` completions sampled at
+    ``temperature`` and one greedy completion (:func:`sample_per_prompt` with ``greedy``).
+    Returns ``[(sampled [k], greedy)]`` in the order of ``prompts``."""
+    return [(s, g) for s, _, g in sample_per_prompt(model, tokenizer, prompts, constraints, k, temperature,
+                                                    greedy=True, **kw)]
+
+
+@torch.no_grad()
+def completion_log_rewards(config, tokenizer, rows: Sequence[dict], rewards, constraints: Constraints,
+                           completions: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
+    """Untempered log R of given completions (token id lists, stop excluded), at the stop that ends
+    each: ``completions[i]`` continue ``rows[i]``. The rewards are the task's own (the same objects
+    as in training, summed with ``config.reward_weights``). Returns a list per row, log space."""
+    from .rollout import Collector
+
+    flat = [(i, list(c)) for i, cs in enumerate(completions) for c in cs]
+    if not flat:
+        return [[] for _ in completions]
+    col = Collector(config, tokenizer, list(rows), rewards, constraints, None, torch.Generator().manual_seed(0))
+    tokens, lengths = pad_right([c for _, c in flat], col.pad_id)
+    index = torch.tensor([i for i, _ in flat])
+    log_r = col.log_rewards(col.reward_batch(list(range(len(rows))), index, tokens, lengths))
+    if log_r.ndim == 2:
+        log_r = log_r.gather(1, lengths[:, None]).squeeze(1)
+    out: list[list[float]] = [[] for _ in completions]
+    for (i, _), v in zip(flat, log_r.tolist()):
+        out[i].append(v)
     return out
 
 
@@ -228,3 +265,53 @@ class LLMJudge:
                                                     messages=[{"role": "user", "content": q}])
             out.append(r.choices[0].message.content or "")
         return out
+
+
+# --- diversity and plots ----------------------------------------------------------------------------
+_EMBEDDERS: dict[str, object] = {}
+
+
+def diversity(groups: Sequence[Sequence[str]], model: str = "all-MiniLM-L6-v2") -> list[float]:
+    """1 - mean pairwise cosine similarity of the sentence embeddings of each group of texts (the
+    paper's diversity), with sentence-transformers on a packaged embedding model (never downloads).
+    A group of fewer than two texts has diversity 0 (one sentence, or the same one repeated)."""
+    import itertools
+
+    from .models import embedding_model_path
+
+    if model not in _EMBEDDERS:
+        from sentence_transformers import SentenceTransformer
+
+        _EMBEDDERS[model] = SentenceTransformer(str(embedding_model_path(model)), device="cpu")
+    enc = _EMBEDDERS[model]
+    out = []
+    for texts in groups:
+        if len(texts) < 2:
+            out.append(0.0)
+            continue
+        e = enc.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+        sims = [float(e[i] @ e[j]) for i, j in itertools.combinations(range(len(texts)), 2)]
+        out.append(1.0 - sum(sims) / len(sims))
+    return out
+
+
+def scatter_plot(points: Sequence[dict], path, *, x: str, y: str, xlabel: str, ylabel: str, title: str = "") -> None:
+    """A PNG of labelled points (``{"label", x, y[, "marker"]}``): one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for p in points:
+        ax.scatter(p[x], p[y], marker=p.get("marker", "o"), s=60 if p.get("marker") != "*" else 200,
+                   color=p.get("color"), zorder=3)
+        ax.annotate(p["label"], (p[x], p[y]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "arithmetic": "gfnlm.tasks.arithmetic:ArithmeticTask",
     "subjectivity": "gfnlm.tasks.subjectivity:SubjectivityTask",
     "infilling": "gfnlm.tasks.infilling:InfillingTask",
+    "continuation": "gfnlm.tasks.continuation:ContinuationTask",
 }
 
 

@@ -1,0 +1,125 @@
+"""Decoding baselines through transformers' ``generate``, under the policy's own action space.
+
+Every baseline reads the same :class:`~gfnlm.sampling.Constraints` as the GFlowNet policy and its
+reward, translated into ``generate``'s own logits processors, so a baseline can write exactly the
+texts the policy can write:
+
+* the tokens that are neither allowed actions nor stop ids are suppressed (``suppress_tokens``);
+* the stop ids end a sequence (``eos_token_id``), and cannot come before ``min_new_tokens``;
+* after ``max_new_tokens`` actions a stop is forced (``forced_eos_token_id`` at
+  ``max_new_tokens + 1``), as the policy's forced stop.
+
+For the samplers (plain, tempered, nucleus) ``generate`` also returns the processed scores, so each
+sample's exact log q (stop included) comes from transformers itself
+(``compute_transition_scores(normalize_logits=True)``): the figure the sampler diagnostics need.
+Greedy and beam search are deterministic: they have no tractable q.
+
+Diverse (group) beam search is not here: transformers 5 moved it to a Hub repository
+(``transformers-community/group-beam-search``) that ``generate`` downloads at run time, and gfnlm
+never downloads at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+from .sampling import Constraints
+
+#: name -> what ``generate`` is asked for (``{k}``: the number of samples or beams).
+METHODS = {
+    "greedy": "greedy decoding (one sequence)",
+    "beam": "beam search with k beams, k sequences returned",
+    "nucleus": "nucleus sampling, p = 0.95",
+    "sampling": "plain sampling from the LM (T = 1)",
+    "tempered": "tempered sampling at the final reward temperature",
+}
+
+
+@dataclass
+class Decoded:
+    """The completions of one prompt: token ids without the stop, and log q (stop included) where
+    the method has one (samplers), else None."""
+
+    completions: list[list[int]]
+    log_q: list[float] | None = None
+    calls: int = 0  # forward passes of the model over the rows of this prompt (decode steps)
+    extra: dict = field(default_factory=dict)
+
+
+def generate_kwargs(constraints: Constraints, vocab_size: int) -> dict:
+    """``generate`` keywords that impose ``constraints`` (suppressed tokens, stop ids, min/forced stop)."""
+    if constraints.stop_after_tool:
+        raise ConfigError("generate baselines do not run tools: constraints with stop_after_tool have no baseline here")
+    allowed, stop = constraints.token_mask(vocab_size, "cpu")
+    stops = list(constraints.stop_token_ids)
+    return dict(suppress_tokens=(~(allowed | stop)).nonzero().squeeze(1).tolist(), eos_token_id=stops,
+                min_new_tokens=constraints.min_new_tokens, max_new_tokens=constraints.max_new_tokens + 1,
+                forced_eos_token_id=stops)
+
+
+def _method_kwargs(method: str, k: int, temperature: float | None) -> dict:
+    if method == "greedy":
+        return dict(do_sample=False, num_beams=1)
+    if method == "beam":
+        return dict(do_sample=False, num_beams=k, num_return_sequences=k)
+    if method in ("sampling", "tempered", "nucleus"):
+        t = temperature if method == "tempered" else 1.0
+        if method == "tempered" and t is None:
+            raise ConfigError("the tempered baseline needs a temperature")
+        return dict(do_sample=True, temperature=t, top_k=0, top_p=0.95 if method == "nucleus" else 1.0,
+                    num_return_sequences=k)
+    raise ConfigError(f"unknown baseline {method!r}: choose from {sorted(METHODS)}")
+
+
+def _cut(row: list[int], stops: set[int]) -> tuple[list[int], int]:
+    """(tokens before the first stop id, number of generated tokens up to and including it)."""
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i], i + 1
+    return row, len(row)
+
+
+@torch.no_grad()
+def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, method: str, k: int, *,
+           temperature: float | None = None, seed: int = 0, batch_rows: int = 64) -> list[Decoded]:
+    """``k`` completions of each prompt by ``method`` (see :data:`METHODS`) under ``constraints``.
+
+    ``model`` is the LM to decode (the base model for a baseline); ``temperature`` is the tempered
+    baseline's. Prompts are left-padded and decoded together, about ``batch_rows`` rows (prompts x k)
+    a call. Samplers are seeded with ``seed`` (torch's global generator, which ``generate`` uses)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else constraints.stop_token_ids[0]
+    kw = {**generate_kwargs(constraints, max(len(tokenizer), model.get_output_embeddings().weight.shape[0])),
+          **_method_kwargs(method, k, temperature)}
+    rows = max(kw.get("num_beams", 1), kw.get("num_return_sequences", 1))  # rows decoded per prompt
+    per_call = max(1, batch_rows // rows)
+    stops = set(constraints.stop_token_ids)
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out: list[Decoded] = []
+    try:
+        for i in range(0, len(prompts), per_call):
+            chunk = [list(p) for p in prompts[i:i + per_call]]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            res = model.generate(ids, attention_mask=mask, pad_token_id=pad, output_scores=True,
+                                 return_dict_in_generate=True, **kw)
+            cut = [_cut(r, stops) for r in res.sequences[:, width:].tolist()]
+            log_q = None
+            if kw["do_sample"]:
+                steps = model.compute_transition_scores(res.sequences, res.scores, normalize_logits=True)  # [P k, steps]
+                log_q = [float(steps[b, :n].sum()) for b, (_, n) in enumerate(cut)]
+            per = len(cut) // len(chunk)
+            for j in range(len(chunk)):
+                part = slice(j * per, (j + 1) * per)
+                out.append(Decoded([c for c, _ in cut[part]], None if log_q is None else log_q[part],
+                                   calls=len(res.scores) * rows))
+    finally:
+        model.train(was_training)
+    return out
