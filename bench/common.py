@@ -20,3 +20,33 @@ def run_methods(bench: str, methods: str, seed: int, folder: Path, run_method, a
         tmp.write_text(json.dumps(res, indent=1))
         tmp.replace(folder / f"{name}.json")
         print(f"[bench/{bench}] {m} done in {res['seconds']:.0f} s", flush=True)
+
+
+def merged_report(bench: str, out: Path, title: str, table, plot, targets) -> str:
+    """Combine ``<out>/<bench>/*.json`` (each a run's ``result`` with per-method rows; the GFlowNet run
+    first, rows of seeds other than 0 labelled with their seed) into one table (``table(merged)``), the
+    targets (``targets(methods) -> {name: (measured, met)}``) and one plot (``plot(merged, path)``);
+    write ``<out>/<bench>.md``, ``.json`` and ``.png``. Returns the markdown."""
+    folder = out / bench
+    runs = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json")) if not f.stem.endswith("-history")}
+    if not runs:
+        return "(no runs yet)"
+    merged = None
+    for name in sorted(runs, key=lambda n: not n.startswith("gfn")):
+        r, seed = runs[name]["result"], runs[name]["settings"]["seed"]
+        merged = merged or {**r, "methods": {}}
+        merged["methods"].update({(k if seed == 0 else f"{k}, seed {seed}"): v for k, v in r["methods"].items()})
+    checks = targets(merged["methods"])
+    model = next(iter(runs.values()))["settings"]["model"]
+    lines = [f"# {title} on {model}", "", table(merged), "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
+    lines += ["", f"Targets met: {sum(ok for _, ok in checks.values())} of {len(checks)}.", "", "Runs:"]
+    lines += [f"- {name}: {r['seconds']:.0f} s in all; {json.dumps(r['info'])}" for name, r in runs.items()]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{bench}.md").write_text(text)
+    (out / f"{bench}.json").write_text(json.dumps(
+        {"result": merged, "runs": {k: {**v, "result": None} for k, v in runs.items()},
+         "targets": {k: {"measured": v, "met": ok} for k, (v, ok) in checks.items()}}, indent=1))
+    plot(merged, out / f"{bench}.png")
+    return text

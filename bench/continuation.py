@@ -23,7 +23,6 @@ p̃^(1/T_end) for every sampler with a tractable q. Each run writes ``<out>/cont
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -128,35 +127,11 @@ def targets(methods: dict) -> dict:
 
 
 def report(args) -> str:
+    from common import merged_report
+
     from gfnlm.tasks.continuation import figure3_plot, figure3_table
 
-    folder = Path(args.out) / "continuation"
-    runs = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json")) if not f.stem.endswith("-history")}
-    if not runs:
-        return "(no runs yet)"
-    merged = None
-    for name in sorted(runs, key=lambda n: n != "gfn"):  # the GFlowNet rows first
-        r = runs[name]["result"]
-        if merged is None:
-            merged = {**r, "methods": {}}
-        label = lambda k: k if runs[name]["settings"]["seed"] == 0 else f"{k}, seed {runs[name]['settings']['seed']}"  # noqa: E731
-        merged["methods"].update({label(k): v for k, v in r["methods"].items()})
-    checks = targets(merged["methods"])
-    model = next(iter(runs.values()))["settings"]["model"]
-    lines = [f"# Next-sentence continuation (Figure 3) on {model}", "", figure3_table(merged), "",
-             "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
-    lines += ["", f"Targets met: {sum(ok for _, ok in checks.values())} of {len(checks)}.", "", "Runs:"]
-    for name, r in runs.items():
-        lines.append(f"- {name}: {r['seconds']:.0f} s in all; {json.dumps(r['info'])}")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "continuation.md").write_text(text)
-    (Path(args.out) / "continuation.json").write_text(json.dumps(
-        {"result": merged, "runs": {k: {**v, "result": None} for k, v in runs.items()},
-         "targets": {k: {"measured": v, "met": ok} for k, (v, ok) in checks.items()}}, indent=1))
-    figure3_plot(merged, Path(args.out) / "continuation.png")
-    return text
+    return merged_report("continuation", Path(args.out), "Next-sentence continuation (Figure 3)", figure3_table, figure3_plot, targets)
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,8 @@ METHODS = {
     "nucleus": "nucleus sampling, p = 0.95",
     "sampling": "plain sampling from the LM (T = 1)",
     "tempered": "tempered sampling at the final reward temperature",
+    "token_level": ("each token from p(z_t | X, z_<t)^a p(z_t | U, z_<t)^b renormalised (a contrastive target's "
+                    "local form): classifier-free guidance a / (a + b) at temperature 1 / (a + b), U the negative prompt"),
 }
 
 
@@ -46,7 +48,7 @@ class Decoded:
 
     completions: list[list[int]]
     log_q: list[float] | None = None
-    calls: int = 0  # forward passes of the model over the rows of this prompt (decode steps)
+    calls: int = 0  # LM token evaluations that generated them (decode steps x rows; the prompt's encoding not counted)
     extra: dict = field(default_factory=dict)
 
 
@@ -61,7 +63,7 @@ def generate_kwargs(constraints: Constraints, vocab_size: int) -> dict:
                 forced_eos_token_id=stops)
 
 
-def _method_kwargs(method: str, k: int, temperature: float | None) -> dict:
+def _method_kwargs(method: str, k: int, temperature: float | None, weights: tuple[float, float] | None = None) -> dict:
     if method == "greedy":
         return dict(do_sample=False, num_beams=1)
     if method == "beam":
@@ -71,6 +73,12 @@ def _method_kwargs(method: str, k: int, temperature: float | None) -> dict:
         if method == "tempered" and t is None:
             raise ConfigError("the tempered baseline needs a temperature")
         return dict(do_sample=True, temperature=t, top_k=0, top_p=0.95 if method == "nucleus" else 1.0,
+                    num_return_sequences=k)
+    if method == "token_level":
+        if weights is None or sum(weights) <= 0:
+            raise ConfigError(f"the token-level baseline needs weights (a, b) with a + b > 0, not {weights}")
+        a, b = weights  # a·log p(.|X) + b·log p(.|U) = (a + b)·[γ·log p(.|X) + (1 - γ)·log p(.|U)], γ = a / (a + b)
+        return dict(do_sample=True, temperature=1.0 / (a + b), guidance_scale=a / (a + b), top_k=0, top_p=1.0,
                     num_return_sequences=k)
     raise ConfigError(f"unknown baseline {method!r}: choose from {sorted(METHODS)}")
 
@@ -85,16 +93,20 @@ def _cut(row: list[int], stops: set[int]) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, method: str, k: int, *,
-           temperature: float | None = None, seed: int = 0, batch_rows: int = 64) -> list[Decoded]:
+           temperature: float | None = None, seed: int = 0, batch_rows: int = 64,
+           weights: tuple[float, float] | None = None, negative_prompt: Sequence[int] | None = None) -> list[Decoded]:
     """``k`` completions of each prompt by ``method`` (see :data:`METHODS`) under ``constraints``.
 
     ``model`` is the LM to decode (the base model for a baseline); ``temperature`` is the tempered
-    baseline's. Prompts are left-padded and decoded together, about ``batch_rows`` rows (prompts x k)
+    baseline's; ``weights`` (a, b) and ``negative_prompt`` (the token ids of U) the token-level
+    contrastive sampler's. Prompts are left-padded and decoded together, about ``batch_rows`` rows (prompts x k)
     a call. Samplers are seeded with ``seed`` (torch's global generator, which ``generate`` uses)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else constraints.stop_token_ids[0]
     kw = {**generate_kwargs(constraints, max(len(tokenizer), model.get_output_embeddings().weight.shape[0])),
-          **_method_kwargs(method, k, temperature)}
+          **_method_kwargs(method, k, temperature, weights)}
+    if method == "token_level" and not negative_prompt:
+        raise ConfigError("the token-level baseline needs the negative prompt's token ids (negative_prompt=...)")
     rows = max(kw.get("num_beams", 1), kw.get("num_return_sequences", 1))  # rows decoded per prompt
     per_call = max(1, batch_rows // rows)
     stops = set(constraints.stop_token_ids)
@@ -108,8 +120,12 @@ def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Cons
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            extra = {}
+            if method == "token_level":  # the unconditional branch: one row per generated row
+                neg = torch.tensor([list(negative_prompt)] * (len(chunk) * rows), device=device)
+                extra = dict(negative_prompt_ids=neg, negative_prompt_attention_mask=torch.ones_like(neg))
             res = model.generate(ids, attention_mask=mask, pad_token_id=pad, output_scores=True,
-                                 return_dict_in_generate=True, **kw)
+                                 return_dict_in_generate=True, **kw, **extra)
             cut = [_cut(r, stops) for r in res.sequences[:, width:].tolist()]
             log_q = None
             if kw["do_sample"]:
@@ -118,8 +134,9 @@ def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Cons
             per = len(cut) // len(chunk)
             for j in range(len(chunk)):
                 part = slice(j * per, (j + 1) * per)
-                out.append(Decoded([c for c, _ in cut[part]], None if log_q is None else log_q[part],
-                                   calls=len(res.scores) * rows))
+                calls = (len(res.scores) * rows if method == "beam" else  # every beam runs to the end
+                     sum(n for _, n in cut[part]) * (2 if method == "token_level" else 1))  # two branches
+            out.append(Decoded([c for c, _ in cut[part]], None if log_q is None else log_q[part], calls=calls))
     finally:
         model.train(was_training)
     return out

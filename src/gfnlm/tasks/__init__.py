@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "subjectivity": "gfnlm.tasks.subjectivity:SubjectivityTask",
     "infilling": "gfnlm.tasks.infilling:InfillingTask",
     "continuation": "gfnlm.tasks.continuation:ContinuationTask",
+    "contrastive": "gfnlm.tasks.contrastive:ContrastiveTask",
 }
 
 

@@ -181,39 +181,47 @@ class ContinuationTask(Task):
                                    name="sentence_likelihood")]
 
     # evaluation
-    def _samplers(self, model, base, tokenizer, config, constraints, rows, baselines: list[str], *, seed: int,
-                  progress: bool):
-        """Each method's completions (token ids) and log q (or None) per validation row."""
+    def baseline_specs(self, config, names: list[str]) -> list[dict]:
+        """The baseline rows: label, ``decode`` method, k rows decoded, how many kept, plot marker, and
+        extra ``decode`` keywords. Samplers at n and 5n samples; beam search with n and 5n beams
+        keeping n (the paper's "5x compute"); greedy once."""
+        n, f, t_end = self.args.eval_samples, self.args.compute_factor, config.reward_temperature_at(10**9)
+        specs = []
+        for m in names:
+            for k in ([1] if m == "greedy" else [n, f * n]):
+                label = {"greedy": "greedy", "beam": f"beam ({k} beams)", "nucleus": f"nucleus p=0.95 ({k})",
+                         "sampling": f"sampling ({k})", "tempered": f"tempered T={t_end:g} ({k})"}.get(m, f"{m} ({k})")
+                specs.append({"label": label, "method": m, "k": k, "keep": n if m == "beam" else k,
+                              "marker": "s" if k > n else ("o" if k == n else "^"), "kw": {"temperature": t_end}})
+        return specs
+
+    def _samplers(self, model, base, tokenizer, config, constraints, rows, specs: list[dict], *, seed: int,
+                  progress: bool) -> dict[str, dict]:
+        """Each method's completions (token ids), log q (None where intractable) and LM token
+        evaluations per validation row: the policy's own samples (``model``, if given), then each
+        baseline of ``specs`` (:meth:`baseline_specs`) decoded from ``base``."""
         from tqdm.auto import tqdm
 
         from ..baselines import decode
         from ..evaluation import sample_per_prompt
         from ..policy import base_model
 
-        a, n = self.args, self.args.eval_samples
+        n = self.args.eval_samples
         prompts = [render_prompt(tokenizer, r["prompt"], config.chat_template) for r in rows]
-        t_end = config.reward_temperature_at(10**9)
         out: dict[str, dict] = {}
         if model is not None:
             got = sample_per_prompt(model, tokenizer, prompts, constraints, n, seed=seed, batch_prompts=4,
                                     progress=progress, desc="GFlowNet policy")
             out["GFlowNet fine-tuning"] = {"completions": [s for s, _, _ in got], "log_q": [q for _, q, _ in got],
-                                           "k": n, "marker": "*"}
-        jobs = []
-        for m in baselines:
-            sizes = [1] if m == "greedy" else [n, a.compute_factor * n]
-            jobs += [(m, k) for k in sizes]
+                                           "k": n, "marker": "*",
+                                           "model_calls": statistics.fmean(sum(len(c) + 1 for c in s) for s, _, _ in got)}
         with base_model(base) as base:
-            for m, k in tqdm(jobs, disable=not progress, desc="baselines", leave=False):
-                label = {"greedy": "greedy", "beam": f"beam ({k} beams)", "nucleus": f"nucleus p=0.95 ({k})",
-                         "sampling": f"sampling ({k})", "tempered": f"tempered T={t_end:g} ({k})"}[m]
-                dec = decode(base, tokenizer, prompts, constraints, m, k, temperature=t_end, seed=seed)
-                comps = [d.completions for d in dec]
-                if m == "beam":  # 5n beams, n sequences returned (the paper's 5x compute row)
-                    comps = [c[:n] for c in comps]
-                out[label] = {"completions": comps, "log_q": None if dec[0].log_q is None else [d.log_q for d in dec],
-                              "k": k, "marker": "s" if k > n else ("o" if k == n else "^"),
-                              "model_calls": statistics.fmean(d.calls for d in dec)}
+            for sp in tqdm(specs, disable=not progress, desc="baselines", leave=False):
+                dec = decode(base, tokenizer, prompts, constraints, sp["method"], sp["k"], seed=seed, **sp["kw"])
+                out[sp["label"]] = {"completions": [d.completions[:sp["keep"]] for d in dec],
+                                    "log_q": None if dec[0].log_q is None else [d.log_q for d in dec],
+                                    "k": sp["keep"], "marker": sp["marker"],
+                                    "model_calls": statistics.fmean(d.calls for d in dec)}
         return out
 
     def base_of(self, model, config):
@@ -243,7 +251,8 @@ class ContinuationTask(Task):
         reward = self.reward_funcs(base, tokenizer, constraints, config)
         t_end = config.reward_temperature_at(10**9)
         names = [m.strip() for m in a.baselines.split(",") if m.strip()] if baselines else []
-        methods = self._samplers(model, base, tokenizer, config, constraints, rows, names, seed=seed, progress=progress)
+        methods = self._samplers(model, base, tokenizer, config, constraints, rows, self.baseline_specs(config, names),
+                                 seed=seed, progress=progress)
         results = {"prompts": len(rows), "n": a.eval_samples, "reward_temperature_end": t_end,
                    "embedding_model": a.embedding_model, "max_new_tokens": constraints.max_new_tokens, "methods": {}}
         for label, m in methods.items():
@@ -257,8 +266,7 @@ class ContinuationTask(Task):
                  "diversity": statistics.fmean(div),
                  "length_tokens": statistics.fmean(statistics.fmean(len(c) for c in cs) for cs in comps),
                  "examples": texts[0][:3]}
-            if "model_calls" in m:
-                r["model_calls_per_prompt"] = m["model_calls"]
+            r["model_calls_per_prompt"] = m["model_calls"]
             if m["log_q"] is not None:
                 k = m["k"]
                 lr = torch.tensor(logp, dtype=torch.float64) / t_end

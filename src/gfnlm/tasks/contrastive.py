@@ -1,0 +1,205 @@
+"""Contrastive posterior: a continuation specific to its prompt, q(Z | X) ∝ p_LM(Z "." | X)^a p_LM(Z ".")^b
+with b < 0 < a.
+
+Same data, episode (one sentence, stop ".") and sentence constraint as :mod:`gfnlm.tasks.continuation`.
+The reward is two instances of the one :class:`~gfnlm.rewards.LMLikelihoodReward`, summed in log space
+by the trainer: weight a with the prompt as context, weight b with the unconditional context U (the
+tokenizer's document separator "<|endoftext|>" where it has one, else its BOS), both renormalised over
+the legal tokens and scored at every prefix where the policy may stop.
+
+Defaults a = 1.5, b = -0.5. Written with the pointwise mutual information PMI = log p(Z|X) - log p(Z),
+log R = (a + b) log p(Z) + a PMI: a + b = 1 keeps the LM's own fluency term at full weight and adds a
+bonus of 1.5 nats per nat of PMI. With a + b <= 0 the reward stops preferring fluent text (unlikely
+strings gain reward), so it is refused. a + b = 1 also makes the token-level baseline exactly
+classifier-free guidance with scale a.
+
+Evaluation (``gfnlm eval --task contrastive``): on the validation prompts, ``eval_samples`` (n) sentences
+per prompt from the GFlowNet policy and from baselines on the base model: plain and tempered sampling
+from p(Z|X); best-of-k·n reranking by R (k·n samples from p(Z|X), the n with the highest R kept);
+the token-level approximation (each token from p(z_t | X, z_<t)^a p(z_t | U, z_<t)^b renormalised,
+transformers' classifier-free guidance). Per method: mean log R, mean PMI, mean fluency log p(Z|X),
+diversity, length, LM token evaluations per prompt, and for every sampler with a tractable q the
+ELBO E_q[log R - log q] on the same target (ELBO = log Z - KL(q || target): the highest ELBO is the
+sampler closest to the posterior), with the importance-weighted bound, ESS and Var(log R - log q).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, DataError
+from ..rewards import LMLikelihoodReward
+from .continuation import ContinuationArgs, ContinuationTask
+
+
+@dataclass
+class ContrastiveArgs(ContinuationArgs):
+    a: float = 1.5  # exponent of p(Z | X)
+    b: float = -0.5  # exponent of p(Z): negative
+    unconditional_context: str | None = None  # None: "<|endoftext|>" if the tokenizer has it, else its BOS
+    baselines: str = "sampling,tempered,best_of,token_level"
+    tempered_temperature: float = 0.8
+    rerank_factors: str = "2,5"  # best-of: k·n samples per prompt, n kept
+
+
+class ContrastiveTask(ContinuationTask):
+    name = "contrastive"
+    Args = ContrastiveArgs
+    config_defaults = {**ContinuationTask.config_defaults, "task": "contrastive", "reward_temperature": 1.0,
+                       "reward_temperature_end": None, "reward_temperature_horizon": 0, "max_steps": 100,
+                       "output_dir": "runs/contrastive"}
+
+    def __init__(self, task_args: dict | None = None):
+        super().__init__(task_args)
+        a = self.args
+        if not a.b < 0 < a.a:
+            raise ConfigError(f"the contrastive posterior needs b < 0 < a (got a = {a.a:g}, b = {a.b:g}): set task_args.a "
+                              "and task_args.b")
+        if a.a + a.b <= 0:
+            raise ConfigError(f"a + b = {a.a + a.b:g} <= 0 rewards unlikely text without bound: keep a + b > 0 "
+                              "(the default a = 1.5, b = -0.5 gives 1)")
+
+    def unconditional(self, tokenizer) -> str:
+        """The text of the unconditional context U."""
+        if self.args.unconditional_context is not None:
+            return self.args.unconditional_context
+        return "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else ""
+
+    def terms(self, model, tokenizer, constraints, weights=None) -> list:
+        """The two LM terms: log p̃(z_1:t "." | X) with weight a and log p̃(z_1:t "." | U) with weight b."""
+        a, b = weights or (self.args.a, self.args.b)
+        u = self.unconditional(tokenizer)
+        common = dict(prefixes="stoppable", constraints=constraints, renormalise=True)
+        return [LMLikelihoodReward(model, tokenizer, weight=a, name="conditional", **common),
+                LMLikelihoodReward(model, tokenizer, context=lambda row: u, weight=b, name="unconditional", **common)]
+
+    def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
+        """log R(z_1:t ⊤) = a log p̃(z_1:t "." | X) + b log p̃(z_1:t "." | U) at every stoppable prefix."""
+        return self.terms(model, tokenizer, constraints)
+
+    # evaluation
+    def baseline_specs(self, config, names: list[str]) -> list[dict]:
+        n, a = self.args.eval_samples, self.args
+        specs = []
+        for m in names:
+            if m == "sampling":
+                specs.append({"label": f"sampling p(Z|X) ({n})", "method": "sampling", "k": n, "keep": n, "marker": "o",
+                              "kw": {}})
+            elif m == "tempered":
+                t = a.tempered_temperature
+                specs.append({"label": f"tempered T={t:g} ({n})", "method": "tempered", "k": n, "keep": n, "marker": "o",
+                              "kw": {"temperature": t}})
+            elif m == "token_level":
+                specs.append({"label": f"token-level contrastive ({n})", "method": "token_level", "k": n, "keep": n,
+                              "marker": "D", "kw": {"weights": (a.a, a.b)}})
+            elif m == "best_of":
+                for f in [int(x) for x in a.rerank_factors.split(",") if x.strip()]:
+                    specs.append({"label": f"best-of-{f * n} by R ({n})", "method": "sampling", "k": f * n, "keep": f * n,
+                                  "marker": "s", "kw": {}, "rerank": n})
+            else:
+                raise ConfigError(f"unknown contrastive baseline {m!r}: choose from sampling, tempered, best_of, token_level")
+        return specs
+
+    def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
+                 progress: bool = False, baselines: bool = True, base=None, **kw) -> dict:
+        """Mean log R, PMI, fluency, diversity, length and cost per method; the ELBO (and the other
+        diagnostics) on R for every sampler with a tractable q. ``model`` None: baselines only."""
+        from ..diagnostics import sampler_diagnostics
+        from ..evaluation import completion_log_rewards, diversity
+
+        a = self.args
+        rows = self.eval_rows()[: n or a.eval_prompts]
+        if not rows:
+            raise DataError("contrastive evaluation needs validation prompts: raise task_args.valid_prompts")
+        base = base if base is not None else self.base_of(model, config)
+        cond, uncond = self.terms(base, tokenizer, constraints, weights=(1.0, 1.0))
+        names = [m.strip() for m in a.baselines.split(",") if m.strip()] if baselines else []
+        specs = self.baseline_specs(config, names)
+        if specs:  # the token-level sampler's unconditional branch reads U
+            u_ids = tokenizer(self.unconditional(tokenizer))["input_ids"] or [tokenizer.bos_token_id]
+            for sp in specs:
+                if sp["method"] == "token_level":
+                    sp["kw"]["negative_prompt"] = u_ids
+        methods = self._samplers(model, base, tokenizer, config, constraints, rows, specs, seed=seed, progress=progress)
+        rerank = {sp["label"]: sp["rerank"] for sp in specs if "rerank" in sp}
+        out = {"prompts": len(rows), "n": a.eval_samples, "a": a.a, "b": a.b,
+               "unconditional_context": self.unconditional(tokenizer), "embedding_model": a.embedding_model, "methods": {}}
+        for label, m in methods.items():
+            comps = m["completions"]
+            c = completion_log_rewards(config, tokenizer, rows, [cond], constraints, comps)
+            u = completion_log_rewards(config, tokenizer, rows, [uncond], constraints, comps)
+            log_r = [[a.a * x + a.b * y for x, y in zip(cs, us)] for cs, us in zip(c, u)]
+            if label in rerank:  # keep the n samples with the highest R (their scoring is part of the cost)
+                keep = [sorted(range(len(lr)), key=lambda i: -lr[i])[:rerank[label]] for lr in log_r]
+                comps = [[cs[i] for i in kk] for cs, kk in zip(comps, keep)]
+                c, u, log_r = ([[v[i] for i in kk] for v, kk in zip(x, keep)] for x in (c, u, log_r))
+                m["model_calls"] += statistics.fmean(sum(len(x) + 1 for x in cs) for cs in m["completions"])
+            texts = [[self.completion_text(tokenizer.decode(x, skip_special_tokens=True)) for x in cs] for cs in comps]
+            flat = lambda v: statistics.fmean(x for row in v for x in row)  # noqa: E731
+            r = {"samples_per_prompt": len(comps[0]), "marker": m["marker"], "mean_log_r": flat(log_r),
+                 "max_log_r": statistics.fmean(max(v) for v in log_r),
+                 "mean_pmi": flat([[x - y for x, y in zip(cs, us)] for cs, us in zip(c, u)]), "mean_log_p": flat(c),
+                 "diversity": statistics.fmean(diversity(texts, a.embedding_model)),
+                 "length_tokens": flat([[len(x) for x in cs] for cs in comps]),
+                 "model_calls_per_prompt": m["model_calls"], "examples": texts[0][:3]}
+            if m["log_q"] is not None and label not in rerank:
+                k = len(comps[0])
+                r["diagnostics"] = sampler_diagnostics(torch.tensor(log_r, dtype=torch.float64).view(len(rows), k),
+                                                       torch.tensor(m["log_q"], dtype=torch.float64).view(len(rows), k))
+            out["methods"][label] = r
+        return out
+
+    def report(self, results: dict, label: str, args) -> None:
+        print(contrastive_table(results))
+
+    @classmethod
+    def eval_command(cls, args, extra: dict) -> int:
+        """The GFlowNet checkpoint (if given) and the baselines on the validation prompts: the table,
+        and with ``--plot`` mean log R against diversity."""
+        model, tok, config, cons, task = cls.load_for_eval(args, extra)
+        with torch.no_grad():
+            r = task.evaluate(model if args.checkpoint else None, tok, config, cons, n=args.n, seed=args.seed,
+                              progress=True, base=None if args.checkpoint else model)
+        print(contrastive_table(r))
+        if args.plot:
+            contrastive_plot(r, args.plot)
+            print(f"plot written to {args.plot}")
+        if args.output:
+            Path(args.output).write_text(json.dumps(r, indent=1))
+        return 0
+
+
+def contrastive_table(results: dict) -> str:
+    """One row per sampler: mean log R, PMI, fluency, diversity, length, cost; ELBO and the other
+    diagnostics on R where q is tractable."""
+    lines = ["| method | samples | mean log R | mean PMI | mean log p(Z|X) | diversity | length | LM token evals | "
+             "ELBO | IW bound | ESS | Var(log R - log q) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["methods"].items():
+        d = r.get("diagnostics")
+        diag = (f"{d['elbo']:.2f} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
+                else "n/a | n/a | n/a | n/a")
+        lines.append(f"| {name} | {r['samples_per_prompt']} | {r['mean_log_r']:.2f} | {r['mean_pmi']:.2f} | "
+                     f"{r['mean_log_p']:.2f} | {r['diversity']:.3f} | {r['length_tokens']:.1f} | "
+                     f"{r['model_calls_per_prompt']:.0f} | {diag} |")
+    lines.append(f"\n{results['prompts']} validation prompts; R = p̃(Z.|X)^{results['a']:g} p̃(Z.|U)^{results['b']:g}, "
+                 f"U = {results['unconditional_context']!r}; p̃ renormalised over the legal tokens; PMI = log p̃(Z.|X) - "
+                 f"log p̃(Z.|U); diversity = 1 - mean pairwise cosine ({results['embedding_model']}); ELBO = log Z - "
+                 "KL(q || target) on the same target for every sampler with a tractable q")
+    return "\n".join(lines)
+
+
+def contrastive_plot(results: dict, path) -> None:
+    """Mean log R against diversity, one point per sampler."""
+    from ..evaluation import scatter_plot
+
+    pts = [{"label": name, "diversity": r["diversity"], "mean_log_r": r["mean_log_r"], "marker": r["marker"]}
+           for name, r in results["methods"].items()]
+    scatter_plot(pts, path, x="diversity", y="mean_log_r", xlabel="diversity (1 - mean pairwise cosine)",
+                 ylabel="mean log R = a log p(Z.|X) + b log p(Z.)",
+                 title=f"Contrastive posterior, a = {results['a']:g}, b = {results['b']:g}, "
+                       f"{results['prompts']} validation prompts")

@@ -1,0 +1,267 @@
+"""Text posteriors (continuation, contrastive): the prompt split and bad input, the one sentence
+constraint in the policy, the reward and every generate baseline, the rewards and the baselines' log q
+against brute force, the diversity metric on known inputs, and the commands end to end on a tiny model."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm
+from gfnlm.baselines import decode
+from gfnlm.cli import main
+from gfnlm.errors import ConfigError, DataError
+from gfnlm.evaluation import completion_log_rewards, diversity, sequence_log_probs
+from gfnlm.rewards import compute_log_rewards
+from gfnlm.sampling import sample
+from gfnlm.tasks import build_config, make_trainer
+from gfnlm.tasks.continuation import ContinuationTask, legal_in_sentence, load_prompts, split_prompts
+from gfnlm.tasks.contrastive import ContrastiveTask
+from test_infilling import byte_tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "openwebtext" / "prompts.txt"
+PROMPTS = ["the cat sat on a mat ", "a dog ran far away ", "it was a cold day ", "we had no bread ",
+           "she made tea for us ", "he read a long book ", "the sun was low ", "rain fell all night "]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(PROMPTS + PROMPTS[:2]) + "\n\n")  # duplicates and a blank line are dropped
+    return p
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    tok = byte_tokenizer()
+    path = tmp_path / "tiny"
+    make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=256).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def config(task, prompts, tmp_path, **over):
+    data = {"task_args": {"data_file": str(prompts), "valid_prompts": 3, "train_prompts": 5, "eval_samples": 3,
+                          "compute_factor": 2, **over.pop("task_args", {})},
+            "max_steps": 2, "report_to": [], "disable_tqdm": True, "output_dir": str(tmp_path / "run"),
+            "max_new_tokens": 6, "min_new_tokens": 2, "samples_per_prompt": 4}
+    return build_config(task, {**data, **over})
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def sharp_model(tok, seed=5):
+    """A tiny LM whose full stop is likely, so episodes stop of their own accord and are forced too."""
+    model = make_tiny_lm(vocab_size=len(tok), seed=seed, max_positions=256)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+        model.lm_head.weight[ids(tok, ".")[0]] = model.model.norm.weight.sign() * 1.5
+    return model
+
+
+# --- data -----------------------------------------------------------------------------------------
+def test_prompts_split_and_bad_input(prompts, tmp_path):
+    got = load_prompts(prompts)
+    assert got == [p.strip() for p in PROMPTS]  # trailing space, duplicates and blank lines gone
+    parts = split_prompts(got, 0, 3, 5)
+    assert len(parts["valid"]) == 3 and len(parts["train"]) == 5
+    assert not {r["prompt"] for r in parts["valid"]} & {r["prompt"] for r in parts["train"]}
+    assert split_prompts(got, 0, 3, 5) == parts and split_prompts(got, 1, 3, 5) != parts
+    if SHARED.is_file():  # the shared data: 50 validation prompts never trained on
+        task = ContinuationTask({"data_file": str(SHARED)})
+        valid, train = {r["prompt"] for r in task.eval_rows()}, {r["prompt"] for r in task.dataset()}
+        assert len(valid) == 50 and len(train) == 950 and not valid & train
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match="no prompts"):
+        load_prompts(empty)
+    with pytest.raises(DataError, match="not found"):
+        load_prompts(tmp_path / "missing.txt")
+    assert main(["train", "--task", "continuation", "--task_args.data_file", str(empty)]) == 2
+
+
+def test_a_prompt_longer_than_the_context_is_a_one_line_error(tmp_path, tiny_dir, capsys):
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 300 + "\n" + "a short one\n" * 3)
+    rc = main(["train", "--task", "continuation", "--model", str(tiny_dir), "--task_args.data_file", str(long),
+               "--task_args.valid_prompts", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "context" in err[-1] and len(err[-1]) < 300
+
+
+def test_the_legal_token_rule():
+    for t in [" the", "'s", "’t", " A", " I", ",", " 1990", " well-known"]:
+        assert legal_in_sentence(t), t
+    for t in [".", " Mr", "\n", " \"", "!", "?", "...", "),", " http", "/", " B", "“", " Dr", " 'the"]:
+        assert not legal_in_sentence(t), t
+
+
+# --- one constraint everywhere ----------------------------------------------------------------------
+def legal_ids(task, cfg, tok):
+    cons = task.constraints(cfg, tok)
+    legal = set(cons.allowed_token_ids)
+    assert legal == {i for i in range(len(tok)) if legal_in_sentence(tok.decode([i])) and i not in tok.all_special_ids}
+    assert cons.stop_token_ids == ids(tok, ".")
+    return cons, legal
+
+
+def test_one_constraint_in_policy_reward_and_baselines(prompts, tmp_path):
+    tok = byte_tokenizer()
+    cfg = config("continuation", prompts, tmp_path)
+    task = ContinuationTask(cfg.task_args)
+    cons, legal = legal_ids(task, cfg, tok)
+    model = sharp_model(tok)
+    prompt = ids(tok, task.dataset()[0]["prompt"])
+
+    def obeys(comps):
+        assert comps and all(2 <= len(c) <= 6 and set(c) <= legal for c in comps)
+
+    s = sample(model, [prompt], torch.zeros(64, dtype=torch.long), cons, pad_id=0,
+               generator=torch.Generator().manual_seed(0))
+    obeys(s.completion_ids())
+    lengths = [len(c) for c in s.completion_ids()]
+    assert min(lengths) < 6 and max(lengths) == 6  # some stopped of their own accord, some were forced
+    for method in ["greedy", "beam", "nucleus", "sampling", "tempered"]:
+        (d,) = decode(model, tok, [prompt], cons, method, 8, temperature=0.8, seed=1)
+        obeys(d.completions)
+        if method in ("sampling", "tempered", "nucleus"):
+            assert len(d.log_q) == 8
+    # generate's plain sampler has exactly the policy's distribution: its log q is the policy scorer's
+    (d,) = decode(model, tok, [prompt], cons, "sampling", 32, seed=2)
+    assert {len(c) for c in d.completions} >= {6}
+    ours = sequence_log_probs(model, prompt, cons, d.completions, pad_id=0)
+    assert torch.allclose(torch.tensor(d.log_q), ours, atol=2e-4)
+    # the reward renormalises p_LM over the same legal tokens and the stop
+    (reward,) = task.reward_funcs(model, tok, cons, cfg)
+    got = completion_log_rewards(cfg, tok, task.dataset()[:1], [reward], cons, [d.completions[:6]])[0]
+    keep = torch.tensor(sorted(legal | set(cons.stop_token_ids)))
+    for z, value in zip(d.completions[:6], got):
+        assert value == pytest.approx(brute_log_p(model, prompt, z, keep, cons.stop_token_ids[0]), abs=1e-4)
+
+
+def brute_log_p(model, context, z, keep, stop):
+    """log p̃(z "." | context), p̃ the LM renormalised over ``keep``: one plain forward pass."""
+    seq = list(context) + list(z) + [stop]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0]
+    total = 0.0
+    for i in range(len(context), len(seq)):
+        lp = logits[i - 1, keep].log_softmax(-1)
+        total += lp[(keep == seq[i]).nonzero().item()].item()
+    return total
+
+
+# --- the contrastive reward and its token-level sampler ---------------------------------------------
+def test_contrastive_reward_against_brute_force_python_and_cli_paths(prompts, tmp_path, tiny_dir):
+    tok = byte_tokenizer()
+    cfg = config("contrastive", prompts, tmp_path, model=str(tiny_dir))
+    task = ContrastiveTask(cfg.task_args)
+    cons, legal = legal_ids(task, cfg, tok)
+    keep = torch.tensor(sorted(legal | set(cons.stop_token_ids)))
+    model = make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=256)
+    rows = task.dataset()[:2]
+    u = [tok.bos_token_id]  # the byte tokenizer has no <|endoftext|>: U is its BOS
+    assert task.unconditional(tok) == ""
+
+    def check(rewards, tok):
+        from gfnlm.rewards import RewardBatch
+
+        z = [ids(tok, " it was"), ids(tok, " no")]
+        n = max(map(len, z))
+        p = [ids(tok, r["prompt"]) for r in rows]
+        batch = RewardBatch(prompts=[r["prompt"] for r in rows], prompt_ids=p, prompt_index=torch.arange(2),
+                            tokens=torch.tensor([x + [0] * (n - len(x)) for x in z]), lengths=torch.tensor([len(x) for x in z]),
+                            completions=[tok.decode(x) for x in z], columns={}, tokenizer=tok)
+        got = compute_log_rewards(rewards, None, batch)
+        for b in range(2):
+            for t in range(len(z[b]) + 1):
+                if t < cons.min_new_tokens:
+                    assert got[b, t].item() == 0.0
+                    continue
+                want = (1.5 * brute_log_p(model, p[b], z[b][:t], keep, cons.stop_token_ids[0])
+                        - 0.5 * brute_log_p(model, u, z[b][:t], keep, cons.stop_token_ids[0]))
+                assert got[b, t].item() == pytest.approx(want, abs=1e-4), (b, t)
+
+    check(task.reward_funcs(model, tok, cons, cfg), tok)  # Python path, a plain model
+    _, trainer = make_trainer(cfg)  # CLI path: LoRA-wrapped policy, the reward reads the base
+    check(trainer.rewards, trainer.tokenizer)
+    with pytest.raises(ConfigError, match="b < 0 < a"):
+        ContrastiveTask({"a": 1.0, "b": 0.5})
+    with pytest.raises(ConfigError, match="a \\+ b"):
+        ContrastiveTask({"a": 0.5, "b": -1.0})
+
+
+def test_token_level_contrastive_sampler_log_q_against_brute_force(prompts, tmp_path):
+    tok = byte_tokenizer()
+    cfg = config("contrastive", prompts, tmp_path)
+    task = ContrastiveTask(cfg.task_args)
+    cons, legal = legal_ids(task, cfg, tok)
+    model = sharp_model(tok, seed=7)
+    prompt, u = ids(tok, task.dataset()[0]["prompt"]), [tok.bos_token_id]
+    (d,) = decode(model, tok, [prompt], cons, "token_level", 16, weights=(1.5, -0.5), negative_prompt=u, seed=3)
+    stop = cons.stop_token_ids[0]
+    allowed = torch.tensor(sorted(legal))
+    for z, lq in zip(d.completions, d.log_q):
+        assert 2 <= len(z) <= 6 and set(z) <= legal
+        want = 0.0
+        for t in range(len(z) + 1):  # each step: 1.5 log p(.|X z<t) - 0.5 log p(.|U z<t), renormalised, limits applied
+            with torch.no_grad():
+                c = model(input_ids=torch.tensor([prompt + z[:t]])).logits[0, -1].log_softmax(-1)
+                un = model(input_ids=torch.tensor([u + z[:t]])).logits[0, -1].log_softmax(-1)
+            s = 1.5 * c - 0.5 * un
+            ok = torch.zeros_like(s, dtype=torch.bool)
+            ok[allowed] = t < 6
+            ok[stop] = t >= 2
+            s = s.masked_fill(~ok, float("-inf")).log_softmax(-1)
+            want += s[z[t] if t < len(z) else stop].item()
+        assert lq == pytest.approx(want, abs=2e-4)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+def test_diversity_on_known_inputs():
+    from sentence_transformers import SentenceTransformer
+
+    from gfnlm.models import embedding_model_path
+
+    same, one, texts = ["A cat sat."] * 3, ["Only one."], ["A cat sat.", "Stocks fell today.", "The cat sat down."]
+    got = diversity([same, one, texts])
+    assert got[0] == pytest.approx(0.0, abs=1e-5) and got[1] == 0.0
+    e = SentenceTransformer(str(embedding_model_path("all-MiniLM-L6-v2")), device="cpu").encode(texts)
+    e = torch.tensor(e) / torch.tensor(e).norm(dim=1, keepdim=True)
+    cos = [float(e[i] @ e[j]) for i, j in itertools.combinations(range(3), 2)]
+    assert got[2] == pytest.approx(1 - sum(cos) / 3, abs=1e-5)
+    assert got[2] > 0.2  # unrelated sentences are diverse
+
+
+# --- commands -------------------------------------------------------------------------------------
+def test_commands_end_to_end(prompts, tmp_path, tiny_dir, capsys):
+    for task in ("continuation", "contrastive"):
+        common = ["--task", task, "--model", str(tiny_dir), "--task_args.data_file", str(prompts),
+                  "--task_args.valid_prompts", "3", "--task_args.eval_samples", "2", "--max_new_tokens", "5"]
+        out = tmp_path / task
+        assert main(["train", *common, "--max_steps", "2", "--samples_per_prompt", "4", "--output_dir", str(out),
+                     "--report_to", "[]"]) == 0
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(out / "checkpoint-2"), "-n", "2", "--plot", str(out / "fig.png"),
+                     "--output", str(out / "r.json")]) == 0
+        printed = capsys.readouterr().out
+        assert "GFlowNet fine-tuning" in printed and "ELBO" in printed
+        saved = json.loads((out / "r.json").read_text())
+        assert saved["prompts"] == 2 and "GFlowNet fine-tuning" in saved["methods"]
+        names = set(saved["methods"])
+        if task == "continuation":
+            assert {"greedy", "beam (2 beams)", "beam (4 beams)", "sampling (2)", "sampling (4)"} <= names
+            assert saved["methods"]["beam (4 beams)"]["samples_per_prompt"] == 2  # 5x compute, n kept
+        else:
+            assert {"token-level contrastive (2)", "best-of-4 by R (2)", "best-of-10 by R (2)"} <= names
+            assert "diagnostics" in saved["methods"]["token-level contrastive (2)"]
+            assert "diagnostics" not in saved["methods"]["best-of-4 by R (2)"]  # reranking has no tractable q
+        assert (out / "fig.png").stat().st_size > 1000
+        assert main(["sample", "--checkpoint", str(out / "checkpoint-2"), "-n", "2", "--json", "--prompt",
+                     "the cat sat"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 2 and all(json.loads(x).endswith(".") for x in lines)
