@@ -86,9 +86,9 @@ def test_prompts_split_and_bad_input(prompts, tmp_path):
 
 def test_a_prompt_longer_than_the_context_is_a_one_line_error(tmp_path, tiny_dir, capsys):
     long = tmp_path / "long.txt"
-    long.write_text("word " * 300 + "\n" + "a short one\n" * 3)
+    long.write_text("word " * 300 + "\n" + "a short one\n")
     rc = main(["train", "--task", "continuation", "--model", str(tiny_dir), "--task_args.data_file", str(long),
-               "--task_args.valid_prompts", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "r")])
+               "--task_args.valid_prompts", "0", "--max_steps", "1", "--output_dir", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "context" in err[-1] and len(err[-1]) < 300
 
@@ -125,16 +125,20 @@ def test_one_constraint_in_policy_reward_and_baselines(prompts, tmp_path):
     obeys(s.completion_ids())
     lengths = [len(c) for c in s.completion_ids()]
     assert min(lengths) < 6 and max(lengths) == 6  # some stopped of their own accord, some were forced
+    other = ids(tok, task.dataset()[1]["prompt"])
     for method in ["greedy", "beam", "nucleus", "sampling", "tempered"]:
-        (d,) = decode(model, tok, [prompt], cons, method, 8, temperature=0.8, seed=1)
+        d, d2 = decode(model, tok, [prompt, other], cons, method, 8, temperature=0.8, seed=1)  # left-padded together
         obeys(d.completions)
+        obeys(d2.completions)
+        assert len(d.completions) == len(d2.completions) == (1 if method == "greedy" else 8)
         if method in ("sampling", "tempered", "nucleus"):
             assert len(d.log_q) == 8
-    # generate's plain sampler has exactly the policy's distribution: its log q is the policy scorer's
-    (d,) = decode(model, tok, [prompt], cons, "sampling", 32, seed=2)
-    assert {len(c) for c in d.completions} >= {6}
-    ours = sequence_log_probs(model, prompt, cons, d.completions, pad_id=0)
-    assert torch.allclose(torch.tensor(d.log_q), ours, atol=2e-4)
+    # generate's plain sampler has exactly the policy's distribution: its log q is the policy scorer's,
+    # also for the shorter prompt, left-padded beside the longer one
+    for d, p in zip(decode(model, tok, [prompt, other], cons, "sampling", 32, seed=2), [prompt, other]):
+        assert {len(c) for c in d.completions} >= {6}
+        ours = sequence_log_probs(model, p, cons, d.completions, pad_id=0)
+        assert torch.allclose(torch.tensor(d.log_q), ours, atol=2e-4)
     # the reward renormalises p_LM over the same legal tokens and the stop
     (reward,) = task.reward_funcs(model, tok, cons, cfg)
     got = completion_log_rewards(cfg, tok, task.dataset()[:1], [reward], cons, [d.completions[:6]])[0]
@@ -160,15 +164,16 @@ def test_contrastive_reward_against_brute_force_python_and_cli_paths(prompts, tm
     tok = byte_tokenizer()
     cfg = config("contrastive", prompts, tmp_path, model=str(tiny_dir))
     task = ContrastiveTask(cfg.task_args)
-    cons, legal = legal_ids(task, cfg, tok)
-    keep = torch.tensor(sorted(legal | set(cons.stop_token_ids)))
     model = make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=256)
     rows = task.dataset()[:2]
-    u = [tok.bos_token_id]  # the byte tokenizer has no <|endoftext|>: U is its BOS
-    assert task.unconditional(tok) == ""
+    assert task.unconditional(tok) == ""  # the byte tokenizer has no <|endoftext|>: U is its BOS
 
-    def check(rewards, tok):
+    def check(rewards, tok, cons):
         from gfnlm.rewards import RewardBatch
+
+        _, legal = legal_ids(task, cfg, tok)
+        keep = torch.tensor(sorted(legal | set(cons.stop_token_ids)))
+        u = [tok.bos_token_id]
 
         z = [ids(tok, " it was"), ids(tok, " no")]
         n = max(map(len, z))
@@ -186,9 +191,10 @@ def test_contrastive_reward_against_brute_force_python_and_cli_paths(prompts, tm
                         - 0.5 * brute_log_p(model, u, z[b][:t], keep, cons.stop_token_ids[0]))
                 assert got[b, t].item() == pytest.approx(want, abs=1e-4), (b, t)
 
-    check(task.reward_funcs(model, tok, cons, cfg), tok)  # Python path, a plain model
+    cons = task.constraints(cfg, tok)
+    check(task.reward_funcs(model, tok, cons, cfg), tok, cons)  # Python path, a plain model
     _, trainer = make_trainer(cfg)  # CLI path: LoRA-wrapped policy, the reward reads the base
-    check(trainer.rewards, trainer.tokenizer)
+    check(trainer.rewards, trainer.tokenizer, trainer.constraints)  # the tokenizer saved with tiny_dir
     with pytest.raises(ConfigError, match="b < 0 < a"):
         ContrastiveTask({"a": 1.0, "b": 0.5})
     with pytest.raises(ConfigError, match="a \\+ b"):
@@ -254,8 +260,8 @@ def test_commands_end_to_end(prompts, tmp_path, tiny_dir, capsys):
         assert saved["prompts"] == 2 and "GFlowNet fine-tuning" in saved["methods"]
         names = set(saved["methods"])
         if task == "continuation":
-            assert {"greedy", "beam (2 beams)", "beam (4 beams)", "sampling (2)", "sampling (4)"} <= names
-            assert saved["methods"]["beam (4 beams)"]["samples_per_prompt"] == 2  # 5x compute, n kept
+            assert {"greedy", "beam (2 beams)", "beam (10 beams)", "sampling (2)", "sampling (10)"} <= names
+            assert saved["methods"]["beam (10 beams)"]["samples_per_prompt"] == 2  # 5x compute, n kept
         else:
             assert {"token-level contrastive (2)", "best-of-4 by R (2)", "best-of-10 by R (2)"} <= names
             assert "diagnostics" in saved["methods"]["token-level contrastive (2)"]

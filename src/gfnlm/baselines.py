@@ -135,8 +135,8 @@ def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Cons
             for j in range(len(chunk)):
                 part = slice(j * per, (j + 1) * per)
                 calls = (len(res.scores) * rows if method == "beam" else  # every beam runs to the end
-                     sum(n for _, n in cut[part]) * (2 if method == "token_level" else 1))  # two branches
-            out.append(Decoded([c for c, _ in cut[part]], None if log_q is None else log_q[part], calls=calls))
+                         sum(n for _, n in cut[part]) * (2 if method == "token_level" else 1))  # two branches
+                out.append(Decoded([c for c, _ in cut[part]], None if log_q is None else log_q[part], calls=calls))
     finally:
         model.train(was_training)
     return out
