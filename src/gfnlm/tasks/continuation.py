@@ -275,20 +275,26 @@ class ContinuationTask(Task):
             results["methods"][label] = r
         return results
 
+    def table(self, results: dict) -> str:
+        return figure3_table(results)
+
+    def plot(self, results: dict, path) -> None:
+        figure3_plot(results, path)
+
     def report(self, results: dict, label: str, args) -> None:
-        print(figure3_table(results))
+        print(self.table(results))
 
     @classmethod
     def eval_command(cls, args, extra: dict) -> int:
-        """Figure 3: the GFlowNet checkpoint (if given) and the baselines on the validation prompts;
-        the table, and with ``--plot`` the max log-likelihood / diversity plot."""
+        """The GFlowNet checkpoint (if given) and the baselines on the validation prompts: the table
+        (:meth:`table`), and with ``--plot`` the figure (:meth:`plot`)."""
         model, tok, config, cons, task = cls.load_for_eval(args, extra)
         with torch.no_grad():
             r = task.evaluate(model if args.checkpoint else None, tok, config, cons, n=args.n, seed=args.seed,
                               progress=True, base=None if args.checkpoint else model)
-        print(figure3_table(r))
+        print(task.table(r))
         if args.plot:
-            figure3_plot(r, args.plot)
+            task.plot(r, args.plot)
             print(f"plot written to {args.plot}")
         if args.output:
             Path(args.output).write_text(json.dumps(r, indent=1))

@@ -25,10 +25,8 @@ sampler closest to the posterior), with the importance-weighted bound, ESS and V
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -154,24 +152,12 @@ class ContrastiveTask(ContinuationTask):
             out["methods"][label] = r
         return out
 
-    def report(self, results: dict, label: str, args) -> None:
-        print(contrastive_table(results))
+    def table(self, results: dict) -> str:
+        return contrastive_table(results)
 
-    @classmethod
-    def eval_command(cls, args, extra: dict) -> int:
-        """The GFlowNet checkpoint (if given) and the baselines on the validation prompts: the table,
-        and with ``--plot`` mean log R against diversity."""
-        model, tok, config, cons, task = cls.load_for_eval(args, extra)
-        with torch.no_grad():
-            r = task.evaluate(model if args.checkpoint else None, tok, config, cons, n=args.n, seed=args.seed,
-                              progress=True, base=None if args.checkpoint else model)
-        print(contrastive_table(r))
-        if args.plot:
-            contrastive_plot(r, args.plot)
-            print(f"plot written to {args.plot}")
-        if args.output:
-            Path(args.output).write_text(json.dumps(r, indent=1))
-        return 0
+    def plot(self, results: dict, path) -> None:
+        """Mean log R against diversity, one point per sampler."""
+        contrastive_plot(results, path)
 
 
 def contrastive_table(results: dict) -> str:

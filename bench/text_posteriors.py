@@ -1,23 +1,38 @@
-"""Figure 3 of the paper on the embedded model: next-sentence continuation.
+"""The text posteriors on the embedded model: next-sentence continuation (the paper's Figure 3) and
+the contrastive posterior.
 
 Every method gets the same model (SmolLM2-135M-Instruct by default), the same split of
 ``../shared/data/openwebtext/prompts.txt`` (50 validation prompts, 950 training prompts, seed 0), the
 same action space (one sentence of 1-24 legal tokens, ended by the stop action ".") and is evaluated
-on the same validation prompts (``--prompts``), never trained on:
+on the same validation prompts (``--prompts``), never trained on.
+
+``--task continuation``, target p̃(Z "." | X)^(1/T) with T annealed 1.0 -> ``--t_end``:
 
 * baselines: the base model through transformers' ``generate`` under the same constraint: greedy,
   beam search (n and 5n beams, n returned), nucleus p = 0.95, plain sampling and tempered sampling at
   the final reward temperature, each sampler at n and 5n samples per prompt;
-* gfn: GFlowNet fine-tuning (modified SubTB, LoRA) from the base model towards p̃(Z "." | X)^(1/T),
-  T annealed 1.0 -> ``--t_end`` over the run; evaluated on n samples per prompt.
+* gfn: GFlowNet fine-tuning (modified SubTB, LoRA) from the base model, n samples per prompt.
 
 Per method: max and mean log p̃(Z "." | X) over the samples of a prompt, diversity (1 - mean pairwise
 cosine of all-MiniLM-L6-v2 embeddings), length; averaged over prompts; diagnostics against
-p̃^(1/T_end) for every sampler with a tractable q. Each run writes ``<out>/continuation/<method>.json``;
-``--report`` writes ``<out>/continuation.md``, ``.json`` and the plot ``continuation.png``.
+p̃^(1/T_end) for every sampler with a tractable q.
 
-    .venv/bin/python bench/continuation.py --methods gfn,baselines
-    .venv/bin/python bench/continuation.py --report
+``--task contrastive``, target p̃(Z "." | X)^a p̃(Z "." | U)^b (``--a`` 1.5, ``--b`` -0.5):
+
+* baselines (base model, ``generate``, same constraint): plain and tempered (T = 0.8) sampling from
+  p(Z|X); best-of-2n and best-of-5n reranking by R (n kept); the token-level contrastive sampler
+  (classifier-free guidance, exact log q);
+* gfn: GFlowNet fine-tuning from the base model towards R.
+
+Per method: mean log R, mean PMI, mean log p(Z|X), diversity, length, LM token evaluations per
+prompt, and the ELBO on R (with the IW bound, ESS, Var) for every sampler with a tractable q.
+
+Each run writes ``<out>/<task>/<method>.json``; ``--report`` writes ``<out>/<task>.md``, ``.json`` and
+the plot ``<task>.png``.
+
+    .venv/bin/python bench/text_posteriors.py --task continuation --methods gfn,baselines
+    .venv/bin/python bench/text_posteriors.py --task contrastive --methods gfn,baselines
+    .venv/bin/python bench/text_posteriors.py --task continuation --report
 """
 
 from __future__ import annotations
@@ -33,26 +48,33 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+TASKS = ("continuation", "contrastive")
 METHODS = ["baselines", "gfn"]
 SAMPLERS = ("nucleus", "sampling", "tempered")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--methods", default="gfn,baselines", help=f"comma-separated subset of {METHODS}")
     p.add_argument("--report", action="store_true", help="only combine the per-run results into the table")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", type=int, default=50, help="validation prompts evaluated")
     p.add_argument("--samples", type=int, default=8, help="n: samples per prompt")
-    p.add_argument("--steps", type=int, default=120, help="GFlowNet optimiser steps")
+    p.add_argument("--steps", type=int, default=None, help="GFlowNet optimiser steps (default 120 continuation, 100 contrastive)")
     p.add_argument("--gfn_lr", type=float, default=3e-4)
-    p.add_argument("--t_end", type=float, default=0.8, help="final reward temperature")
+    p.add_argument("--t_end", type=float, default=0.8, help="continuation: final reward temperature")
+    p.add_argument("--a", type=float, default=1.5, help="contrastive: exponent of p(Z|X)")
+    p.add_argument("--b", type=float, default=-0.5, help="contrastive: exponent of p(Z)")
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for the GFlowNet run, name=value")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "openwebtext" / "prompts.txt"))
-    p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-continuation"))
+    p.add_argument("--run_dir", default=None, help="default: runs/bench-<task>")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.steps = args.steps or {"continuation": 120, "contrastive": 100}[args.task]
+    args.run_dir = args.run_dir or str(ROOT / "runs" / f"bench-{args.task}")
+    return args
 
 
 def build(args, method: str):
@@ -62,12 +84,16 @@ def build(args, method: str):
 
     name = method if args.seed == 0 else f"{method}-seed{args.seed}"
     data = {"model": args.model, "seed": args.seed, "report_to": [], "output_dir": f"{args.run_dir}/{name}",
-            "reward_temperature_end": args.t_end,
             "task_args": {"data_file": args.data_file, "eval_samples": args.samples, "eval_prompts": args.prompts}}
+    if args.task == "continuation":
+        data["reward_temperature_end"] = args.t_end
+    else:
+        data["task_args"].update(a=args.a, b=args.b)
     if method == "gfn":
-        data.update({"max_steps": args.steps, "learning_rate": args.gfn_lr, "reward_temperature_horizon": args.steps,
-                     "warmup_steps": 10, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.gfn_set)}})
-    return build_config("continuation", data)
+        data.update({"max_steps": args.steps, "learning_rate": args.gfn_lr, "warmup_steps": 10,
+                     **({"reward_temperature_horizon": args.steps} if args.task == "continuation" else {}),
+                     **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.gfn_set)}})
+    return build_config(args.task, data)
 
 
 def run_method(method: str, args) -> dict:
@@ -81,7 +107,7 @@ def run_method(method: str, args) -> dict:
     config = build(args, method)
     if method == "baselines":
         model, tok = load_model(config.model)
-        task = get_task_class("continuation")(config.task_args)
+        task = get_task_class(args.task)(config.task_args)
         with torch.no_grad():
             result = task.evaluate(None, tok, config, task.constraints(config, tok), n=args.prompts, seed=args.seed,
                                    progress=True, base=model)
@@ -93,6 +119,7 @@ def run_method(method: str, args) -> dict:
         info.update({"steps": config.max_steps, "episodes_per_step": config.samples_per_prompt * config.prompts_per_step,
                      "loss": config.loss_type, "learning_rate": config.learning_rate,
                      "reward_temperature": [config.reward_temperature, config.reward_temperature_end],
+                     **({k: config.task_args[k] for k in ("a", "b")} if args.task == "contrastive" else {}),
                      "setup_seconds": round(t1 - t0, 1), "train_seconds": round(time.perf_counter() - t1, 1)})
         trainer.model.eval()
         with torch.no_grad():
@@ -104,8 +131,9 @@ def run_method(method: str, args) -> dict:
             "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "report")}}
 
 
-def targets(methods: dict) -> dict:
-    """The issue's targets, each (measured, met), for every GFlowNet row against every baseline."""
+def continuation_targets(methods: dict) -> dict:
+    """The issue's targets, each (measured, met), for every GFlowNet row against every baseline: no
+    baseline better on both axes; GFlowNet beats every sampler on max log p and every beam on diversity."""
     out = {}
     for g, gr in methods.items():
         if not g.startswith("GFlowNet"):
@@ -126,12 +154,36 @@ def targets(methods: dict) -> dict:
     return out
 
 
+def contrastive_targets(methods: dict) -> dict:
+    """The issue's targets, each (measured, met): the GFlowNet sampler has the highest ELBO of the
+    samplers with a tractable q, and a higher mean log R than every best-of-n row."""
+    out = {}
+    for g, gr in methods.items():
+        if not g.startswith("GFlowNet") or "diagnostics" not in gr:
+            continue
+        for b, br in methods.items():
+            if b.startswith("GFlowNet"):
+                continue
+            if "diagnostics" in br:
+                out[f"{g} ELBO > {b} ELBO"] = (f"{gr['diagnostics']['elbo']:.2f} vs {br['diagnostics']['elbo']:.2f}",
+                                               gr["diagnostics"]["elbo"] > br["diagnostics"]["elbo"])
+            if b.startswith("best-of"):
+                out[f"{g} mean log R > {b}"] = (
+                    f"{gr['mean_log_r']:.2f} vs {br['mean_log_r']:.2f} (LM token evaluations per prompt "
+                    f"{gr['model_calls_per_prompt']:.0f} vs {br['model_calls_per_prompt']:.0f})",
+                    gr["mean_log_r"] > br["mean_log_r"])
+    return out
+
+
 def report(args) -> str:
     from common import merged_report
 
-    from gfnlm.tasks.continuation import figure3_plot, figure3_table
+    from gfnlm.tasks import get_task_class
 
-    return merged_report("continuation", Path(args.out), "Next-sentence continuation (Figure 3)", figure3_table, figure3_plot, targets)
+    task = get_task_class(args.task)()
+    title, targets = {"continuation": ("Next-sentence continuation (Figure 3)", continuation_targets),
+                      "contrastive": ("Contrastive posterior", contrastive_targets)}[args.task]
+    return merged_report(args.task, Path(args.out), title, task.table, task.plot, targets)
 
 
 def main(argv=None) -> int:
@@ -142,7 +194,7 @@ def main(argv=None) -> int:
     if not args.report:
         from common import run_methods
 
-        run_methods("continuation", args.methods, args.seed, Path(args.out) / "continuation", run_method, args)
+        run_methods(args.task, args.methods, args.seed, Path(args.out) / args.task, run_method, args)
     print(report(args))
     return 0
 
