@@ -123,6 +123,8 @@ def test_one_constraint_in_policy_reward_and_baselines(prompts, tmp_path):
     s = sample(model, [prompt], torch.zeros(64, dtype=torch.long), cons, pad_id=0,
                generator=torch.Generator().manual_seed(0))
     obeys(s.completion_ids())
+    scored = sequence_log_probs(model, prompt, cons, s.completion_ids(), pad_id=0)  # sampled = scored log q
+    assert torch.allclose(s.log_prob.cpu(), scored, atol=1e-4)
     lengths = [len(c) for c in s.completion_ids()]
     assert min(lengths) < 6 and max(lengths) == 6  # some stopped of their own accord, some were forced
     other = ids(tok, task.dataset()[1]["prompt"])
