@@ -312,6 +312,7 @@ def scatter_plot(points: Sequence[dict], path, *, x: str, y: str, xlabel: str, y
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.1)  # room for the labels
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
