@@ -21,7 +21,7 @@ never downloads at run time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -49,7 +49,6 @@ class Decoded:
     completions: list[list[int]]
     log_q: list[float] | None = None
     calls: int = 0  # LM token evaluations that generated them (decode steps x rows; the prompt's encoding not counted)
-    extra: dict = field(default_factory=dict)
 
 
 def generate_kwargs(constraints: Constraints, vocab_size: int) -> dict:

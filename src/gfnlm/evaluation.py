@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from .rewards import at_stop
 from .sampling import Constraints, pad_right, sample
 from .scoring import score
 
@@ -85,9 +86,7 @@ def completion_log_rewards(config, tokenizer, rows: Sequence[dict], rewards, con
     col = Collector(config, tokenizer, list(rows), rewards, constraints, None, torch.Generator().manual_seed(0))
     tokens, lengths = pad_right([c for _, c in flat], col.pad_id)
     index = torch.tensor([i for i, _ in flat])
-    log_r = col.log_rewards(col.reward_batch(list(range(len(rows))), index, tokens, lengths))
-    if log_r.ndim == 2:
-        log_r = log_r.gather(1, lengths[:, None]).squeeze(1)
+    log_r = at_stop(col.log_rewards(col.reward_batch(list(range(len(rows))), index, tokens, lengths)), lengths)
     out: list[list[float]] = [[] for _ in completions]
     for (i, _), v in zip(flat, log_r.tolist()):
         out[i].append(v)
@@ -142,9 +141,7 @@ def sampler_report(model, tokenizer, config, constraints: Constraints, rewards, 
     s = sample(model, col.prompt_ids, index.to(device), constraints, pad_id=col.pad_id, generator=g,
                **col.tool_kwargs())
     batch = col.reward_batch(list(range(len(rows))), index, s.tokens.cpu(), s.lengths.cpu(), s.action_mask)
-    log_r = col.log_rewards(batch)
-    if log_r.ndim == 2:
-        log_r = log_r.gather(1, batch.lengths[:, None]).squeeze(1)
+    log_r = at_stop(col.log_rewards(batch), batch.lengths)
     T = temperature if temperature is not None else config.reward_temperature_at(10**9)
     out = sampler_diagnostics((log_r / T).view(len(rows), k), s.log_prob.cpu().view(len(rows), k), iw_k=iw_k)
     return {**out, "reward_temperature": T}
@@ -275,8 +272,6 @@ def diversity(groups: Sequence[Sequence[str]], model: str = "all-MiniLM-L6-v2") 
     """1 - mean pairwise cosine similarity of the sentence embeddings of each group of texts (the
     paper's diversity), with sentence-transformers on a packaged embedding model (never downloads).
     A group of fewer than two texts has diversity 0 (one sentence, or the same one repeated)."""
-    import itertools
-
     from .models import embedding_model_path
 
     if model not in _EMBEDDERS:
@@ -290,8 +285,8 @@ def diversity(groups: Sequence[Sequence[str]], model: str = "all-MiniLM-L6-v2") 
             out.append(0.0)
             continue
         e = enc.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
-        sims = [float(e[i] @ e[j]) for i, j in itertools.combinations(range(len(texts)), 2)]
-        out.append(1.0 - sum(sims) / len(sims))
+        i, j = torch.triu_indices(len(texts), len(texts), offset=1)  # every pair once
+        out.append(1.0 - float((e @ e.T)[i, j].mean()))
     return out
 
 

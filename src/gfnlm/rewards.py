@@ -307,7 +307,7 @@ class LMLikelihoodReward(Reward):
                     values[scored] = (cum[b_idx.to(cum.device), t_idx.to(cum.device)] + suffix_lp).cpu()
         out = torch.where(scored, self.weight * values, torch.full_like(values, self.invalid_log_reward))
         if self.prefixes == "terminal":
-            return out.gather(1, batch.lengths.cpu()[:, None]).squeeze(1)
+            return at_stop(out, batch.lengths.cpu())
         return out
 
 
@@ -325,6 +325,12 @@ def as_reward(fn) -> Reward:
     if isinstance(fn, Reward):
         return fn
     return CallableReward(fn)
+
+
+def at_stop(log_r: Tensor, lengths: Tensor) -> Tensor:
+    """log R of each episode where it stops: a prefix reward [B, N+1] read at t = length, a terminal
+    reward [B] as it is. [B]."""
+    return log_r.gather(1, lengths[:, None].to(log_r.device)).squeeze(1) if log_r.ndim == 2 else log_r
 
 
 def compute_log_rewards(rewards: Sequence[Reward], weights: Sequence[float] | None, batch: RewardBatch) -> Tensor:
@@ -345,8 +351,8 @@ def compute_log_rewards(rewards: Sequence[Reward], weights: Sequence[float] | No
         if tuple(v.shape) != expected:
             raise RewardError(f"reward '{r.name}' returned shape {tuple(v.shape)}, expected {expected}")
         check_finite(v, lengths, r.name, batch)
-        if not all_prefix and r.prefix:
-            v = v.gather(1, lengths[:, None]).squeeze(1)
+        if not all_prefix:
+            v = at_stop(v, lengths)
         total = total + w * v
     return total
 

@@ -26,7 +26,7 @@ from .config import GFNConfig
 from .data import as_rows, render_prompt
 from .errors import DataError
 from .replay import ReplayBuffer, pad_action_masks, pad_entries
-from .rewards import Reward, RewardBatch, compute_log_rewards
+from .rewards import Reward, RewardBatch, at_stop, compute_log_rewards
 from .sampling import Constraints, check_fits, pad_right, sample, tool_output
 
 
@@ -295,7 +295,7 @@ class Collector:
     def episode_metrics(self, ep: Episodes, fresh_batch: RewardBatch) -> dict:
         """Terminal log R per kind of episode; over the fresh (on-policy and tempered) episodes, as
         before replay existed: mean and max log R, mean length, forced-stop fraction; sample metrics."""
-        term = ep.log_r.gather(1, ep.lengths[:, None]).squeeze(1) if ep.log_r.ndim == 2 else ep.log_r
+        term = at_stop(ep.log_r, ep.lengths)
         acts = ep.lengths if ep.action_mask is None else ep.action_mask.sum(1)
         fresh = ep.kind != REPLAYED
         m = {"reward/log_r_mean": term[fresh].mean().item(), "reward/log_r_max": term[fresh].max().item(),

@@ -234,20 +234,42 @@ class ContinuationTask(Task):
             return model
         return load_model(config.model)[0]
 
+    def _eval_setup(self, model, config, n: int | None, base) -> tuple[list[dict], object]:
+        """The first ``n`` validation rows (default ``eval_prompts``) and the base LM (``base``, else
+        :meth:`base_of`)."""
+        rows = self.eval_rows()[: n or self.args.eval_prompts]
+        if not rows:
+            raise DataError(f"{self.name} evaluation needs validation prompts: raise task_args.valid_prompts")
+        return rows, base if base is not None else self.base_of(model, config)
+
+    def _method_row(self, tokenizer, m: dict, comps: list[list[list[int]]], target_log_r: list[list[float]]) -> dict:
+        """What every method reports besides its target's own figures: samples, marker, diversity, length,
+        LM token evaluations, examples, and where q is tractable (``m["log_q"]``) the sampler diagnostics
+        on ``target_log_r`` (the target's log R of each completion, per row)."""
+        from ..diagnostics import sampler_diagnostics
+        from ..evaluation import diversity
+
+        texts = [[self.completion_text(tokenizer.decode(c, skip_special_tokens=True)) for c in cs] for cs in comps]
+        r = {"samples_per_prompt": len(comps[0]), "marker": m["marker"],
+             "diversity": statistics.fmean(diversity(texts, self.args.embedding_model)),
+             "length_tokens": statistics.fmean(statistics.fmean(len(c) for c in cs) for cs in comps),
+             "model_calls_per_prompt": m["model_calls"], "examples": texts[0][:3]}
+        if m["log_q"] is not None:
+            shape = (len(comps), len(comps[0]))
+            r["diagnostics"] = sampler_diagnostics(torch.tensor(target_log_r, dtype=torch.float64).view(shape),
+                                                   torch.tensor(m["log_q"], dtype=torch.float64).view(shape))
+        return r
+
     def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
                  progress: bool = False, baselines: bool = True, base=None, **kw) -> dict:
         """Figure 3's figures on the first ``n`` validation prompts (default ``eval_prompts``): per
         method, max / mean log p̃(Z "." | X), diversity and length (averaged over prompts), and the
         sampler diagnostics against p̃^(1/T_end) where q is tractable. ``model`` None: baselines only;
         ``base``: the base LM (default: the policy's, or the config's model loaded)."""
-        from ..diagnostics import sampler_diagnostics
-        from ..evaluation import completion_log_rewards, diversity
+        from ..evaluation import completion_log_rewards
 
         a = self.args
-        rows = self.eval_rows()[: n or a.eval_prompts]
-        if not rows:
-            raise DataError("continuation evaluation needs validation prompts: raise task_args.valid_prompts")
-        base = base if base is not None else self.base_of(model, config)
+        rows, base = self._eval_setup(model, config, n, base)
         reward = self.reward_funcs(base, tokenizer, constraints, config)
         t_end = config.reward_temperature_at(10**9)
         names = [m.strip() for m in a.baselines.split(",") if m.strip()] if baselines else []
@@ -256,23 +278,11 @@ class ContinuationTask(Task):
         results = {"prompts": len(rows), "n": a.eval_samples, "reward_temperature_end": t_end,
                    "embedding_model": a.embedding_model, "max_new_tokens": constraints.max_new_tokens, "methods": {}}
         for label, m in methods.items():
-            comps = m["completions"]
-            logp = completion_log_rewards(config, tokenizer, rows, reward, constraints, comps)
-            texts = [[self.completion_text(tokenizer.decode(c, skip_special_tokens=True)) for c in cs] for cs in comps]
-            div = diversity(texts, a.embedding_model)
-            r = {"samples_per_prompt": m["k"], "marker": m["marker"],
-                 "max_log_p": statistics.fmean(max(v) for v in logp),
-                 "mean_log_p": statistics.fmean(statistics.fmean(v) for v in logp),
-                 "diversity": statistics.fmean(div),
-                 "length_tokens": statistics.fmean(statistics.fmean(len(c) for c in cs) for cs in comps),
-                 "examples": texts[0][:3]}
-            r["model_calls_per_prompt"] = m["model_calls"]
-            if m["log_q"] is not None:
-                k = m["k"]
-                lr = torch.tensor(logp, dtype=torch.float64) / t_end
-                r["diagnostics"] = sampler_diagnostics(lr.view(len(rows), k),
-                                                       torch.tensor(m["log_q"], dtype=torch.float64).view(len(rows), k))
-            results["methods"][label] = r
+            logp = completion_log_rewards(config, tokenizer, rows, reward, constraints, m["completions"])
+            results["methods"][label] = {
+                "max_log_p": statistics.fmean(max(v) for v in logp),
+                "mean_log_p": statistics.fmean(statistics.fmean(v) for v in logp),
+                **self._method_row(tokenizer, m, m["completions"], [[x / t_end for x in v] for v in logp])}
         return results
 
     def table(self, results: dict) -> str:

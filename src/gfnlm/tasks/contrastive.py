@@ -28,9 +28,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..rewards import LMLikelihoodReward
 from .continuation import ContinuationArgs, ContinuationTask
 
@@ -107,14 +106,10 @@ class ContrastiveTask(ContinuationTask):
                  progress: bool = False, baselines: bool = True, base=None, **kw) -> dict:
         """Mean log R, PMI, fluency, diversity, length and cost per method; the ELBO (and the other
         diagnostics) on R for every sampler with a tractable q. ``model`` None: baselines only."""
-        from ..diagnostics import sampler_diagnostics
-        from ..evaluation import completion_log_rewards, diversity
+        from ..evaluation import completion_log_rewards
 
         a = self.args
-        rows = self.eval_rows()[: n or a.eval_prompts]
-        if not rows:
-            raise DataError("contrastive evaluation needs validation prompts: raise task_args.valid_prompts")
-        base = base if base is not None else self.base_of(model, config)
+        rows, base = self._eval_setup(model, config, n, base)
         cond, uncond = self.terms(base, tokenizer, constraints, weights=(1.0, 1.0))
         names = [m.strip() for m in a.baselines.split(",") if m.strip()] if baselines else []
         specs = self.baseline_specs(config, names)
@@ -134,21 +129,14 @@ class ContrastiveTask(ContinuationTask):
             log_r = [[a.a * x + a.b * y for x, y in zip(cs, us)] for cs, us in zip(c, u)]
             if label in rerank:  # keep the n samples with the highest R (their scoring is part of the cost)
                 keep = [sorted(range(len(lr)), key=lambda i: -lr[i])[:rerank[label]] for lr in log_r]
+                m["model_calls"] += statistics.fmean(sum(len(x) + 1 for x in cs) for cs in comps)
                 comps = [[cs[i] for i in kk] for cs, kk in zip(comps, keep)]
                 c, u, log_r = ([[v[i] for i in kk] for v, kk in zip(x, keep)] for x in (c, u, log_r))
-                m["model_calls"] += statistics.fmean(sum(len(x) + 1 for x in cs) for cs in m["completions"])
-            texts = [[self.completion_text(tokenizer.decode(x, skip_special_tokens=True)) for x in cs] for cs in comps]
+                m["log_q"] = None  # the kept samples' distribution has no tractable q
             flat = lambda v: statistics.fmean(x for row in v for x in row)  # noqa: E731
-            r = {"samples_per_prompt": len(comps[0]), "marker": m["marker"], "mean_log_r": flat(log_r),
-                 "max_log_r": statistics.fmean(max(v) for v in log_r),
+            r = {"mean_log_r": flat(log_r), "max_log_r": statistics.fmean(max(v) for v in log_r),
                  "mean_pmi": flat([[x - y for x, y in zip(cs, us)] for cs, us in zip(c, u)]), "mean_log_p": flat(c),
-                 "diversity": statistics.fmean(diversity(texts, a.embedding_model)),
-                 "length_tokens": flat([[len(x) for x in cs] for cs in comps]),
-                 "model_calls_per_prompt": m["model_calls"], "examples": texts[0][:3]}
-            if m["log_q"] is not None and label not in rerank:
-                k = len(comps[0])
-                r["diagnostics"] = sampler_diagnostics(torch.tensor(log_r, dtype=torch.float64).view(len(rows), k),
-                                                       torch.tensor(m["log_q"], dtype=torch.float64).view(len(rows), k))
+                 **self._method_row(tokenizer, m, comps, log_r)}
             out["methods"][label] = r
         return out
 
