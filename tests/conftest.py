@@ -58,3 +58,24 @@ def make_tiny_tokenizer(words=("a", "b", "c")):
 @pytest.fixture
 def tiny_tok():
     return make_tiny_tokenizer()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (every byte one token, no merges): '\\n' is a token, as in real BPEs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_lm(path, tok, seed=0, max_positions=512):
+    """A tiny random LM for ``tok`` saved with it as a local HF folder (what ``--model PATH`` loads)."""
+    make_tiny_lm(vocab_size=len(tok), seed=seed, max_positions=max_positions).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_lm, make_tiny_tokenizer
+from conftest import make_tiny_lm, make_tiny_tokenizer, save_tiny_lm
 from gfnlm.errors import DataError
 from gfnlm.tasks import build_config
 from gfnlm.tasks.arithmetic import (ArithmeticTask, answer_of, deduplicate,
@@ -207,11 +207,7 @@ def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A tiny random model and the arithmetic tokenizer saved as a local HF folder."""
-    tok = tokenizer()
-    path = tmp_path / "tiny"
-    make_tiny_lm(vocab_size=len(tok), seed=4, max_positions=512).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path / "tiny", tokenizer(), seed=4)
 
 
 def task_arg_flags(data_dir) -> list[str]:

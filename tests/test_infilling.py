@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_lm
+from conftest import byte_tokenizer, make_tiny_lm, save_tiny_lm
 from gfnlm.errors import DataError
 from gfnlm.rewards import RewardBatch
 from gfnlm.tasks import build_config, make_trainer
@@ -16,20 +16,6 @@ from gfnlm.tasks.infilling import InfillingTask, load_stories, split_stories, st
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stories" / "stories.jsonl"
 
 NAMES = ["Al", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Mo", "Ned"]
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (every byte one token, no merges): '\\n' is a token, as in real BPEs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def write_stories(path: Path, n: int = 14) -> Path:
@@ -49,11 +35,7 @@ def stories(tmp_path):
 
 @pytest.fixture
 def tiny_dir(tmp_path):
-    tok = byte_tokenizer()
-    path = tmp_path / "tiny"
-    make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=512).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path / "tiny", byte_tokenizer(), seed=3)
 
 
 def task_args(stories, **over):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_lm
+from conftest import byte_tokenizer, make_tiny_lm, save_tiny_lm
 from gfnlm.baselines import decode
 from gfnlm.cli import main
 from gfnlm.errors import ConfigError, DataError
@@ -19,7 +19,6 @@ from gfnlm.sampling import sample
 from gfnlm.tasks import build_config, make_trainer
 from gfnlm.tasks.continuation import ContinuationTask, legal_in_sentence, load_prompts, split_prompts
 from gfnlm.tasks.contrastive import ContrastiveTask
-from test_infilling import byte_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "openwebtext" / "prompts.txt"
 PROMPTS = ["the cat sat on a mat ", "a dog ran far away ", "it was a cold day ", "we had no bread ",
@@ -35,11 +34,7 @@ def prompts(tmp_path):
 
 @pytest.fixture
 def tiny_dir(tmp_path):
-    tok = byte_tokenizer()
-    path = tmp_path / "tiny"
-    make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=256).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_lm(tmp_path / "tiny", byte_tokenizer(), seed=3, max_positions=256)
 
 
 def config(task, prompts, tmp_path, **over):
