@@ -19,6 +19,16 @@ import yaml
 
 from .errors import ConfigError
 
+#: What PyYAML's constructors raise besides YAMLError on some malformed values (``2001-13-45``,
+#: ``!!bool x``, ``!!timestamp x``, a number past Python's 4300-digit limit, deep nesting).
+YAML_VALUE_ERRORS = (ValueError, TypeError, KeyError, AttributeError, RecursionError)
+
+
+def printable(text) -> str:
+    """``text`` for a one-line error message: as it is when printable, else with escapes (``\\n``)."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
 
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict)):
@@ -108,11 +118,11 @@ class GFNConfig:
         from .losses import LOSSES
 
         if self.loss_type not in LOSSES:
-            raise ConfigError(f"unknown loss_type '{self.loss_type}': choose one of {sorted(LOSSES)}")
+            raise ConfigError(f"unknown loss_type '{printable(self.loss_type)}': choose one of {sorted(LOSSES)}")
         if self.log_z not in ("auto", "none", "scalar", "prompt"):
-            raise ConfigError(f"unknown log_z '{self.log_z}': choose auto, none, scalar or prompt")
+            raise ConfigError(f"unknown log_z '{printable(self.log_z)}': choose auto, none, scalar or prompt")
         if self.chat_template not in ("auto", "always", "never"):
-            raise ConfigError(f"unknown chat_template '{self.chat_template}': choose auto, always or never")
+            raise ConfigError(f"unknown chat_template '{printable(self.chat_template)}': choose auto, always or never")
         for name in ("tempered_fraction", "replay_fraction", "epsilon"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -140,9 +150,9 @@ class GFNConfig:
         unknown = [k for k in data if k not in cls.field_names()]
         if unknown:
             k = unknown[0]
-            close = difflib.get_close_matches(k, cls.field_names(), n=1)
+            close = difflib.get_close_matches(str(k), cls.field_names(), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config field '{k}' in {source}{hint}; `gfnlm train --help` lists the fields")
+            raise ConfigError(f"unknown config field '{printable(k)}' in {source}{hint}; `gfnlm train --help` lists the fields")
         return cls(**data)
 
     @classmethod
@@ -171,11 +181,16 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to --config")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}: fix the syntax") from None
+    except YAML_VALUE_ERRORS as e:
+        raise ConfigError(f"config file '{path}' holds a value YAML cannot read ({type(e).__name__}: "
+                          f"{printable(' '.join(str(e).split()))}): fix it, or quote it as a string") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -201,24 +216,28 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         a = args[i]
         if not a.startswith("--"):
-            raise ConfigError(f"unexpected argument '{a}': overrides look like --field value")
+            raise ConfigError(f"unexpected argument '{printable(a)}': overrides look like --field value")
         key = a[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
-                raise ConfigError(f"override --{key} has no value: write --{key} VALUE")
+                raise ConfigError(f"override --{printable(key)} has no value: write --{printable(key)} VALUE")
             raw = args[i + 1]
             i += 2
         key = key.replace("-", "_")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, *YAML_VALUE_ERRORS):  # not a YAML value: the text itself
             value = raw
         if "." in key:
             top, sub = key.split(".", 1)
-            out.setdefault(top, {})[sub] = value
+            group = out.setdefault(top, {})
+            if not isinstance(group, dict):
+                raise ConfigError(f"--{printable(top)} and --{printable(key)} both given: set the whole value or its "
+                                  "keys, not both")
+            group[sub] = value
         else:
             out[key] = value
     return out
@@ -244,7 +263,10 @@ def _coerce(name: str, value, hint):
         raise errors[0]
     base = origin or hint
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config field '{name}' is too large a number: give a float") from None
     if base is float and isinstance(value, str):
         try:
             return float(value)

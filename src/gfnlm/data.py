@@ -16,13 +16,33 @@ from typing import Any, Iterable
 from .errors import DataError
 
 
+def read_utf8(path: str | Path) -> str:
+    """The text of a data file; one that is not UTF-8 is a one-line :class:`DataError`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+
+
+#: What ``json.loads`` raises: JSONDecodeError, ValueError for a number past Python's 4300-digit
+#: limit, RecursionError for very deep nesting.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def json_problem(e: Exception) -> str:
+    """One line on why ``json.loads`` failed (see :data:`JSON_ERRORS`)."""
+    if isinstance(e, json.JSONDecodeError):
+        return e.msg
+    return "a number with too many digits" if isinstance(e, ValueError) else "nested too deeply"
+
+
 def load_rows(path: str | Path, prompt_column: str = "prompt") -> list[dict]:
     """Read a prompt file into rows; see the module docstring for the formats."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"dataset file '{path}' not found: pass an existing .jsonl, .json, .csv or .txt file")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    text = read_utf8(p)
     rows: list[Any]
     if suffix == ".jsonl":
         rows = []
@@ -31,19 +51,23 @@ def load_rows(path: str | Path, prompt_column: str = "prompt") -> list[dict]:
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}: line {i} is not valid JSON ({e.msg}): each line must be one JSON object") from None
+            except JSON_ERRORS as e:
+                raise DataError(f"{p}: line {i} is not valid JSON ({json_problem(e)}): each line must be one JSON object") from None
     elif suffix == ".json":
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: not valid JSON at line {e.lineno} ({e.msg}): the file must hold a list of objects") from None
+        except JSON_ERRORS as e:
+            where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise DataError(f"{p}: not valid JSON{where} ({json_problem(e)}): the file must hold a list of objects") from None
         if isinstance(rows, dict):
             rows = [rows]
         if not isinstance(rows, list):
             raise DataError(f"{p}: expected a JSON list of objects")
     elif suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as e:
+            raise DataError(f"{p}: not valid CSV ({e}): give a header line, then one row a line") from None
     elif suffix in (".txt", ""):
         rows = [{prompt_column: line} for line in text.splitlines() if line.strip()]
     else:
@@ -62,7 +86,7 @@ def normalise_rows(rows: Iterable[Any], prompt_column: str = "prompt", source: s
         if row is None:
             raise DataError(f"{source}: row {i} is not an object with a '{prompt_column}' field")
         if prompt_column not in row:
-            raise DataError(f"{source}: row {i} has no '{prompt_column}' field (fields: {sorted(row)}): add a '{prompt_column}' column")
+            raise DataError(f"{source}: row {i} has no '{prompt_column}' field (fields: {sorted(map(str, row))}): add a '{prompt_column}' column")
         if not isinstance(row[prompt_column], str) or not row[prompt_column].strip():
             raise DataError(f"{source}: row {i} has an empty or non-text '{prompt_column}'")
         out.append(dict(row, prompt=row[prompt_column]))

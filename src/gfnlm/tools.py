@@ -30,6 +30,8 @@ def evaluate_expression(expr: str) -> tuple[int, int] | None:
         m = _TOKEN.match(expr, pos)
         if not m or m.end() == pos:
             return None
+        if m.group(1) is not None and len(m.group(1)) > 4000:  # past Python's int() digit limit: not a number here
+            return None
         tokens.append(int(m.group(1)) if m.group(1) is not None else m.group(2))
         pos = m.end()
     # grammar: number (op number)*, number := [-] digits

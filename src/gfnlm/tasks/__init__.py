@@ -12,7 +12,7 @@ import difflib
 import importlib
 from typing import Any
 
-from ..config import GFNConfig, _coerce
+from ..config import GFNConfig, _coerce, printable
 from ..errors import ConfigError
 
 REGISTRY: dict[str, str] = {
@@ -215,24 +215,29 @@ def parse_args(cls, data: dict, task_name: str):
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
+            close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown task_args field '{k}' for task {task_name}{hint}; known: {names}")
+            raise ConfigError(f"unknown task_args field '{printable(k)}' for task {task_name}{hint}; known: {names}")
     hints = __import__("typing").get_type_hints(cls)
     values = {k: _coerce(f"task_args.{k}", v, hints[k]) for k, v in data.items()}
     return cls(**values)
 
 
 def get_task_class(name: str) -> type[Task]:
-    """Resolve a registered name or ``module:Class``."""
+    """Resolve a registered name or ``module:Class`` (a subclass of :class:`Task`)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"task must be a name or module:Class, got {name!r}: e.g. task: rng")
     target = REGISTRY.get(name, name)
     if ":" not in target:
-        raise ConfigError(f"unknown task '{name}': choose one of {sorted(REGISTRY)} or give module:Class")
+        raise ConfigError(f"unknown task '{printable(name)}': choose one of {sorted(REGISTRY)} or give module:Class")
     mod, cls = target.split(":", 1)
-    try:
-        return getattr(importlib.import_module(mod), cls)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot load task '{name}' ({e}): check the module:Class path") from None
+    try:  # ValueError: an empty module name; TypeError: a relative one (".x")
+        found = getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError, ValueError, TypeError) as e:
+        raise ConfigError(f"cannot load task '{printable(name)}' ({printable(e)}): check the module:Class path") from None
+    if not (isinstance(found, type) and issubclass(found, Task)):
+        raise ConfigError(f"task '{printable(name)}' is not a gfnlm.tasks.Task subclass: give module:Class of a Task")
+    return found
 
 
 def build_config(task: str | None, data: dict) -> GFNConfig:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..data import load_rows, render_prompt
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..rewards import LMLikelihoodReward
 from ..sampling import Constraints
 from ..tools import Calculator, evaluate_expression
@@ -62,12 +62,31 @@ def load_questions(path: str | Path) -> list[dict]:
     for i, r in enumerate(rows, 1):
         if "num_sol" not in r:
             raise DataError(f"{p}: item {i} needs 'str_query' and 'num_sol'")
+        sol = as_integer(r["num_sol"])
+        if sol is None:
+            raise DataError(f"{p}: item {i}: num_sol {r['num_sol']!r} is not an integer: give the answer as a number")
         q = question_expression(r["str_query"])
-        if q is None or evaluate_expression(q)[0] != int(r["num_sol"]):
-            raise DataError(f"{p}: item {i}: num_sol {r['num_sol']} does not match {r['str_query']!r}")
+        if q is None or evaluate_expression(q)[0] != sol:
+            raise DataError(f"{p}: item {i}: num_sol {sol} does not match {r['str_query']!r}")
         r = {k: v for k, v in r.items() if k != "prompt"}
-        out.append(dict(r, num_sol=int(r["num_sol"])))
+        out.append(dict(r, num_sol=sol))
     return out
+
+
+def as_integer(value) -> int | None:
+    """``value`` as an int: an int, an integral float or the text of an int (else None)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def question_expression(query: str) -> str | None:
@@ -194,7 +213,10 @@ class ArithmeticTask(Task):
         train = [self.supervised(), self.pool()]
         out = {}
         for item in self.args.test_files.split(","):
-            label, name = item.split(":", 1)
+            label, _, name = item.partition(":")
+            if not label.strip() or not name.strip():
+                raise ConfigError(f"task_args.test_files {self.args.test_files!r}: give label:file pairs separated by "
+                                  "commas (e.g. 3:test3.json,4:test4.json)")
             out[label] = deduplicate(load_questions(self.data_file(name)), *train)
         return out
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import render_prompt
+from ..data import read_utf8, render_prompt
 from ..errors import DataError
 from ..rewards import LMLikelihoodReward
 from ..sampling import Constraints
@@ -83,7 +83,7 @@ def load_prompts(path: str | Path) -> list[str]:
     if not p.is_file():
         raise DataError(f"prompt file {path} not found: give task_args.data_file (one prompt a line)")
     seen: dict[str, None] = {}
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in read_utf8(p).splitlines():
         if line.strip():
             seen.setdefault(" ".join(line.split()), None)
     if not seen:

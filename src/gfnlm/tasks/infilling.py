@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import render_prompt
+from ..data import JSON_ERRORS, json_problem, read_utf8, render_prompt
 from ..errors import DataError, GFNLMError
 from ..rewards import LMLikelihoodReward, NoReward
 from ..sampling import Constraints
@@ -83,14 +83,14 @@ def load_stories(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise DataError(f"story file {path} not found: give task_args.data_file (JSON lines of five-sentence stories)")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8(p).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{p}:{n}"
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not JSON ({e.msg}): each line must be one story object") from None
+        except JSON_ERRORS as e:
+            raise DataError(f"{where}: not JSON ({json_problem(e)}): each line must be one story object") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: each line must be a JSON object with 'sentences' or 'beginning'/'ending'")
         if "sentences" in obj:

@@ -68,6 +68,8 @@ def load_examples(path: str | Path) -> list[dict]:
         label = r.get("label")
         if isinstance(label, str) and label.strip().lower() in LABELS:
             label = LABELS.index(label.strip().lower())
+        elif isinstance(label, str) and label.strip() in ("0", "1"):  # a .csv file's labels are text
+            label = int(label)
         if label not in (0, 1) or not str(r.get("text", "")).strip():
             raise DataError(f"{path}: row {i} needs a non-empty 'text' and a 'label' of 0/1 (or objective/subjective)")
         out.append({"text": str(r["text"]).strip(), "label": int(label)})
