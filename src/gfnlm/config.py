@@ -46,7 +46,7 @@ class GFNConfig:
     task_args: dict = _f({}, "Task-specific settings (each task documents and validates its own keys).")
     dataset: str | None = _f(None, "Path to a prompt file (.jsonl/.json/.csv with a 'prompt' column, or .txt with one prompt a line). Overrides the task's prompts.")
     output_dir: str = _f("runs/gfnlm", "Folder for checkpoints, TensorBoard logs and the final adapters.")
-    seed: int = _f(0, "Random seed (model init, prompt order, sampling, replay). Rank r of a multi-process run uses seed + r for sampling.")
+    seed: int = _f(0, "Random seed (model init, prompt order, sampling, replay). Rank r of a multi-process run draws its episodes from seed + 1000003 r.")
     chat_template: str = _f("auto", "Wrap prompts in the tokenizer's chat template: 'auto' (if the tokenizer has one), 'always' or 'never'.")
 
     # --- optimisation --------------------------------------------------------------------------
@@ -97,6 +97,7 @@ class GFNConfig:
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_target_modules: Any = _f("all-linear", "LoRA target modules (a list of names or 'all-linear').")
+    mixed_precision: str = _f("no", "Precision of the policy's forward and backward: no (fp32), bf16 (autocast), or fp16 (autocast with Accelerate's loss scaling; CUDA only). LM-likelihood rewards always run in fp32, and the log q of the loss always comes from fp32 logits.")
     base_model_copy: bool = _f(False, "With full fine-tuning (use_peft false), give LM-likelihood rewards a frozen copy of the base model (one more copy of the weights in memory); without it such a run stops with an error, since the reward would move with the policy.")
 
     # --- logging and checkpoints ---------------------------------------------------------------
@@ -121,6 +122,8 @@ class GFNConfig:
             raise ConfigError(f"unknown loss_type '{printable(self.loss_type)}': choose one of {sorted(LOSSES)}")
         if self.log_z not in ("auto", "none", "scalar", "prompt"):
             raise ConfigError(f"unknown log_z '{printable(self.log_z)}': choose auto, none, scalar or prompt")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"unknown mixed_precision '{printable(self.mixed_precision)}': choose no, bf16 or fp16")
         if self.chat_template not in ("auto", "always", "never"):
             raise ConfigError(f"unknown chat_template '{printable(self.chat_template)}': choose auto, always or never")
         for name in ("tempered_fraction", "replay_fraction", "epsilon"):

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .rewards import at_stop
-from .sampling import Constraints, pad_right, sample
+from .sampling import Constraints, device_generator, pad_right, sample
 from .scoring import score
 
 
@@ -20,7 +20,7 @@ def sample_completions(model, tokenizer, prompt_ids: Sequence[int], constraints:
     (read after ``prefix``, a :class:`~gfnlm.sampling.PrefixCache`, if given)."""
     from tqdm.auto import tqdm
 
-    g = torch.Generator().manual_seed(seed)
+    g = device_generator(model, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[str] = []
     with tqdm(total=n, disable=not progress, desc=desc, leave=False) as bar:
@@ -47,7 +47,7 @@ def sample_per_prompt(model, tokenizer, prompts: Sequence[Sequence[int]], constr
     shows a bar over the prompts. Returns ``[(sampled [k], log_q [k], greedy)]`` in prompt order."""
     from tqdm.auto import tqdm
 
-    g = torch.Generator().manual_seed(seed)
+    g = device_generator(model, seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     per = k + int(greedy)
     temps = torch.tensor([temperature] * k + [1e-4] * int(greedy))  # the last row of each prompt: greedy
@@ -134,11 +134,11 @@ def sampler_report(model, tokenizer, config, constraints: Constraints, rewards, 
     from .rollout import Collector
 
     rows = list(rows)[:max_prompts]
-    g = torch.Generator().manual_seed(seed)
-    col = Collector(config, tokenizer, rows, rewards, constraints, tool, g)
+    col = Collector(config, tokenizer, rows, rewards, constraints, tool, torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     index = torch.arange(len(rows)).repeat_interleave(k)
-    s = sample(model, col.prompt_ids, index.to(device), constraints, pad_id=col.pad_id, generator=g,
+    s = sample(model, col.prompt_ids, index.to(device), constraints, pad_id=col.pad_id,
+               generator=device_generator(device, seed),
                **col.tool_kwargs())
     batch = col.reward_batch(list(range(len(rows))), index, s.tokens.cpu(), s.lengths.cpu(), s.action_mask)
     log_r = at_stop(col.log_rewards(batch), batch.lengths)

@@ -46,7 +46,7 @@ from . import checkpoint as ckpt
 from .config import GFNConfig
 from .data import as_rows, render_prompt
 from .errors import ConfigError
-from .sampling import Constraints, check_fits, sample
+from .sampling import Constraints, check_fits, device_generator, sample
 
 #: extra rollout field holding the state text; the reward wrappers pass it on as ``completions``
 STATE_FIELD = "gfnlm_completion"
@@ -113,8 +113,7 @@ class GFNRollout:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if self.generator is None:
             rank = trainer.accelerator.process_index
-            device = next(model.parameters()).device
-            self.generator = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * rank)
+            self.generator = device_generator(model, self.seed + 1_000_003 * rank)
         return self.rollout(model, prompts)
 
     @torch.no_grad()

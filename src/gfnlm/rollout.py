@@ -16,6 +16,7 @@ with the same prompt but different columns (answers, labels) have different rewa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,7 +28,7 @@ from .data import as_rows, render_prompt
 from .errors import DataError
 from .replay import ReplayBuffer, pad_action_masks, pad_entries
 from .rewards import Reward, RewardBatch, at_stop, compute_log_rewards
-from .sampling import Constraints, check_fits, pad_right, sample, tool_output
+from .sampling import Constraints, check_fits, device_generator, pad_right, sample, tool_output
 
 
 @dataclass
@@ -77,12 +78,16 @@ class Collector:
     Args:
         args: the run's config; tokenizer: the policy's; rows: dataset rows (each with ``prompt``).
         rewards: the rewards (log space); constraints: the action space; tool: optional tool.
-        generator: the sampling random stream (seeded per rank).
+        generator: the CPU random stream of the data choices: rows, replay draws, exploration
+            temperatures (seeded per rank).
+        sample_generator: the random stream of sampling, on the model's device (default: made on
+            first use from ``generator``'s seed + 1, on the device :meth:`collect` is given).
         sample_metrics: optional ``f(prompts, completions) -> dict`` logged on on-policy episodes.
     """
 
     def __init__(self, args: GFNConfig, tokenizer, train_dataset, rewards: Sequence[Reward], constraints: Constraints,
-                 tool: Callable | None, generator: torch.Generator, sample_metrics=None):
+                 tool: Callable | None, generator: torch.Generator, sample_metrics=None,
+                 sample_generator: torch.Generator | None = None):
         self.args, self.tokenizer, self.constraints, self.tool = args, tokenizer, constraints, tool
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows = as_rows(train_dataset)
@@ -91,6 +96,7 @@ class Collector:
         self.prefix_rewards = all(r.prefix for r in self.rewards)
         self.buffer = ReplayBuffer(args.buffer_capacity, args.buffer_priority_temperature)
         self.generator = generator
+        self.sample_generator = sample_generator
         self.sample_metrics = sample_metrics
         self._row_weights: Tensor | None = None
         self.pending_seeds: dict[int, list[str]] = {}  # row -> completions to add when it is first drawn
@@ -256,8 +262,10 @@ class Collector:
         return torch.multinomial(self._row_weights, n, replacement=True, generator=self.generator).tolist()
 
     @torch.no_grad()
-    def collect(self, model, device) -> Episodes:
-        """Replay first, then sample and score fresh episodes, then add those to the buffer."""
+    def collect(self, model, device, sampling_context=contextlib.nullcontext) -> Episodes:
+        """Replay first, then sample and score fresh episodes, then add those to the buffer.
+        ``sampling_context``: entered around sampling alone (the trainer's mixed-precision autocast);
+        rewards are computed outside it."""
         a, g = self.args, self.generator
         row_ids = self.draw_rows(a.prompts_per_step)
         fresh_rows = [r for r in dict.fromkeys(row_ids) if r in self.pending_seeds]
@@ -278,8 +286,11 @@ class Collector:
             kind += [ON_POLICY] * n_on + [TEMPERED] * n_temp
         prompts = [self.prompt_ids[r] for r in row_ids]
         fresh_t = torch.tensor(fresh_idx, dtype=torch.long)
-        s = sample(model, prompts, fresh_t.to(device), self.constraints, temperature=torch.tensor(temps),
-                   epsilon=a.epsilon, pad_id=self.pad_id, generator=g, **self.tool_kwargs())
+        if self.sample_generator is None:
+            self.sample_generator = device_generator(device, self.generator.initial_seed() + 1)
+        with sampling_context():
+            s = sample(model, prompts, fresh_t.to(device), self.constraints, temperature=torch.tensor(temps),
+                       epsilon=a.epsilon, pad_id=self.pad_id, generator=self.sample_generator, **self.tool_kwargs())
         tokens, lengths = s.tokens.cpu(), s.lengths.cpu()
         mask = None if s.action_mask is None else s.action_mask.cpu()
         fresh_batch = self.reward_batch(row_ids, fresh_t, tokens, lengths, mask)

@@ -361,11 +361,91 @@ def encode_prompts(model, prompt_ids: Tensor, prompt_mask: Tensor, output_hidden
     return out, output_cache(out), full_mask
 
 
-def one_stop_action(cand_logp: Tensor, stop_logp: Tensor, stop_cols: Tensor) -> Tensor:
-    """The candidate log-probabilities [B, C] with ⊤ as one action: the whole stop log-probability
-    ``stop_logp`` [B] in the first of the stop columns ``stop_cols`` [S] and -inf in the others, so
-    that tempering or an ε-uniform mixture treats the stop ids as the one action they are."""
-    return cand_logp.index_fill(1, stop_cols, NEG_INF).index_copy_(1, stop_cols[:1], stop_logp[:, None])
+def device_generator(where, seed: int) -> torch.Generator:
+    """A generator seeded ``seed`` on ``where``: a device, or a model (its parameters' device). The
+    engine's rule: tensors live on the model's device, and so do the generators that draw them."""
+    device = where if isinstance(where, (str, torch.device)) else next(where.parameters()).device
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def episode_uniforms(generator: torch.Generator | None, steps: int, rows: int, device) -> Tensor:
+    """[steps, rows] uniforms in [0, 1) for an episode's draws, taken from ``generator`` on its own
+    device in one call and moved to ``device`` once (the global generator of ``device`` when None).
+    One draw per row and step whatever the device: a seed gives the same stream of uniforms on every
+    device type, and a generator on another device costs one copy per batch, not per token."""
+    if generator is None:
+        return torch.rand((steps, rows), device=device)
+    return torch.rand((steps, rows), generator=generator, device=generator.device).to(device)
+
+
+def draw(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw of one column per row of ``probs`` [B, C] (non-negative, rows need not sum
+    to 1) with uniforms ``u`` [B] in [0, 1): the first column whose cumulative mass exceeds
+    u * total, so zero-mass columns are never drawn (rounding at the very top falls back to the last
+    column with mass). Returns [B] long."""
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    ok = probs.gather(1, idx[:, None]).squeeze(1) > 0
+    last = probs.shape[1] - 1 - (probs > 0).flip(1).int().argmax(1)
+    return torch.where(ok, idx, last)
+
+
+@dataclass
+class _StepDist:
+    """The policy's constrained distribution at one decode step, as the sampler needs it.
+
+    Attributes:
+        scores: [B, C] logits of the candidate actions (-inf where not allowed), ⊤ as one action in
+            column ``stop_col`` with logit log Σ_stop exp(x) (-inf where stopping is impossible).
+        log_norm: [B] log-normaliser, so log q(action) = scores - log_norm.
+    """
+
+    scores: Tensor
+    log_norm: Tensor
+
+
+class _ActionSpace:
+    """What the sampler precomputes once per episode batch from the :class:`Constraints`: the
+    candidate columns (every id, or the allowed ids when the vocabulary is restricted, followed by
+    one column for ⊤) and the masks, so that a decode step is a handful of tensor operations."""
+
+    def __init__(self, c: Constraints, vocab_size: int, device):
+        self.c = c
+        self.tok_mask, self.stop_mask = c.token_mask(vocab_size, device)
+        self.stop_ids = torch.as_tensor(c.stop_token_ids, device=device)
+        if c.allowed_token_ids is None:  # columns are token ids; ⊤ lives in the first stop id's column
+            self.cand_ids, self.stop_col = None, int(c.stop_token_ids[0])
+        else:  # the allowed ids, then one column for ⊤
+            self.cand_ids = torch.cat([c.token_ids(vocab_size, device), self.stop_ids[:1]])
+            self.stop_col = len(self.cand_ids) - 1
+
+    def dist(self, logits: Tensor, can_stop: Tensor, must_stop: Tensor) -> _StepDist:
+        """From next-token ``logits`` [B, V] and the stop rule of each row ([B] bool each)."""
+        x = logits.float()
+        if self.cand_ids is None:
+            scores = x.masked_fill(~self.tok_mask, NEG_INF)
+        else:
+            scores = x.index_select(1, self.cand_ids)
+            scores[:, self.stop_col] = NEG_INF
+        scores.masked_fill_(must_stop[:, None], NEG_INF)
+        lse_tok = torch.logsumexp(scores, dim=-1)
+        stop_logit = torch.logsumexp(x.index_select(1, self.stop_ids), dim=-1).masked_fill(~can_stop, NEG_INF)
+        scores[:, self.stop_col] = stop_logit
+        return _StepDist(scores, torch.logaddexp(lse_tok, stop_logit))
+
+    def token_of(self, col: Tensor) -> Tensor:
+        """Token ids [B] of candidate columns [B] (a stop id for ⊤)."""
+        return col if self.cand_ids is None else self.cand_ids[col]
+
+
+def _behaviour(d: _StepDist, temp: Tensor, epsilon: float) -> Tensor:
+    """Probabilities [B, C] of the behaviour policy: the policy tempered by ``temp`` [B, 1] (⊤ as one
+    action), mixed with the uniform distribution over the allowed actions with weight ``epsilon``."""
+    beh = torch.softmax(d.scores / temp, dim=-1)
+    if epsilon > 0:
+        allowed = torch.isfinite(d.scores).float()
+        beh = (1 - epsilon) * beh + epsilon * allowed / allowed.sum(-1, keepdim=True)
+    return beh
 
 
 @torch.no_grad()
@@ -383,6 +463,7 @@ def sample(
     tokenizer=None,
     max_tool_tokens: int = 0,
     prefix: PrefixCache | None = None,
+    merge_adapters: bool = True,
 ) -> Samples:
     """Sample one episode for each entry of ``prompt_index``.
 
@@ -394,7 +475,8 @@ def sample(
         temperature: behaviour temperature, a float or a [B] tensor (per sample); ⊤ is tempered as one action.
         epsilon: probability of taking a uniformly random allowed action (ε-uniform exploration).
         pad_id: id used to pad ``tokens``.
-        generator: torch random generator (for reproducibility).
+        generator: torch random generator, on any device (:func:`episode_uniforms`); the same seed
+            gives the same uniforms on every device.
         tool: optional ``f(completion_text) -> str | None`` (e.g. :class:`gfnlm.tools.Calculator`),
             called after every action; its text is tokenised with ``tokenizer`` and appended to the
             state. Tool tokens are not actions (``action_mask`` False): they count in neither log q
@@ -402,29 +484,47 @@ def sample(
             that does not fit is not inserted).
         prefix: optional :class:`PrefixCache` of a constant context read before every prompt
             (e.g. k solved examples); its keys and values are reused, not recomputed.
+        merge_adapters: decode with LoRA updates folded into temporary weights
+            (:func:`gfnlm.policy.merged_adapters`: the same policy, up to float rounding, at the cost of
+            the plain model); False runs the adapter layers as they are.
 
-    The returned ``log_pf``/``log_pterm`` are always those of the policy itself (temperature 1,
-    ε = 0), whatever behaviour policy drew the sample.
+    Tensors are created on the model's device; only a tool's text round-trips through the CPU. The
+    returned ``log_pf``/``log_pterm`` are always those of the policy itself (temperature 1, ε = 0),
+    whatever behaviour policy drew the sample.
     """
+    from .policy import merged_adapters
+
     device = next(model.parameters()).device
     check_fits(model, prompts, constraints.max_new_tokens + (max_tool_tokens if tool is not None else 0)
                + (prefix.length if prefix is not None else 0))
-    prompt_index = torch.as_tensor(prompt_index, dtype=torch.long, device=device)
+    if tool is not None and tokenizer is None:
+        raise DataError("sampling with a tool needs the tokenizer (tokenizer=...)")
+    if constraints.stop_after_tool and tool is None:
+        raise DataError("stop_after_tool: episodes may stop only after a tool's output, but no tool was given")
+    prompt_index = torch.as_tensor(prompt_index, dtype=torch.long).to(device)
     B = prompt_index.numel()
-    N = constraints.max_new_tokens
+    temp = torch.as_tensor(temperature, dtype=torch.float32).to(device)
+    temp = (temp.expand(B) if temp.ndim == 0 else temp)[:, None]
+    with merged_adapters(model, merge_adapters) as lm:
+        return _decode(lm, prompts, prompt_index, constraints, temp, epsilon, pad_id, generator, tool, tokenizer,
+                       max_tool_tokens if tool is not None else 0, prefix)
+
+
+def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp: Tensor, epsilon: float, pad_id: int,
+            generator, tool, tokenizer, max_tool_tokens: int, prefix) -> Samples:
+    """The decode loop of :func:`sample` (arguments checked and on the model's device; ``temp`` [B, 1])."""
+    device = prompt_index.device
+    B, N = prompt_index.numel(), constraints.max_new_tokens
     p_ids, p_mask = pad_prompts(prompts, pad_id, device)
     out, cache, full_mask = encode_prompts(model, p_ids, p_mask, prefix=prefix)
     logits = out.logits[prompt_index, -1, :]
     cache.batch_select_indices(prompt_index)
     attn = full_mask[prompt_index]
     next_pos = attn.sum(-1)  # [B] position id of the next token
+    space = _ActionSpace(constraints, logits.shape[-1], device)
 
-    temp = torch.as_tensor(temperature, dtype=torch.float32, device=device)
-    if temp.ndim == 0:
-        temp = temp.expand(B)
-    temp = temp[:, None]
-
-    S = N + (max_tool_tokens if tool is not None else 0)  # room for actions and tool output
+    S = N + max_tool_tokens  # room for actions and tool output
+    u = episode_uniforms(generator, S, B, device)
     tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
     action = torch.zeros((B, S), dtype=torch.bool, device=device)
     log_pf = torch.zeros((B, S), device=device)
@@ -432,53 +532,32 @@ def sample(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     n_act = torch.zeros(B, dtype=torch.long, device=device)
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    _, stop_mask = constraints.token_mask(logits.shape[-1], device)
-    # with a restricted vocabulary, draw among the allowed and stop ids only (a much smaller multinomial)
-    stop_ids = torch.as_tensor(constraints.stop_token_ids, device=device)
-    candidates = None if constraints.allowed_token_ids is None else torch.cat(
-        [constraints.token_ids(logits.shape[-1], device), stop_ids])
-    # the candidate columns of the stop ids (the last ones of ``candidates``): ⊤ is drawn from the first
-    stop_cols = stop_ids if candidates is None else torch.arange(len(candidates) - len(stop_ids), len(candidates),
-                                                                 device=device)
+    after_tool = torch.zeros(B, dtype=torch.bool, device=device)  # the state ends with tool output
+    forced = torch.zeros(B, dtype=torch.bool, device=device)  # a tool token is due at this state
     pending: list[list[int]] = [[] for _ in range(B)]  # tool tokens still to be written, per row
     tool_used = [0] * B
-    if tool is not None and tokenizer is None:
-        raise DataError("sampling with a tool needs the tokenizer (tokenizer=...)")
-    if constraints.stop_after_tool and tool is None:
-        raise DataError("stop_after_tool: episodes may stop only after a tool's output, but no tool was given")
-    after_tool = torch.zeros(B, dtype=torch.bool, device=device)  # the state ends with tool output
 
     for t in range(S + 1):
-        forced = torch.tensor([bool(q) for q in pending], device=device) & alive
         real = alive & ~forced  # states where the policy acts (may stop)
-        logp, stop_lp = constraints.log_probs(logits, n_act, after_tool)
+        can_stop, must_stop = constraints._can_stop(n_act, after_tool)
+        d = space.dist(logits, can_stop, must_stop)
+        stop_lp = d.scores[:, space.stop_col] - d.log_norm
         log_pterm[:, t] = torch.where(real, stop_lp, log_pterm[:, t])
         if t == S:
             break
-        # behaviour distribution over the candidate actions (⊤ one action): tempered policy, then ε-uniform mix
-        cand_logp = logp if candidates is None else logp.index_select(1, candidates)
-        cand_logp = one_stop_action(cand_logp, stop_lp, stop_cols)
-        allowed = torch.isfinite(cand_logp)
-        beh = torch.softmax(cand_logp / temp, dim=-1)
-        if epsilon > 0:
-            uni = allowed.float() / allowed.float().sum(-1, keepdim=True)
-            beh = (1 - epsilon) * beh + epsilon * uni
-        choice = torch.multinomial(beh, 1, generator=generator).squeeze(1)
-        if candidates is not None:
-            choice = candidates[choice]
-        if forced.any():
-            written = torch.tensor([q[0] if q else pad_id for q in pending], device=device)
+        col = draw(_behaviour(d, temp, epsilon), u[t])
+        choice = space.token_of(col)
+        if tool is not None and forced.any():
+            written = torch.tensor([q.pop(0) if q else pad_id for q in pending], device=device)
             choice = torch.where(forced, written, choice)
-            for b in forced.nonzero().squeeze(1).tolist():
-                pending[b].pop(0)
-        stopped = stop_mask[choice] & real
+        stopped = (col == space.stop_col) & real
         cont = alive & ~stopped
         acted = cont & real
         tokens[:, t] = torch.where(cont, choice, tokens[:, t])
         action[:, t] = acted
-        log_pf[:, t] = torch.where(acted, logp.gather(1, choice[:, None]).squeeze(1), log_pf[:, t])
-        lengths = lengths + cont.long()
-        n_act = n_act + acted.long()
+        log_pf[:, t] = torch.where(acted, d.scores.gather(1, col[:, None]).squeeze(1) - d.log_norm, log_pf[:, t])
+        lengths += cont.long()
+        n_act += acted.long()
         after_tool = cont & ~acted  # a tool token was just written
         alive = cont
         if tool is not None:
@@ -486,18 +565,14 @@ def sample(
                 pending[b] = tool_output(tool, tokenizer, tokens[b, : int(lengths[b])].tolist(), tool_used[b],
                                          max_tool_tokens)
                 tool_used[b] += len(pending[b])
-        if not alive.any():
+            forced = torch.tensor([bool(q) for q in pending], device=device) & alive
+        if t % 8 == 7 and not alive.any():  # a device sync: checked now and then, not every token
             break
         # advance the cache by one token for every row (finished rows feed padding, ignored)
         step_ids = torch.where(alive, choice, torch.full_like(choice, pad_id))
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=step_ids[:, None],
-            attention_mask=attn,
-            position_ids=next_pos[:, None],
-            use_cache=True,
-            **cache_kwargs(model, cache),
-        )
+        out = model(input_ids=step_ids[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True,
+                    **cache_kwargs(model, cache))
         cache = output_cache(out)
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1

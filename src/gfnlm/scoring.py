@@ -59,7 +59,8 @@ def _completion_pass(model, prompts, prompt_index: Tensor, tokens: Tensor, retur
     """:func:`completion_logits` plus what a later pass needs to read on: (logits [B, N+1, V],
     prompt_hidden or None, (cache of prompt + tokens per row, prompt attention mask [B, L], position of
     each row's first token [B]))."""
-    device = tokens.device
+    device = next(model.parameters()).device  # the model's device, whatever device the caller's tensors are on
+    tokens, prompt_index = tokens.to(device), prompt_index.to(device)
     p_ids, p_mask = pad_prompts(prompts, pad_id, device)
     out, cache, full_mask = encode_prompts(model, p_ids, p_mask, output_hidden_states=return_prompt_hidden,
                                            prefix=prefix)
@@ -108,7 +109,9 @@ def score(
         :class:`PolicyScores` (log space).
     """
     check_fits(model, prompts, max(tokens.shape[1], 1))
-    prompt_index = prompt_index.to(tokens.device)
+    device = next(model.parameters()).device
+    tokens, lengths, prompt_index = tokens.to(device), lengths.to(device), prompt_index.to(device)
+    action_mask = None if action_mask is None else action_mask.to(device)
     logits, hidden = completion_logits(model, prompts, prompt_index, tokens, lengths, pad_id, return_prompt_hidden)
     B = logits.shape[0]
     st = EpisodeStates.of(lengths, tokens.shape[1], action_mask)

@@ -37,10 +37,10 @@ from .config import GFNConfig
 from .data import render_prompt
 from .errors import ConfigError, DataError
 from .losses import LOSSES, tempered
-from .policy import bind_base_models, wrap_policy
+from .policy import bind_base_models, fp32_logits, wrap_policy
 from .rewards import Reward, RewardBatch, as_reward
 from .rollout import Collector, Episodes
-from .sampling import Constraints, sample
+from .sampling import Constraints, device_generator, sample
 from .scoring import score
 
 
@@ -155,7 +155,17 @@ class GFNTrainer:
         from accelerate import Accelerator
 
         self.args = args = args or GFNConfig()
-        self.accelerator = Accelerator(log_with=list(args.report_to) or None, project_dir=args.output_dir)
+        try:
+            self.accelerator = Accelerator(log_with=list(args.report_to) or None, project_dir=args.output_dir,
+                                           mixed_precision=args.mixed_precision)
+        except ValueError as e:  # fp16 without a GPU, or another precision than this process's Accelerator
+            why = str(e).splitlines()[0]
+            fix = ("start a new process: Accelerate keeps one precision per process" if "already been initialized" in why
+                   else "use bf16 or no on this machine")
+            raise ConfigError(f"mixed_precision {args.mixed_precision}: {why} ({fix})") from None
+        if args.mixed_precision == "fp16" and self.accelerator.device.type != "cuda":
+            raise ConfigError(f"mixed_precision fp16 needs a CUDA GPU (this run is on {self.accelerator.device.type}, where "
+                              "Accelerate would silently train in fp32): use bf16 or no")
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1 and self.accelerator.num_processes != world:
             # e.g. torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: every process
@@ -175,6 +185,7 @@ class GFNTrainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         model = wrap_policy(model, args.use_peft, peft_config, lambda: lora_config(args), args.seed)
         disable_dropout(model)
+        fp32_logits(model)
         model.eval()
 
         rewards: list[Reward] = [as_reward(r) for r in (reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])]
@@ -196,8 +207,10 @@ class GFNTrainer:
                               f"{'stop_after_tool' if constraints.stop_after_tool else 'min_new_tokens > 0'} the first tokens "
                               "(or every pair) have none: use loss_type modified_subtb")
         rank = self.accelerator.process_index
+        seed = args.seed + 1_000_003 * rank
         self.collector = Collector(args, self.tokenizer, train_dataset, rewards, constraints, tool,
-                                   torch.Generator().manual_seed(args.seed + 1_000_003 * rank), sample_metrics)
+                                   torch.Generator().manual_seed(seed), sample_metrics,
+                                   device_generator(self.accelerator.device, seed + 1))
         self.collector.check_prompts_fit(model)
 
         policy = GFNPolicy(model, self.log_z_kind())
@@ -247,6 +260,7 @@ class GFNTrainer:
     prompt_ids = property(lambda self: self.collector.prompt_ids)
     buffer = property(lambda self: self.collector.buffer)
     generator = property(lambda self: self.collector.generator)
+    sample_generator = property(lambda self: self.collector.sample_generator)
     rewards = property(lambda self: self.collector.rewards)
     constraints = property(lambda self: self.collector.constraints)
     tool = property(lambda self: self.collector.tool)
@@ -270,8 +284,9 @@ class GFNTrainer:
         """Sample ``n`` completions (text) for each prompt from the current policy."""
         ids = [render_prompt(self.tokenizer, p, self.args.chat_template) for p in prompts]
         idx = torch.arange(len(prompts)).repeat_interleave(n)
-        s = sample(self.model, ids, idx, self.constraints, temperature=temperature, pad_id=self.pad_id,
-                   generator=self.generator, **self.collector.tool_kwargs())
+        with self.sampling_precision():
+            s = sample(self.model, ids, idx, self.constraints, temperature=temperature, pad_id=self.pad_id,
+                       generator=self.sample_generator, **self.collector.tool_kwargs())
         texts = [self.tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -286,9 +301,14 @@ class GFNTrainer:
                               rows if rows is not None else self.rows, k=k, max_prompts=max_prompts,
                               seed=self.args.seed, tool=self.tool)
 
+    def sampling_precision(self):
+        """The context sampling runs in: the policy's autocast under mixed precision (rewards and the
+        loss's log q never run in it), else nothing."""
+        return self.accelerator.autocast() if self.args.mixed_precision != "no" else contextlib.nullcontext()
+
     def _collect(self) -> Episodes:
         """One micro-batch of episodes (no grad)."""
-        return self.collector.collect(self.model, self.accelerator.device)
+        return self.collector.collect(self.model, self.accelerator.device, self.sampling_precision)
 
     # --- the loss -------------------------------------------------------------------------------
     def compute_loss(self, ep: Episodes) -> tuple[Tensor, dict]:
@@ -421,7 +441,7 @@ class GFNTrainer:
         r = acc.process_index
         torch.save({"buffer": self.buffer.state_dict(), "rows": self.collector.fingerprint(),
                     "seeds_used": sorted(self.collector.seeds_used),
-                    "generator": self.generator.get_state(),
+                    "generator": self.generator.get_state(), "sample_generator": self.sample_generator.get_state(),
                     "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
                    tmp / f"rank{r}.pt")
         acc.wait_for_everyone()
@@ -462,6 +482,8 @@ class GFNTrainer:
         self.buffer.load_state_dict(rs["buffer"])
         self.collector.seeds_used = set(rs.get("seeds_used", []))
         self.generator.set_state(rs["generator"])
+        if "sample_generator" in rs:
+            self.sample_generator.set_state(rs["sample_generator"])
         torch.set_rng_state(rs["torch"])
         random.setstate(rs["python"])
         np.random.set_state(rs["numpy"])

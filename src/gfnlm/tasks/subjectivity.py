@@ -206,7 +206,7 @@ class SubjectivityTask(Task):
         prompts = [render_prompt(tok, f"{r['prompt']} {LABELS[r['label']]} because it is", "never") for r in rows]
         index = torch.arange(len(rows)).repeat_interleave(k)
         with base_model(trainer.model) as base:
-            s = sample(base, prompts, index, trainer.constraints, pad_id=trainer.pad_id, generator=trainer.generator)
+            s = sample(base, prompts, index, trainer.constraints, pad_id=trainer.pad_id, generator=trainer.sample_generator)
         c = trainer.constraints
         for i, ids in enumerate(s.completion_ids()):
             text = tok.decode(ids, skip_special_tokens=False)
@@ -246,7 +246,7 @@ class SubjectivityTask(Task):
         trainer.model.eval()
         prompts = [trainer.prompt_ids[i] for i in range(len(trainer.rows))]
         index = torch.arange(len(prompts)).repeat_interleave(k)
-        s = sample(trainer.model, prompts, index, trainer.constraints, pad_id=trainer.pad_id, generator=trainer.generator)
+        s = sample(trainer.model, prompts, index, trainer.constraints, pad_id=trainer.pad_id, generator=trainer.sample_generator)
         trainer.model.train(was)
         return [(prompts[int(index[i])], ids, trainer.rows[int(index[i])]["label"])
                 for i, ids in enumerate(s.completion_ids())]
