@@ -9,9 +9,11 @@ use the CPU (``ACCELERATE_USE_CPU=1``) and started by the torchrun launcher (``-
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,9 +59,12 @@ def test_two_cpu_processes_share_adapters_and_sample_differently(tmp_path):
     steps1 = "\n".join(r1["hashes"]).split("|")
     assert len(steps0) == len(steps1) == 4
     assert all(a != b for a, b in zip(steps0[:3], steps1[:3]))
-    # one complete checkpoint written (by the main process), with both ranks' states
+    # one complete checkpoint written, with both ranks' RNG states (Accelerate's) and run states
     ck = tmp_path / "run" / "checkpoint-3"
-    assert (ck / "COMPLETE").is_file() and (ck / "rank0.pt").is_file() and (ck / "rank1.pt").is_file()
+    assert (ck / "COMPLETE").is_file() and (ck / "random_states_0.pkl").is_file() and (ck / "random_states_1.pkl").is_file()
+    run_state = torch.load(ck / "custom_checkpoint_1.pkl", weights_only=False)
+    assert run_state["step"] == 3 and len(run_state["ranks"]) == 2
+    assert run_state["ranks"][0]["buffer"] != run_state["ranks"][1]["buffer"]  # each rank's own replay buffer
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3"]
 
 
@@ -75,3 +80,99 @@ def test_processes_that_accelerate_does_not_see_are_an_error(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU=1"):
         GFNTrainer(make_tiny_lm(vocab_size=6), PrefixRuleReward(lambda p, t: 0.0), args=args, train_dataset=["<s>"],
                    processing_class=make_tiny_tokenizer())
+
+
+# ----------------------------------------------------------------------------------------------
+# exact resume of a two-process run killed with SIGKILL (tests/resume_script.py)
+# ----------------------------------------------------------------------------------------------
+
+STEPS = 8
+
+
+def launch(out: Path, *args, step_sleep: float = 0.0) -> subprocess.Popen:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", MASTER_ADDR="127.0.0.1", STEP_SLEEP=str(step_sleep))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(HERE / "resume_script.py"), str(out), str(STEPS), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(HERE.parent), start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
+    """SIGKILL the launcher and both ranks as soon as ``ready()`` holds (the run must still be going)."""
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-3000:]
+        assert time.time() - t0 < timeout, "timed out waiting for the moment to kill"
+        time.sleep(0.02)
+    for pid in [*descendants(proc.pid), proc.pid]:  # the ranks first: torchrun starts them in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), deepest first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out[::-1]
+
+
+def final(out: Path) -> list[dict]:
+    return [torch.load(out / f"final{r}.pt") for r in (0, 1)]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_process_run_killed_with_sigkill_resumes_exactly(tmp_path):
+    from gfnlm import checkpoint as ckpt
+
+    # the machine's run-to-run reproducibility, measured first: two uninterrupted runs
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for r in runs:
+        finish(launch(r))
+    a, b = final(runs[0]), final(runs[1])
+    noise = max(max_diff(a[0], b[0]), max_diff(a[1], b[1]))
+    print(f"two uninterrupted 2-process runs: max |difference| of the trainable parameters = {noise}")
+    assert max_diff(a[0], a[1]) == 0.0  # DDP: both ranks hold the same adapters and log Z
+
+    # killed between checkpoints (after checkpoint-4 is complete), then resumed from the latest one
+    c = tmp_path / "c"
+    kill_when(launch(c, step_sleep=0.3), lambda: ckpt.is_complete(c / "run" / "checkpoint-4"))
+    start = ckpt.latest(c / "run")
+    assert start is not None and int(start.name.split("-")[1]) < STEPS and not (c / "final0.pt").exists()
+    finish(launch(c, "--resume"))
+    got = final(c)
+    assert max(max_diff(got[0], a[0]), max_diff(got[1], a[1])) <= 2 * noise, (start, noise)
+
+    # killed inside a checkpoint write: the half-written folder is never one resume would load
+    d = tmp_path / "d"
+    kill_when(launch(d, "--slow-save"), lambda: (d / "saving-4").exists())
+    run = d / "run"
+    assert (run / "checkpoint-4.tmp").is_dir() and not ckpt.is_complete(run / "checkpoint-4.tmp")
+    assert not (run / "checkpoint-4").exists() and ckpt.latest(run) == run / "checkpoint-2"
+    finish(launch(d, "--resume"))
+    got = final(d)
+    assert max(max_diff(got[0], a[0]), max_diff(got[1], a[1])) <= 2 * noise, noise

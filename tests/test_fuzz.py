@@ -643,15 +643,6 @@ def damage(draw, folder: Path) -> list[tuple[str, str]]:
 
 
 
-# load_trained and the resume both raise raw exceptions on damaged checkpoints (json, pickle,
-# safetensors, PEFT, FileNotFoundError...; the report of issue 11 lists them). The fix belongs to
-# the checkpoint rewrite (trainer.py / checkpoint.py): remove these marks when it lands.
-XFAIL_LOAD = pytest.mark.xfail(strict=True, reason="load_trained raises raw exceptions on damaged checkpoint files "
-                                                   "(trainer.py load_trained: json.loads, PeftModel.from_pretrained, torch.load)")
-XFAIL_RESUME = pytest.mark.xfail(strict=True, reason="GFNTrainer.load_checkpoint raises raw exceptions on damaged "
-                                                     "checkpoint files (trainer.py: json.loads, torch.load)")
-
-
 def test_intact_checkpoint_copy_loads_and_resumes(tmp_path, checkpoint, only_tiny_model):
     """The fuzzed tests below start from this: an undamaged copy loads and resumes."""
     model_dir, folder = checkpoint
@@ -682,7 +673,6 @@ def test_missing_or_empty_checkpoint_is_one_line_error(tmp_path, checkpoint, onl
     assert run_cli(["sample", "--checkpoint", path, "--prompt", "a", "-n", "1"], capsys) == "error"
 
 
-@XFAIL_LOAD
 @fuzz(40, phases=[Phase.explicit, Phase.generate])  # no shrinking: each example loads a model
 @given(data=st.data())
 def test_damaged_checkpoint_load(tmp_path, checkpoint, only_tiny_model, capsys, data):
@@ -699,7 +689,6 @@ def test_damaged_checkpoint_load(tmp_path, checkpoint, only_tiny_model, capsys, 
         raise
 
 
-@XFAIL_RESUME
 @fuzz(40, phases=[Phase.explicit, Phase.generate])  # no shrinking: each example loads a model
 @given(data=st.data())
 def test_damaged_checkpoint_resume(tmp_path, checkpoint, only_tiny_model, data):

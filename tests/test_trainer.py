@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import make_tiny_lm, make_tiny_tokenizer
 from gfnlm import checkpoint as ckpt
@@ -89,7 +90,7 @@ def test_resume_without_restoring_state_differs(tmp_path):
     full = make_trainer(tmp_path / "full", **RESUME_CFG)
     full.train()
     partial = make_trainer(tmp_path / "p", **{**RESUME_CFG, "max_steps": 2})
-    state = torch.load(tmp_path / "full" / "checkpoint-2" / "trainable.pt")
+    state = load_file(str(tmp_path / "full" / "checkpoint-2" / "trainable.safetensors"))
     pol = partial.accelerator.unwrap_model(partial.policy)
     with torch.no_grad():
         for n, p in pol.named_parameters():
@@ -130,7 +131,7 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
     def failing_save(obj, f, *a, **kw):
-        if Path(f).name == "optimizer.pt" and tr.step == 2:
+        if Path(f).name == "optimizer.bin" and tr.step == 2:
             raise OSError("disk full (simulated)")
         return real_save(obj, f, *a, **kw)
 
@@ -144,13 +145,14 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoint-2").exists()
     first = tmp_path / "checkpoint-1"
     assert ckpt.is_complete(first) and ckpt.latest(tmp_path) == first
-    for f in ("trainable.pt", "optimizer.pt", "rank0.pt", "trainer_state.json", "gfnlm_config.yaml", "adapter"):
+    for f in ("trainable.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+              "custom_checkpoint_1.pkl", "trainer_state.json", "gfnlm_config.yaml", "adapter"):
         assert (first / f).exists(), f
     # the earlier checkpoint is intact: a fresh trainer resumes from it and carries on
     fresh = make_trainer(tmp_path, save_steps=1, max_steps=3)
     fresh.load_checkpoint(first)
     assert fresh.step == 1
-    state = torch.load(first / "trainable.pt")
+    state = load_file(str(first / "trainable.safetensors"))
     got = fresh.trainable_state()
     assert all(torch.equal(state[n], got[n]) for n in state)
     fresh.train(resume_from_checkpoint=True)

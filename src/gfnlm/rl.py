@@ -358,14 +358,18 @@ def grpo_train(task, model, tokenizer, config: GFNConfig, *, output_dir: str | P
 def save_rl_checkpoint(path: str | Path, model, config: GFNConfig, constraints: Constraints, *, step: int,
                        info: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint that :func:`gfnlm.trainer.load_trained` loads like a GFlowNet one,
-    atomically (:mod:`gfnlm.checkpoint`): ``adapter/`` (or ``trainable.pt`` without LoRA),
+    atomically (:mod:`gfnlm.checkpoint`): ``adapter/`` (or ``trainable.safetensors`` without LoRA),
     ``gfnlm_config.yaml`` and ``trainer_state.json`` with the constraints. Call on one process."""
     from .trainer import write_policy_files
 
     path = Path(path)
     tmp = ckpt.begin(path)
     if not getattr(model, "peft_config", None):
-        torch.save({f"lm.{n}": p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                   tmp / "trainable.pt")
+        from safetensors.torch import save_file
+
+        from .trainer import TRAINABLE
+
+        save_file({f"lm.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(tmp / TRAINABLE))
     write_policy_files(tmp, model, config, constraints, {"step": step, **(info or {})})
     return ckpt.commit(path)

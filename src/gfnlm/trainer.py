@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .config import GFNConfig
 from .data import render_prompt
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, GFNLMError
 from .losses import LOSSES, tempered
 from .policy import bind_base_models, fp32_logits, wrap_policy
 from .rewards import Reward, RewardBatch, as_reward
@@ -225,6 +225,12 @@ class GFNTrainer:
         self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                                        num_training_steps=args.max_steps)
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        # checkpoints are Accelerate's own state (model, optimiser, scaler, every process's torch / CUDA /
+        # numpy / Python RNG) plus the schedule and the run's state; with LoRA the model part is the
+        # trainable parameters only (see save_checkpoint)
+        self.accelerator.register_for_checkpointing(self.scheduler, RunState(self))
+        self.accelerator.register_save_state_pre_hook(self._save_trainable)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable)
         for r in rewards:  # a frozen base copy lives where the policy does
             if getattr(getattr(r, "base_lm", None), "frozen_copy", False):
                 r.base_lm.module.to(self.accelerator.device)
@@ -431,24 +437,25 @@ class GFNTrainer:
         return {n: p.detach().cpu().clone() for n, p in pol.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Write everything needed for an exact resume, atomically (see :mod:`gfnlm.checkpoint`)."""
+        """Write everything needed for an exact resume, atomically (see :mod:`gfnlm.checkpoint`):
+        ``accelerator.save_state`` into the temporary folder, then the policy files, then the
+        ``COMPLETE`` marker and the rename, so that no crash leaves a folder resume would load.
+
+        Accelerate writes the optimiser (sharded under FSDP / DeepSpeed), the GradScaler, every
+        process's RNG states (torch, CUDA, numpy, Python) and the registered objects: the learning-rate
+        schedule and :class:`RunState` (step, every rank's replay buffer and random streams). The model
+        part is ``trainable.safetensors`` (the adapters and log Z; every weight under full fine-tuning)
+        written by :meth:`_save_trainable`, not the frozen base model; under FSDP / DeepSpeed it is
+        Accelerate's own sharded model state."""
         acc = self.accelerator
         path = Path(path)
         if acc.is_main_process:
             ckpt.begin(path)
         acc.wait_for_everyone()
         tmp = ckpt.temp_path(path)
-        r = acc.process_index
-        torch.save({"buffer": self.buffer.state_dict(), "rows": self.collector.fingerprint(),
-                    "seeds_used": sorted(self.collector.seeds_used),
-                    "generator": self.generator.get_state(), "sample_generator": self.sample_generator.get_state(),
-                    "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-                   tmp / f"rank{r}.pt")
+        acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            torch.save(self.trainable_state(), tmp / "trainable.pt")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       tmp / "optimizer.pt")
             info = {"step": self.step, "num_processes": acc.num_processes,
                     "log_z": self.accelerator.unwrap_model(self.policy).log_z_kind, **self.extra_info}
             write_policy_files(tmp, self.model, self.args, self.constraints, info)
@@ -456,38 +463,106 @@ class GFNTrainer:
         acc.wait_for_everyone()
         return path
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore parameters, optimiser, schedule, buffer, step and RNG states."""
-        path = Path(path)
-        if not ckpt.is_complete(path):
-            raise DataError(f"'{path}' is not a complete gfnlm checkpoint (no COMPLETE marker): pick another checkpoint")
-        info = json.loads((path / "trainer_state.json").read_text())
-        r = self.accelerator.process_index
-        if info["num_processes"] != self.accelerator.num_processes:
-            raise DataError(f"checkpoint was written by {info['num_processes']} processes, this run has "
-                            f"{self.accelerator.num_processes}: resume with the same number of processes")
-        pol = self.accelerator.unwrap_model(self.policy)
-        state = torch.load(path / "trainable.pt", map_location="cpu")
-        params = dict(pol.named_parameters())
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    def _save_trainable(self, models, weights, output_dir) -> None:
+        """Accelerate's save hook: the trainable parameters only, as ``trainable.safetensors`` (by the
+        main process), instead of the whole model's state dict. Sharded runs keep Accelerate's own."""
+        if self._sharded() or not weights:
+            return
+        weights.clear()
+        if self.accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(self.trainable_state(), str(Path(output_dir) / TRAINABLE))
+
+    def _load_trainable(self, models, input_dir) -> None:
+        """Accelerate's load hook: read ``trainable.safetensors`` back into the policy (every trainable
+        parameter must be there, and nothing else), then tell Accelerate the model is loaded."""
+        if self._sharded() or not models:
+            return
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(input_dir) / TRAINABLE))
+        params = {n: p for n, p in self.accelerator.unwrap_model(self.policy).named_parameters() if p.requires_grad}
+        if set(state) != set(params) or any(state[n].shape != params[n].shape for n in params):
+            raise DataError(f"'{input_dir}' holds other trainable parameters than this run's (another LoRA or "
+                            "model setting): resume with the config that wrote it")
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        rs = torch.load(path / f"rank{r}.pt", map_location="cpu", weights_only=False)
-        if rs.get("rows", self.collector.fingerprint()) != self.collector.fingerprint():
-            raise DataError(f"'{path}' was written for another dataset (its replay buffer is keyed by row): "
+        models.clear()
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore parameters, optimiser, schedule, scaler, buffer, step and every RNG state."""
+        path = Path(path)
+        if not ckpt.is_complete(path):
+            raise DataError(f"'{path}' is not a complete gfnlm checkpoint (no COMPLETE marker): pick another checkpoint")
+        info = read_checkpoint_json(path)
+        if info.get("num_processes") != self.accelerator.num_processes:
+            raise DataError(f"checkpoint was written by {info.get('num_processes')} processes, this run has "
+                            f"{self.accelerator.num_processes}: resume with the same number of processes")
+        try:
+            self.accelerator.load_state(str(path))
+        except GFNLMError:
+            raise
+        except Exception as e:  # a damaged file anywhere in the folder: torch / safetensors / pickle errors
+            raise DataError(f"checkpoint '{path}' cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else 'damaged file'}): "
+                            "resume from another checkpoint or start a new run") from None
+
+
+TRAINABLE = "trainable.safetensors"
+
+
+def read_checkpoint_json(path: Path) -> dict:
+    """``trainer_state.json`` of a checkpoint as a dict, or a one-line :class:`DataError`."""
+    try:
+        info = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"checkpoint '{path}': trainer_state.json cannot be read ({type(e).__name__}): "
+                        "pick another checkpoint") from None
+    if not isinstance(info, dict) or not isinstance(info.get("constraints"), dict):
+        raise DataError(f"checkpoint '{path}': trainer_state.json is not a gfnlm trainer state: pick another checkpoint")
+    return info
+
+
+class RunState:
+    """What an exact resume needs besides Accelerate's own state: the step, and every rank's replay
+    buffer, lazily seeded rows and random streams (rows and replay on the CPU, sampling on the
+    device). Registered with ``accelerator.register_for_checkpointing``. Accelerate writes registered
+    objects from the main process only, so :meth:`state_dict` gathers every rank's part (a collective
+    call, made on every rank by ``save_state``) and :meth:`load_state_dict` takes this rank's."""
+
+    def __init__(self, trainer: "GFNTrainer"):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        t, c = self.trainer, self.trainer.collector
+        mine = {"buffer": c.buffer.state_dict(), "rows": c.fingerprint(), "seeds_used": sorted(c.seeds_used),
+                "generator": c.generator.get_state(), "sample_generator": c.sample_generator.get_state()}
+        if t.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            ranks = gather_object([mine])
+        else:
+            ranks = [mine]
+        return {"step": t.step, "ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        t, c = self.trainer, self.trainer.collector
+        mine = state["ranks"][t.accelerator.process_index]
+        if mine["rows"] != c.fingerprint():
+            raise DataError("the checkpoint was written for another dataset (its replay buffer is keyed by row): "
                             "resume with the same rows in the same order, or start a new run")
-        self.buffer.load_state_dict(rs["buffer"])
-        self.collector.seeds_used = set(rs.get("seeds_used", []))
-        self.generator.set_state(rs["generator"])
-        if "sample_generator" in rs:
-            self.sample_generator.set_state(rs["sample_generator"])
-        torch.set_rng_state(rs["torch"])
-        random.setstate(rs["python"])
-        np.random.set_state(rs["numpy"])
-        self.step = info["step"]
+        c.buffer.load_state_dict(mine["buffer"])
+        c.seeds_used = set(mine["seeds_used"])
+        c.generator.set_state(mine["generator"])
+        c.sample_generator.set_state(mine["sample_generator"])
+        t.step = int(state["step"])
 
 
 def lora_config(args: GFNConfig):
@@ -535,7 +610,8 @@ def load_trained(path: str | Path, trainable: bool = False):
     """Load a checkpoint written by :class:`GFNTrainer` (or ``gfnlm sft`` / ``gfnlm rl``).
 
     Returns ``(model, tokenizer, config, constraints)``; the model is in eval mode. ``trainable``:
-    its policy adapter (or weights) can be trained further (e.g. GFlowNet fine-tuning from SFT)."""
+    its policy adapter (or weights) can be trained further (e.g. GFlowNet fine-tuning from SFT).
+    A missing or damaged file is a one-line :class:`DataError`, never a silently untrained model."""
     from .models import load_model
 
     path = Path(path)
@@ -544,21 +620,48 @@ def load_trained(path: str | Path, trainable: bool = False):
         if latest is None:
             raise DataError(f"'{path}' is not a complete gfnlm checkpoint: pass a checkpoint-<step> folder written by training")
         path = latest
-    config = GFNConfig.from_yaml(path / "gfnlm_config.yaml")
-    info = json.loads((path / "trainer_state.json").read_text())
+    info = read_checkpoint_json(path)
+    try:
+        config = GFNConfig.from_yaml(path / "gfnlm_config.yaml")
+        constraints = Constraints(**info["constraints"])
+    except (GFNLMError, TypeError) as e:
+        raise DataError(f"checkpoint '{path}': its config or constraints cannot be read ({str(e).splitlines()[0][:160]}): "
+                        "pick another checkpoint") from None
     model, tok = load_model(config.model)
-    if (path / "adapter").is_dir():
-        from peft import PeftModel
+    try:
+        if (path / "adapter").is_dir():
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path / "adapter"), is_trainable=trainable)
-        for extra in sorted((path / "adapter").iterdir()):  # further named adapters (e.g. an EM likelihood model)
-            if (extra / "adapter_config.json").is_file():
-                model.load_adapter(str(extra), adapter_name=extra.name)
-        model.set_adapter("default")
-    else:
-        state = torch.load(path / "trainable.pt", map_location="cpu")
-        lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
-        model.load_state_dict(lm_state, strict=False)
+            model = PeftModel.from_pretrained(model, str(path / "adapter"), is_trainable=trainable)
+            for extra in sorted((path / "adapter").iterdir()):  # further named adapters (e.g. an EM likelihood model)
+                if (extra / "adapter_config.json").is_file():
+                    model.load_adapter(str(extra), adapter_name=extra.name)
+            model.set_adapter("default")
+        elif config.use_peft:
+            raise DataError(f"checkpoint '{path}' has no adapter/ folder although it was trained with LoRA: "
+                            "pick another checkpoint")
+        else:
+            _load_full_weights(model, path)
+    except GFNLMError:
+        raise
+    except Exception as e:  # damaged adapter or weight files: peft / safetensors / json errors
+        raise DataError(f"checkpoint '{path}': its weights cannot be loaded ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or ['damaged file'])[0][:160]}): pick another checkpoint") from None
     model.eval()
-    constraints = Constraints(**info["constraints"])
     return model, tok, config, constraints
+
+
+def _load_full_weights(model, path: Path) -> None:
+    """The policy weights of a full fine-tuning checkpoint (``trainable.safetensors``, keys ``lm.*``),
+    every one of the model's weights required."""
+    from safetensors.torch import load_file
+
+    f = path / TRAINABLE
+    if not f.is_file():
+        raise DataError(f"checkpoint '{path}' has neither adapter/ nor {TRAINABLE}: pick another checkpoint")
+    state = {k[len("lm."):]: v for k, v in load_file(str(f)).items() if k.startswith("lm.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise DataError(f"checkpoint '{path}': {TRAINABLE} does not match the model {type(model).__name__} "
+                        f"(missing {sorted(set(missing) - tied)[:2]}, unexpected {sorted(unexpected)[:2]}): pick another checkpoint")
