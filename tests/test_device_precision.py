@@ -159,3 +159,13 @@ def test_fp32_logits_survives_a_deep_copy():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             a, b = model(input_ids=ids).logits, dup(input_ids=ids).logits
     assert a.dtype == torch.float32 and not torch.allclose(a, b)  # each copy reads its own head
+
+
+def test_a_launcher_precision_the_config_does_not_share_is_a_one_line_error(tmp_path, monkeypatch, fresh_accelerate_state):
+    """`accelerate launch --mixed_precision bf16` with a config left at `no`: gfnlm's field would silently
+    win (an explicit Accelerator argument overrides the launcher), so the run stops and says how to choose."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    model = make_tiny_lm(vocab_size=6)
+    with pytest.raises(ConfigError, match="accelerate launch asks for mixed precision bf16.*mixed_precision: bf16"):
+        GFNTrainer(model, LMLikelihoodReward(model, stop_token_ids=[2]), python_config(tmp_path),
+                   train_dataset=["<s>"], processing_class=make_tiny_tokenizer())

@@ -155,6 +155,11 @@ class GFNTrainer:
         from accelerate import Accelerator
 
         self.args = args = args or GFNConfig()
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what `accelerate launch` / its config asked for
+        if launched and launched.lower() != args.mixed_precision:
+            raise ConfigError(f"accelerate launch asks for mixed precision {launched.lower()} but the config has "
+                              f"mixed_precision {args.mixed_precision}: set mixed_precision: {launched.lower()} in the "
+                              "gfnlm config (its field decides) or launch with the same precision")
         try:
             self.accelerator = Accelerator(log_with=list(args.report_to) or None, project_dir=args.output_dir,
                                            mixed_precision=args.mixed_precision)
