@@ -51,20 +51,6 @@ TINY = dict(SMOLLM2_135M, hidden_size=64, intermediate_size=128, num_hidden_laye
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 
 
-def byte_tokenizer():
-    """Every byte one token (ids 3..258), with <pad>, <s>, </s> as 0, 1, 2: built locally, no files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 def random_model(shape: dict, seed: int, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -380,7 +366,9 @@ def main(argv=None) -> int:
         return 0
     t_start = time.perf_counter()
     shape = TINY if args.tiny else SMOLLM2_135M
-    tok = byte_tokenizer()
+    from gfnlm.models import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
     precisions = args.precisions.split(",")
     res = {"model": "random init, " + ("tiny Llama" if args.tiny else "SmolLM2-135M configuration"),
            "machine": machine(device), "steps": args.steps, "sampler": [], "training": []}

@@ -62,16 +62,9 @@ def tiny_tok():
 
 def byte_tokenizer():
     """A byte-level tokenizer (every byte one token, no merges): '\\n' is a token, as in real BPEs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from gfnlm.models import byte_level_tokenizer
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return byte_level_tokenizer()
 
 
 def save_tiny_lm(path, tok, seed=0, max_positions=512):

@@ -599,3 +599,20 @@ def embedding_model_path(name_or_path: str | os.PathLike) -> Path:
         return path
     raise ModelLoadError(f"embedding model {name_or_path!r} is neither a packaged name ({', '.join(EMBEDDING_MODELS)}) "
                          "nor a local folder with config.json: install the package or give the folder")
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerBase:
+    """A tokenizer built locally, with no file and no download: every byte one token (ids 3..258, no
+    merges, so '\\n' and each digit are tokens, as in real BPEs) and ``<pad>``, ``<s>``, ``</s>`` as 0, 1,
+    2. For tests and for models built from a configuration alone (``bench/gpu.py``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
