@@ -251,7 +251,8 @@ class LMLikelihoodReward(Reward):
     # --- which prefixes ------------------------------------------------------------------------
     def scored(self, batch: RewardBatch) -> Tensor:
         """[B, N+1] bool: the prefixes this reward scores ("stoppable": where the policy acts, past
-        ``min_new_tokens``, and with ``stop_after_tool`` right after a tool's output)."""
+        ``min_new_tokens``, with ``stop_after_tool`` right after a tool's output, and with a
+        ``prefix_rule`` where the text so far satisfies it)."""
         from .sampling import EpisodeStates
 
         N = batch.tokens.shape[1]
@@ -264,6 +265,8 @@ class LMLikelihoodReward(Reward):
         c = self.constraints
         st = EpisodeStates.of(lengths, N, None if batch.action_mask is None else batch.action_mask.cpu())
         ok = st.policy_acts & (st.n_act >= c.min_new_tokens)
+        if c.prefix_rule is not None:  # and where the text so far satisfies the rule (c(z_1:t) = 1)
+            ok = ok & c.accepting_along([batch.tokens[b, :int(lengths[b])].tolist() for b in range(len(lengths))], N)
         return ok & st.after_tool if c.stop_after_tool else ok
 
     # --- the reward ----------------------------------------------------------------------------

@@ -42,6 +42,10 @@ class Constraints:
         stop_after_tool: if True, the policy may stop only in a state that ends with a tool's
             output (e.g. a rationale ending in a computed result, "... 6 - 4 = 2"), besides the
             forced stop at ``max_new_tokens``. Needs a tool when sampling.
+        prefix_rule: optional prefix-aware mask (e.g. :class:`gfnlm.patterns.RegexRule`): in each state,
+            which tokens keep the constraint satisfiable (``allowed(state, remaining, V, device)``) and
+            whether stopping satisfies it (``accepting(state)``); ``advance(state, token)`` and ``walk``
+            give the states. Shared by sampling, scoring and rewards like every other field.
     """
 
     stop_token_ids: list[int]
@@ -50,6 +54,7 @@ class Constraints:
     allowed_token_ids: list[int] | None = None
     forbidden_token_ids: list[int] = field(default_factory=list)
     stop_after_tool: bool = False
+    prefix_rule: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.stop_token_ids:
@@ -87,11 +92,41 @@ class Constraints:
             self._masks[key] = self.token_mask(vocab_size, device)[0].nonzero().squeeze(1)
         return self._masks[key]
 
-    def _can_stop(self, num_generated: Tensor, after_tool: Tensor | None) -> tuple[Tensor, Tensor]:
+    def rule_arrays(self, rows: Sequence[Sequence[int]], width: int, vocab_size: int, device) -> tuple[Tensor, Tensor]:
+        """The ``prefix_rule`` along given episodes (their actions): allowed [R, width+1, V] bool, the
+        tokens the rule allows after each prefix z_1..z_t, and accepting [R, width+1] bool, whether
+        stopping there satisfies it (positions past an episode repeat its last state)."""
+        rule = self.prefix_rule
+        allowed = torch.zeros((len(rows), width + 1, vocab_size), dtype=torch.bool, device=device)
+        for r, (row, states) in enumerate(zip(rows, self._rule_states(rows, width))):
+            allowed[r] = torch.stack([rule.allowed(st, self.max_new_tokens - min(t, len(row)), vocab_size, device)
+                                      for t, st in enumerate(states)])
+        return allowed, self.accepting_along(rows, width).to(device)
+
+    def accepting_along(self, rows: Sequence[Sequence[int]], width: int) -> Tensor:
+        """[R, width+1] bool (CPU): after each prefix of each episode, whether the ``prefix_rule``
+        allows stopping (all True without a rule)."""
+        if self.prefix_rule is None:
+            return torch.ones((len(rows), width + 1), dtype=torch.bool)
+        return torch.tensor([[self.prefix_rule.accepting(st) for st in states]
+                             for states in self._rule_states(rows, width)], dtype=torch.bool).view(len(rows), width + 1)
+
+    def _rule_states(self, rows, width: int) -> list[list]:
+        out = []
+        for row in rows:
+            states = self.prefix_rule.walk(list(row)[:width])
+            out.append(states + [states[-1]] * (width + 1 - len(states)))
+        return out
+
+    def _can_stop(self, num_generated: Tensor, after_tool: Tensor | None,
+                  accepting: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(can_stop, must_stop), bool like ``num_generated``: the length limits and, with
-        ``stop_after_tool``, whether the state ends with tool output (``after_tool``)."""
+        ``stop_after_tool``, whether the state ends with tool output (``after_tool``); with a
+        ``prefix_rule``, whether the text so far satisfies it (``accepting``)."""
         must_stop = num_generated >= self.max_new_tokens
         can_stop = num_generated >= self.min_new_tokens
+        if accepting is not None:
+            can_stop = can_stop & accepting.to(can_stop.device)
         if self.stop_after_tool:
             if after_tool is None:
                 raise ValueError("stop_after_tool needs after_tool: whether each state ends with tool output")
@@ -99,7 +134,8 @@ class Constraints:
         return can_stop, must_stop
 
     def selected_log_probs(self, logits: Tensor, num_generated: Tensor, next_tokens: Tensor,
-                           after_tool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           after_tool: Tensor | None = None, rule: tuple[Tensor, Tensor] | None = None
+                           ) -> tuple[Tensor, Tensor]:
         """log q(next_token | s) and log q(⊤ | s) without materialising the whole distribution.
 
         Same values as :meth:`log_probs` (gathered), for scoring passes: the normaliser is a
@@ -109,7 +145,8 @@ class Constraints:
         Args:
             logits: [..., V] raw logits; num_generated: [...] long; next_tokens: [...] long (any id
                 where there is no next token: its value is then ignored by the caller);
-                after_tool: [...] bool, the state ends with tool output (read with ``stop_after_tool``).
+                after_tool: [...] bool, the state ends with tool output (read with ``stop_after_tool``);
+                rule: with a ``prefix_rule``, (allowed [..., V], accepting [...]) of :meth:`rule_arrays`.
         Returns:
             token_logp [...] (-inf for a token the constraints forbid there), stop_logp [...].
         """
@@ -118,24 +155,30 @@ class Constraints:
         x = logits.float()
         stop_ids = torch.as_tensor(self.stop_token_ids, device=logits.device)
         lse_stop = torch.logsumexp(x.index_select(-1, stop_ids), dim=-1)
-        if self.allowed_token_ids is not None:
+        if rule is not None:
+            lse_tok = torch.logsumexp(x.masked_fill(~(tok_mask & rule[0]), NEG_INF), dim=-1)
+        elif self.allowed_token_ids is not None:
             lse_tok = torch.logsumexp(x.index_select(-1, self.token_ids(V, logits.device)), dim=-1)
         else:
             lse_tok = torch.logsumexp(x.masked_fill(~tok_mask, NEG_INF), dim=-1)
-        can_stop, must_stop = self._can_stop(num_generated, after_tool)
+        can_stop, must_stop = self._can_stop(num_generated, after_tool, None if rule is None else rule[1])
         log_norm = torch.where(must_stop, lse_stop, torch.where(can_stop, torch.logaddexp(lse_tok, lse_stop), lse_tok))
         stop_logp = torch.where(can_stop, lse_stop - log_norm, torch.full_like(log_norm, NEG_INF))
         tok = x.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - log_norm
         ok = tok_mask[next_tokens] & ~must_stop
+        if rule is not None:
+            ok = ok & rule[0].gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
         return torch.where(ok, tok, torch.full_like(tok, NEG_INF)), stop_logp
 
-    def log_probs(self, logits: Tensor, num_generated: Tensor, after_tool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def log_probs(self, logits: Tensor, num_generated: Tensor, after_tool: Tensor | None = None,
+                  rule: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Constrained log-probabilities of the actions at some states.
 
         Args:
             logits: [..., V] raw next-token logits (any dtype; computed in fp32).
             num_generated: [...] long, tokens generated so far at each state (t).
             after_tool: [...] bool, the state ends with tool output (read with ``stop_after_tool``).
+            rule: with a ``prefix_rule``, (allowed [..., V], accepting [...]) of :meth:`rule_arrays`.
 
         Returns:
             logp: [..., V] log-probability of each token id under the constraints; for a
@@ -144,7 +187,9 @@ class Constraints:
                 ``min_new_tokens``; 0 at ``max_new_tokens``.
         """
         tok_mask, stop_mask = self.token_mask(logits.shape[-1], logits.device)
-        can_stop, must_stop = self._can_stop(num_generated, after_tool)
+        can_stop, must_stop = self._can_stop(num_generated, after_tool, None if rule is None else rule[1])
+        if rule is not None:
+            tok_mask = tok_mask & rule[0]
         can_stop, must_stop = can_stop.unsqueeze(-1), must_stop.unsqueeze(-1)
         allowed = (tok_mask & ~must_stop) | (stop_mask & can_stop)  # never empty: stop or a token
         x = logits.float()
@@ -419,13 +464,18 @@ class _ActionSpace:
             self.cand_ids = torch.cat([c.token_ids(vocab_size, device), self.stop_ids[:1]])
             self.stop_col = len(self.cand_ids) - 1
 
-    def dist(self, logits: Tensor, can_stop: Tensor, must_stop: Tensor) -> _StepDist:
-        """From next-token ``logits`` [B, V] and the stop rule of each row ([B] bool each)."""
+    def dist(self, logits: Tensor, can_stop: Tensor, must_stop: Tensor, rule_mask: Tensor | None = None) -> _StepDist:
+        """From next-token ``logits`` [B, V], the stop rule of each row ([B] bool each) and, with a
+        prefix rule, the tokens it allows in each row (``rule_mask`` [B, V] bool)."""
         x = logits.float()
         if self.cand_ids is None:
             scores = x.masked_fill(~self.tok_mask, NEG_INF)
+            if rule_mask is not None:
+                scores.masked_fill_(~rule_mask, NEG_INF)
         else:
             scores = x.index_select(1, self.cand_ids)
+            if rule_mask is not None:
+                scores.masked_fill_(~rule_mask.index_select(1, self.cand_ids), NEG_INF)
             scores[:, self.stop_col] = NEG_INF
         scores.masked_fill_(must_stop[:, None], NEG_INF)
         lse_tok = torch.logsumexp(scores, dim=-1)
@@ -501,6 +551,8 @@ def sample(
         raise DataError("sampling with a tool needs the tokenizer (tokenizer=...)")
     if constraints.stop_after_tool and tool is None:
         raise DataError("stop_after_tool: episodes may stop only after a tool's output, but no tool was given")
+    if constraints.prefix_rule is not None and tool is not None:
+        raise DataError("a prefix rule (e.g. a regex constraint) and a tool cannot be combined: drop one of them")
     prompt_index = torch.as_tensor(prompt_index, dtype=torch.long).to(device)
     B = prompt_index.numel()
     temp = torch.as_tensor(temperature, dtype=torch.float32).to(device)
@@ -536,11 +588,18 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
     forced = torch.zeros(B, dtype=torch.bool, device=device)  # a tool token is due at this state
     pending: list[list[int]] = [[] for _ in range(B)]  # tool tokens still to be written, per row
     tool_used = [0] * B
+    rule = constraints.prefix_rule
+    rule_states = [rule.start] * B if rule is not None else None
+    V = logits.shape[-1]
 
     for t in range(S + 1):
         real = alive & ~forced  # states where the policy acts (may stop)
-        can_stop, must_stop = constraints._can_stop(n_act, after_tool)
-        d = space.dist(logits, can_stop, must_stop)
+        rule_mask = accepting = None
+        if rule is not None:  # the rule's state of each row: t actions taken (no tool with a rule)
+            rule_mask = torch.stack([rule.allowed(st, N - t, V, device) for st in rule_states])
+            accepting = torch.tensor([rule.accepting(st) for st in rule_states], device=device)
+        can_stop, must_stop = constraints._can_stop(n_act, after_tool, accepting)
+        d = space.dist(logits, can_stop, must_stop, rule_mask)
         stop_lp = d.scores[:, space.stop_col] - d.log_norm
         log_pterm[:, t] = torch.where(real, stop_lp, log_pterm[:, t])
         if t == S:
@@ -560,6 +619,9 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
         n_act += acted.long()
         after_tool = cont & ~acted  # a tool token was just written
         alive = cont
+        if rule is not None:
+            rule_states = [rule.advance(st, tok) if a else st
+                           for st, tok, a in zip(rule_states, choice.tolist(), acted.tolist())]
         if tool is not None:
             for b in acted.nonzero().squeeze(1).tolist():
                 pending[b] = tool_output(tool, tokenizer, tokens[b, : int(lengths[b])].tolist(), tool_used[b],

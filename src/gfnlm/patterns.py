@@ -1,0 +1,182 @@
+"""Prefix-aware constraints: a regular expression on the completion text as a token automaton.
+
+A :class:`RegexRule` tells, for every prefix z_1..z_t of an episode, which next tokens keep a full
+match of the pattern reachable within the episode's remaining length, and whether the text so far
+matches (so that stopping is allowed). Attached to :class:`gfnlm.sampling.Constraints` as its
+``prefix_rule``, it is one action mask shared by the sampler, the scoring pass and the rewards: the
+policy never spends a sample where c(Z) = 0, and log q stays exact (renormalised over the actions the
+rule allows).
+
+The regex is compiled by **interegular** (a pure-Python regex to finite-state-machine compiler used
+by constrained-decoding libraries); each token's text is walked through its character automaton. We
+first used outlines-core (its ``Index`` does the same walk in Rust), but version 0.2.14 drops the
+transitions that leave an accepting state along a path of several tokens (``a(bb)?`` never produces
+``abb``), which this module's brute-force test caught; a mask that forbids matching texts is a wrong
+target, so we walk the tokens ourselves. A token whose bytes are not whole UTF-8 characters (half of a
+multi-byte character) is never allowed under a pattern: such texts are outside the target.
+
+The pattern must match the whole completion (the stop action is not part of it: with stop ".",
+``[^e]+`` is a sentence without the letter e). Tokens are read as the bytes they stand for (GPT-2
+byte-level tokenizers; SentencePiece's ``▁`` and ``<0xNN>`` tokens); special tokens and the stop ids are
+never part of the text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable stand-in character of each byte, inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer) -> dict[int, bytes]:
+    """The bytes each ordinary token id writes into the text (special tokens left out)."""
+    special = set(tokenizer.all_special_ids)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    byte_level = decoder is not None and "ByteLevel" in type(decoder).__name__
+    table = _byte_decoder() if byte_level else None
+    out = {}
+    for text, i in tokenizer.get_vocab().items():
+        if i in special:
+            continue
+        if table is not None:
+            try:
+                out[i] = bytes(table[c] for c in text)
+            except KeyError:  # an added token outside the byte alphabet: its text as it is
+                out[i] = text.encode()
+        elif _HEX_BYTE.fullmatch(text):
+            out[i] = bytes([int(_HEX_BYTE.fullmatch(text).group(1), 16)])
+        else:
+            out[i] = text.replace("\u2581", " ").encode()
+    return out
+
+
+class RegexRule:
+    """``pattern`` as an action mask over ``constraints``' actions (see the module docstring).
+
+    States are the states of the pattern's character automaton. ``allowed(state, remaining)`` is the
+    bool [V] mask of the tokens that may be taken there with ``remaining`` actions left (those from
+    which a full match is still reachable in time), ``accepting(state)`` whether the text so far
+    matches, ``advance`` the next state. Token transitions are built once per reachable state, masks
+    once per (state, remaining), and cached.
+
+    Raises a one-line :class:`DataError` for a pattern that does not compile, one that no text of this
+    vocabulary matches within ``max_new_tokens`` tokens, or one no first token can start.
+    """
+
+    def __init__(self, pattern: str, tokenizer, constraints):
+        import interegular
+
+        self.pattern = pattern
+        self.max_new_tokens = constraints.max_new_tokens
+        try:
+            fsm = interegular.parse_pattern(pattern).to_fsm()
+        except Exception as e:  # interegular's parse errors have no common base class
+            raise DataError(f"regex {pattern!r} cannot be compiled ({type(e).__name__}): check the pattern") from None
+        self._fsm_map, self.start, self.final = fsm.map, fsm.initial, set(fsm.finals)
+        alphabet = fsm.alphabet
+        other = alphabet[interegular.fsm.anything_else]
+        vocab_size = max(len(tokenizer), *constraints.stop_token_ids) + 1
+        actions = constraints.token_mask(vocab_size, "cpu")[0]
+        self._tokens = []  # (id, symbols of its characters): the actions whose bytes are whole characters
+        for i, b in token_bytes(tokenizer).items():
+            if i < len(actions) and actions[i] and b:
+                try:
+                    text = b.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                self._tokens.append((i, tuple(alphabet[c] if c in alphabet else other for c in text)))
+        self.trans: dict[int, dict[int, int]] = {}
+        todo = [self.start]
+        while todo:  # token transitions of every state reachable from the start
+            st = todo.pop()
+            if st in self.trans:
+                continue
+            self.trans[st] = self._token_transitions(st)
+            todo += [n for n in set(self.trans[st].values()) if n not in self.trans]
+        self.dist = self._distances(set(self.trans))
+        if self.dist.get(self.start, float("inf")) > self.max_new_tokens:
+            raise DataError(f"regex {pattern!r}: no completion of at most max_new_tokens={self.max_new_tokens} tokens "
+                            "that the policy may write matches it: check the pattern against the allowed tokens, or "
+                            "raise max_new_tokens")
+        self._masks: dict = {}
+
+    def _token_transitions(self, state: int) -> dict[int, int]:
+        out = {}
+        fsm = self._fsm_map
+        for i, symbols in self._tokens:
+            st = state
+            for sym in symbols:
+                st = fsm.get(st, {}).get(sym)
+                if st is None:
+                    break
+            else:
+                out[i] = st
+        return out
+
+    def _distances(self, states) -> dict[int, int]:
+        """Fewest tokens from each state to a matching one (BFS on the reversed transitions)."""
+        back: dict[int, set[int]] = {}
+        for s, d in self.trans.items():
+            for n in d.values():
+                back.setdefault(n, set()).add(s)
+        dist = {s: 0 for s in self.final}
+        todo = deque(self.final)
+        while todo:
+            s = todo.popleft()
+            for p in back.get(s, ()):
+                if p not in dist:
+                    dist[p] = dist[s] + 1
+                    todo.append(p)
+        return dist
+
+    def accepting(self, state: int | None) -> bool:
+        return state in self.final
+
+    def advance(self, state: int | None, token: int) -> int | None:
+        """The state after ``token``; None (dead) when the token leaves the pattern (only a
+        teacher-forced episode the rule would not have produced gets there: its log q is -inf)."""
+        return None if state is None else self.trans.get(state, {}).get(int(token))
+
+    def allowed(self, state: int | None, remaining: int, vocab_size: int, device) -> Tensor:
+        """Bool [vocab_size]: the tokens that may be taken in ``state`` with ``remaining`` actions left."""
+        remaining = max(0, min(int(remaining), self.max_new_tokens))
+        key = (state, remaining, vocab_size, str(device))
+        if key not in self._masks:
+            m = torch.zeros(vocab_size, dtype=torch.bool)
+            ids = [t for t, n in self.trans.get(state, {}).items()
+                   if t < vocab_size and self.dist.get(n, float("inf")) <= remaining - 1]
+            if ids:
+                m[torch.tensor(ids)] = True
+            self._masks[key] = m.to(device)
+        return self._masks[key]
+
+    def walk(self, tokens: list[int]) -> list[int | None]:
+        """The states after each prefix of ``tokens``: [len + 1] (the start first; None once dead)."""
+        out = [self.start]
+        for t in tokens:
+            out.append(self.advance(out[-1], t))
+        return out
+
+    def matches(self, tokens: list[int]) -> bool:
+        """Whether the completion ``tokens`` matches the pattern."""
+        return self.accepting(self.walk(tokens)[-1])

@@ -1,0 +1,125 @@
+"""A regex as a prefix-aware action mask (gfnlm.patterns.RegexRule) shared by sampling, scoring and
+rewards: checked against Python's own regex matcher and against brute-force enumeration."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, make_tiny_lm
+from gfnlm.errors import DataError
+from gfnlm.patterns import RegexRule
+from gfnlm.rewards import LMLikelihoodReward, RewardBatch
+from gfnlm.sampling import Constraints, sample
+from gfnlm.scoring import score
+
+TOK = byte_tokenizer()
+ALPHABET = "ab1-"
+IDS = {ch: TOK.convert_tokens_to_ids(ch) for ch in ALPHABET}
+CHAR = {i: ch for ch, i in IDS.items()}
+STOP = TOK.eos_token_id
+PATTERN = r"a[ab]*(-1)?"
+
+
+def constraints(max_new_tokens=4, pattern=PATTERN, min_new_tokens=0):
+    c = Constraints(stop_token_ids=[STOP], min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
+                    allowed_token_ids=sorted(IDS.values()))
+    c.prefix_rule = RegexRule(pattern, TOK, c)
+    return c
+
+
+def strings(max_len):
+    for n in range(max_len + 1):
+        yield from itertools.product(ALPHABET, repeat=n)
+
+
+def test_the_rule_agrees_with_pythons_matcher_and_with_brute_force_reachability():
+    c = constraints(max_new_tokens=5)
+    rule = c.prefix_rule
+    rng = random.Random(0)
+    for _ in range(300):  # whole strings: matches() is re.fullmatch
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 7)))
+        assert rule.matches([IDS[ch] for ch in text]) == bool(re.fullmatch(PATTERN, text)), text
+    # every prefix: a token is allowed iff some completion within the remaining length matches
+    matching = {"".join(s) for s in strings(5) if re.fullmatch(PATTERN, "".join(s))}
+    for prefix in map("".join, strings(4)):
+        if not any(m.startswith(prefix) for m in matching):
+            continue  # unreachable: the mask never lets an episode get here
+        state = rule.walk([IDS[ch] for ch in prefix])[-1]
+        assert rule.accepting(state) == (prefix in matching)
+        mask = rule.allowed(state, 5 - len(prefix), len(TOK) + 1, "cpu")
+        for ch in ALPHABET:
+            want = any(m.startswith(prefix + ch) for m in matching)
+            assert bool(mask[IDS[ch]]) == want, (prefix, ch)
+
+
+def tiny_model(seed=3):
+    return make_tiny_lm(vocab_size=len(TOK) + 1, seed=seed)
+
+
+def test_masked_sampling_equals_scoring_and_always_satisfies_the_pattern():
+    model, c = tiny_model(), constraints()
+    prompts = [[1, IDS["a"]], [1]]
+    s = sample(model, prompts, [0, 1] * 16, c, temperature=1.4, epsilon=0.1, generator=torch.Generator().manual_seed(0))
+    for row in s.completion_ids():
+        assert re.fullmatch(PATTERN, "".join(CHAR[i] for i in row)), row
+    sc = score(model, prompts, s.prompt_index, s.tokens, s.lengths, c)
+    torch.testing.assert_close(s.log_pf, sc.log_pf.detach(), atol=1e-5, rtol=1e-5)
+    fin = torch.isfinite(sc.log_pterm)
+    assert torch.equal(fin, torch.isfinite(s.log_pterm))
+    torch.testing.assert_close(s.log_pterm[fin], sc.log_pterm[fin].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_masked_policy_is_a_distribution_over_the_matching_strings_only():
+    """Scored exactly, every string the policy can write matches the pattern and their probabilities
+    sum to one (log q renormalised over the allowed actions), and the sampler's frequencies follow them."""
+    model, c = tiny_model(seed=5), constraints(max_new_tokens=3)
+    texts = ["".join(s) for s in strings(3)]
+    tokens = torch.zeros((len(texts), 3), dtype=torch.long)
+    for i, t in enumerate(texts):
+        tokens[i, :len(t)] = torch.tensor([IDS[ch] for ch in t], dtype=torch.long) if t else torch.zeros(0, dtype=torch.long)
+    lengths = torch.tensor([len(t) for t in texts])
+    with torch.no_grad():
+        sc = score(model, [[1]], torch.zeros(len(texts), dtype=torch.long), tokens, lengths, c)
+    logq = sc.log_pf.sum(1) + sc.log_pterm.gather(1, lengths[:, None]).squeeze(1)
+    q = logq.exp()
+    matching = torch.tensor([bool(re.fullmatch(PATTERN, t)) for t in texts])
+    assert torch.all(q[~matching] == 0) and math.isclose(float(q.sum()), 1.0, rel_tol=1e-5)
+    n = 4000
+    s = sample(model, [[1]], [0] * n, c, generator=torch.Generator().manual_seed(1))
+    index = {t: i for i, t in enumerate(texts)}
+    counts = torch.zeros(len(texts))
+    for row in s.completion_ids():
+        counts[index["".join(CHAR[i] for i in row)]] += 1
+    exp = q * n
+    keep = exp > 5
+    chi2 = float(((counts[keep] - exp[keep]) ** 2 / exp[keep]).sum())
+    assert counts[~keep].sum() <= 5 * max(1, int((~keep & matching).sum())) and chi2 < 3 * int(keep.sum()) + 20, chi2
+
+
+def test_the_lm_reward_scores_only_prefixes_that_satisfy_the_pattern():
+    model, c = tiny_model(seed=7), constraints()
+    comps = [[IDS["a"], IDS["b"], IDS["-"], IDS["1"]], [IDS["a"]]]
+    tokens = torch.zeros((2, 4), dtype=torch.long)
+    for i, row in enumerate(comps):
+        tokens[i, :len(row)] = torch.tensor(row)
+    batch = RewardBatch(prompts=["p"], prompt_ids=[[1]], prompt_index=torch.tensor([0, 0]), tokens=tokens,
+                        lengths=torch.tensor([4, 1]), completions=["ab-1", "a"], tokenizer=TOK)
+    reward = LMLikelihoodReward(model, stop_token_ids=[STOP], constraints=c, prefixes="stoppable", invalid_log_reward=-99.0)
+    got = reward(batch)
+    # "", "a", "ab", "ab-", "ab-1": the empty text and "ab-" do not match
+    assert got[0].tolist()[0] == -99.0 and got[0].tolist()[3] == -99.0
+    assert all(v > -99.0 for i, v in enumerate(got[0].tolist()) if i in (1, 2, 4))
+
+
+@pytest.mark.parametrize("pattern, why", [("a{9}", "max_new_tokens"), ("zz", "the allowed tokens"),
+                                           ("(", "cannot be compiled"), ("[^ab1-]", "the allowed tokens")])
+def test_a_pattern_no_completion_can_match_is_a_one_line_error(pattern, why):
+    with pytest.raises(DataError, match=why) as e:
+        constraints(max_new_tokens=4, pattern=pattern)
+    assert len(str(e.value).splitlines()) == 1
