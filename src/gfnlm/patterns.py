@@ -70,6 +70,16 @@ def token_bytes(tokenizer) -> dict[int, bytes]:
     return out
 
 
+def compile_pattern(pattern: str):
+    """The pattern's character automaton (interegular's FSM), or a one-line :class:`DataError`."""
+    import interegular
+
+    try:
+        return interegular.parse_pattern(pattern).to_fsm()
+    except Exception as e:  # interegular's parse errors have no common base class
+        raise DataError(f"regex {pattern!r} cannot be compiled ({type(e).__name__}): check the pattern") from None
+
+
 class RegexRule:
     """``pattern`` as an action mask over ``constraints``' actions (see the module docstring).
 
@@ -88,10 +98,7 @@ class RegexRule:
 
         self.pattern = pattern
         self.max_new_tokens = constraints.max_new_tokens
-        try:
-            fsm = interegular.parse_pattern(pattern).to_fsm()
-        except Exception as e:  # interegular's parse errors have no common base class
-            raise DataError(f"regex {pattern!r} cannot be compiled ({type(e).__name__}): check the pattern") from None
+        fsm = compile_pattern(pattern)
         self._fsm_map, self.start, self.final = fsm.map, fsm.initial, set(fsm.finals)
         alphabet = fsm.alphabet
         other = alphabet[interegular.fsm.anything_else]

@@ -23,12 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -592,6 +590,9 @@ def write_policy_files(folder: str | Path, lm, args: GFNConfig, constraints: Con
                                    "allowed_token_ids": constraints.allowed_token_ids,
                                    "forbidden_token_ids": constraints.forbidden_token_ids,
                                    "stop_after_tool": constraints.stop_after_tool})
+    rule = constraints.prefix_rule
+    if rule is not None:  # a regex is saved as its pattern and rebuilt by load_trained
+        info["prefix_rule"] = {"regex": rule.pattern} if hasattr(rule, "pattern") else {"type": type(rule).__name__}
     (folder / "trainer_state.json").write_text(json.dumps(info, indent=1))
 
 
@@ -653,6 +654,14 @@ def load_trained(path: str | Path, trainable: bool = False):
         raise DataError(f"checkpoint '{path}': its weights cannot be loaded ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or ['damaged file'])[0][:160]}): pick another checkpoint") from None
     model.eval()
+    rule = info.get("prefix_rule")
+    if isinstance(rule, dict) and "regex" in rule:
+        from .patterns import RegexRule
+
+        constraints.prefix_rule = RegexRule(str(rule["regex"]), tok, constraints)
+    elif rule is not None:
+        raise DataError(f"checkpoint '{path}' was trained under a custom prefix rule ({rule}) that cannot be rebuilt "
+                        "from the folder: load it in Python and set constraints.prefix_rule yourself")
     return model, tok, config, constraints
 
 

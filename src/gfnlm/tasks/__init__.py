@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "infilling": "gfnlm.tasks.infilling:InfillingTask",
     "continuation": "gfnlm.tasks.continuation:ContinuationTask",
     "contrastive": "gfnlm.tasks.contrastive:ContrastiveTask",
+    "constrained": "gfnlm.tasks.constrained:ConstrainedTask",
 }
 
 
