@@ -154,7 +154,6 @@ def sampler_vs_generate(shape, device, precision: str, reps: int, B=16, N=20, L=
     t = {"sampler": timed(ours, device, reps), "sampler, adapters unmerged": timed(lambda: ours(False), device, reps),
          "HF generate": timed(hf, device, reps)}
     med = {k: statistics.median(v) for k, v in t.items()}
-    del model
     return {"precision": precision, "B": B, "N": N, "prompt": L, "seconds": med,
             "sampler_over_generate": med["sampler"] / med["HF generate"]}
 
