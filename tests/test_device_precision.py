@@ -169,3 +169,14 @@ def test_a_launcher_precision_the_config_does_not_share_is_a_one_line_error(tmp_
     with pytest.raises(ConfigError, match="accelerate launch asks for mixed precision bf16.*mixed_precision: bf16"):
         GFNTrainer(model, LMLikelihoodReward(model, stop_token_ids=[2]), python_config(tmp_path),
                    train_dataset=["<s>"], processing_class=make_tiny_tokenizer())
+
+
+def test_an_fsdp_launch_accelerate_turns_into_something_else_is_a_one_line_error(tmp_path, monkeypatch,
+                                                                                fresh_accelerate_state):
+    """`accelerate launch` with an FSDP config on a machine where Accelerate does not run FSDP (on CPU it
+    falls back to DDP without a word): the run stops instead of training under another strategy."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = make_tiny_lm(vocab_size=6)
+    with pytest.raises(ConfigError, match="asked for FSDP but Accelerate runs"):
+        GFNTrainer(model, LMLikelihoodReward(model, stop_token_ids=[2]), python_config(tmp_path),
+                   train_dataset=["<s>"], processing_class=make_tiny_tokenizer())

@@ -166,6 +166,7 @@ class GFNTrainer:
             fix = ("start a new process: Accelerate keeps one precision per process" if "already been initialized" in why
                    else "use bf16 or no on this machine")
             raise ConfigError(f"mixed_precision {args.mixed_precision}: {why} ({fix})") from None
+        self._check_sharding()
         if args.mixed_precision == "fp16" and self.accelerator.device.type != "cuda":
             raise ConfigError(f"mixed_precision fp16 needs a CUDA GPU (this run is on {self.accelerator.device.type}, where "
                               "Accelerate would silently train in fp32): use bf16 or no")
@@ -242,6 +243,24 @@ class GFNTrainer:
         #: extra JSON-able entries written into every checkpoint's trainer_state.json (e.g. EM progress)
         self.extra_info: dict = {}
         self._trackers_started = False
+
+    def _check_sharding(self) -> None:
+        """Refuse the launches gfnlm cannot run correctly, with the fix: FSDP and DeepSpeed ZeRO-3 shard
+        the weights that the sampler and LM rewards read outside the wrapped forward (not supported yet:
+        docs/scaling.md), and Accelerate turns an FSDP launch on CPU into DDP without a word."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        zero3 = acc.distributed_type == DistributedType.DEEPSPEED and \
+            getattr(acc.state.deepspeed_plugin, "zero_stage", 0) == 3
+        if asked_fsdp and acc.distributed_type != DistributedType.FSDP:
+            raise ConfigError(f"accelerate launch asked for FSDP but Accelerate runs {acc.distributed_type.value} "
+                              "(FSDP needs GPUs; on CPU Accelerate falls back to DDP): launch with a DDP config")
+        if acc.distributed_type == DistributedType.FSDP or zero3:
+            raise ConfigError("FSDP and DeepSpeed ZeRO-3 shard the weights that gfnlm's sampler and LM rewards read "
+                              "outside the wrapped forward, which is not supported yet (docs/scaling.md): use DDP "
+                              "or DeepSpeed ZeRO-2")
 
     def log_z_kind(self) -> str:
         """The learned log Z: ``args.log_z``, or with ``auto``: none when the loss needs none (or the
