@@ -10,8 +10,9 @@ stop. Every sampler's exact distribution over the 156 strings comes from scoring
   sampler, scoring and reward), before training (= locally constrained decoding: zero-initialised
   adapters) and after ``--steps`` steps;
 * **locally constrained decoding**: the base LM under the same mask, renormalised token by token;
-* **rejection sampling** from p̃ (the six words, no mask): exactly π, at 1 / P(c) proposals per
-  accepted sample.
+* **rejection sampling** from p̃ (the six words, no mask, proposals of up to five tokens, those of at
+  most four that match kept, so each ended with a real stop): exactly π, at 1 / P(c) proposals per
+  accepted sample (its distribution computed, not assumed).
 
 Per sampler: KL(π || q), KL(q || π), TV(π, q), the exact ELBO E_q[log R - log q] (log Z - KL(q || π)),
 satisfaction, and the LM calls per sample (tokens read, stop included; rejection: per accepted
@@ -106,13 +107,17 @@ def main(argv=None) -> int:
     log_pi = log_r - log_z
 
     rows = {}
-    # rejection sampling from p̃ (no mask): exactly π; cost = E[calls per proposal] / P(c)
-    log_base_all = exact(model, tok, prompt, free, everything)
-    all_len = torch.tensor([len(s) for s in everything], dtype=torch.float64)
-    p_valid = float(log_base_all.exp()[[everything.index(s) for s in valid]].sum())
-    rows["rejection sampling from p̃"] = {
-        "kl_target_to_q": 0.0, "kl_q_to_target": 0.0, "tv": 0.0, "elbo": log_z, "satisfaction": 1.0,
-        "acceptance_rate": p_valid, "lm_calls_per_sample": float((log_base_all.exp() * (all_len + 1)).sum()) / p_valid}
+    # rejection sampling from p̃ (no mask) with proposals of up to 5 tokens, those of at most 4 that match
+    # kept (each ended with a real stop): its exact distribution, acceptance and cost per accepted sample
+    proposal = Constraints(stop_token_ids=[stop], min_new_tokens=1, max_new_tokens=5, allowed_token_ids=sorted(word_ids))
+    longer = everything + [list(s) for s in itertools.product(word_ids, repeat=5)]
+    log_prop = exact(model, tok, prompt, proposal, longer)
+    index = {tuple(s): i for i, s in enumerate(longer)}
+    log_kept = log_prop[[index[tuple(s)] for s in valid]]
+    p_valid = float(log_kept.exp().sum())
+    calls = float((log_prop.exp() * (torch.tensor([len(s) for s in longer], dtype=torch.float64) + 1)).sum())
+    rows["rejection sampling from p̃"] = dict(compare(log_pi, log_kept - math.log(p_valid), log_r, lengths),
+                                             acceptance_rate=p_valid, lm_calls_per_sample=calls / p_valid)
     rows["locally constrained decoding"] = compare(log_pi, exact(model, tok, prompt, masked, valid), log_r, lengths)
 
     cfg = GFNConfig(model=args.model, max_steps=args.steps, learning_rate=args.lr, warmup_steps=10,

@@ -75,10 +75,13 @@ def test_masked_sampling_equals_scoring_and_always_satisfies_the_pattern():
     torch.testing.assert_close(s.log_pterm[fin], sc.log_pterm[fin].detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_the_masked_policy_is_a_distribution_over_the_matching_strings_only():
-    """Scored exactly, every string the policy can write matches the pattern and their probabilities
-    sum to one (log q renormalised over the allowed actions), and the sampler's frequencies follow them."""
-    model, c = tiny_model(seed=5), constraints(max_new_tokens=3)
+@pytest.mark.parametrize("min_new_tokens", [0, 2])
+def test_the_masked_policy_is_a_distribution_over_the_matching_strings_only(min_new_tokens):
+    """Scored exactly, every string the policy can write matches the pattern (and is long enough) and
+    their probabilities sum to one (log q renormalised over the allowed actions), and the sampler's
+    frequencies follow them. With min_new_tokens = 2, "a" matches but is too short: the mask must not
+    offer it as a way in (a state with neither an action nor a stop would give NaN)."""
+    model, c = tiny_model(seed=5), constraints(max_new_tokens=3, min_new_tokens=min_new_tokens)
     texts = ["".join(s) for s in strings(3)]
     tokens = torch.zeros((len(texts), 3), dtype=torch.long)
     for i, t in enumerate(texts):
@@ -88,7 +91,7 @@ def test_the_masked_policy_is_a_distribution_over_the_matching_strings_only():
         sc = score(model, [[1]], torch.zeros(len(texts), dtype=torch.long), tokens, lengths, c)
     logq = sc.log_pf.sum(1) + sc.log_pterm.gather(1, lengths[:, None]).squeeze(1)
     q = logq.exp()
-    matching = torch.tensor([bool(re.fullmatch(PATTERN, t)) for t in texts])
+    matching = torch.tensor([bool(re.fullmatch(PATTERN, t)) and len(t) >= min_new_tokens for t in texts])
     assert torch.all(q[~matching] == 0) and math.isclose(float(q.sum()), 1.0, rel_tol=1e-5)
     n = 4000
     s = sample(model, [[1]], [0] * n, c, generator=torch.Generator().manual_seed(1))

@@ -24,7 +24,6 @@ never part of the text.
 from __future__ import annotations
 
 import re
-from collections import deque
 
 import torch
 from torch import Tensor
@@ -80,6 +79,13 @@ def compile_pattern(pattern: str):
         raise DataError(f"regex {pattern!r} cannot be compiled ({type(e).__name__}): check the pattern") from None
 
 
+def _or_all(values) -> int:
+    out = 0
+    for v in values:
+        out |= v
+    return out
+
+
 class RegexRule:
     """``pattern`` as an action mask over ``constraints``' actions (see the module docstring).
 
@@ -120,11 +126,12 @@ class RegexRule:
                 continue
             self.trans[st] = self._token_transitions(st)
             todo += [n for n in set(self.trans[st].values()) if n not in self.trans]
-        self.dist = self._distances(set(self.trans))
-        if self.dist.get(self.start, float("inf")) > self.max_new_tokens:
-            raise DataError(f"regex {pattern!r}: no completion of at most max_new_tokens={self.max_new_tokens} tokens "
+        self.min_new_tokens = constraints.min_new_tokens
+        self.lengths = self._match_lengths()
+        if not self.lengths.get(self.start, 0) >> self.min_new_tokens:
+            raise DataError(f"regex {pattern!r}: no completion of {self.min_new_tokens} to {self.max_new_tokens} tokens "
                             "that the policy may write matches it: check the pattern against the allowed tokens, or "
-                            "raise max_new_tokens")
+                            "change min_new_tokens / max_new_tokens")
         self._masks: dict = {}
 
     def _token_transitions(self, state: int) -> dict[int, int]:
@@ -140,21 +147,16 @@ class RegexRule:
                 out[i] = st
         return out
 
-    def _distances(self, states) -> dict[int, int]:
-        """Fewest tokens from each state to a matching one (BFS on the reversed transitions)."""
-        back: dict[int, set[int]] = {}
-        for s, d in self.trans.items():
-            for n in d.values():
-                back.setdefault(n, set()).add(s)
-        dist = {s: 0 for s in self.final}
-        todo = deque(self.final)
-        while todo:
-            s = todo.popleft()
-            for p in back.get(s, ()):
-                if p not in dist:
-                    dist[p] = dist[s] + 1
-                    todo.append(p)
-        return dist
+    def _match_lengths(self) -> dict[int, int]:
+        """For each state, a bitmask of the numbers of tokens k (0..max_new_tokens) after which a match
+        can end: bit k of ``lengths[s]`` is set if some k tokens lead from s to a matching state."""
+        full = (1 << (self.max_new_tokens + 1)) - 1
+        nexts = {s: set(d.values()) for s, d in self.trans.items()}
+        lengths = {s: int(s in self.final) for s in self.trans}
+        for _ in range(self.max_new_tokens):
+            lengths = {s: (int(s in self.final) | _or_all(lengths.get(n, 0) << 1 for n in nexts[s])) & full
+                       for s in self.trans}
+        return lengths
 
     def accepting(self, state: int | None) -> bool:
         return state in self.final
@@ -165,13 +167,18 @@ class RegexRule:
         return None if state is None else self.trans.get(state, {}).get(int(token))
 
     def allowed(self, state: int | None, remaining: int, vocab_size: int, device) -> Tensor:
-        """Bool [vocab_size]: the tokens that may be taken in ``state`` with ``remaining`` actions left."""
+        """Bool [vocab_size]: the tokens that may be taken in ``state`` with ``remaining`` actions left:
+        those after which a match of ``min_new_tokens`` to ``max_new_tokens`` tokens in all stays
+        reachable (so no state is ever left without an action or a stop)."""
         remaining = max(0, min(int(remaining), self.max_new_tokens))
         key = (state, remaining, vocab_size, str(device))
         if key not in self._masks:
             m = torch.zeros(vocab_size, dtype=torch.bool)
+            taken = self.max_new_tokens - remaining  # actions so far; after this token, taken + 1
+            lo = max(0, self.min_new_tokens - taken - 1)
+            window = ((1 << remaining) - 1) >> lo << lo  # bits lo .. remaining - 1: more tokens after this one
             ids = [t for t, n in self.trans.get(state, {}).items()
-                   if t < vocab_size and self.dist.get(n, float("inf")) <= remaining - 1]
+                   if t < vocab_size and self.lengths.get(n, 0) & window]
             if ids:
                 m[torch.tensor(ids)] = True
             self._masks[key] = m.to(device)

@@ -88,7 +88,8 @@ def _lora_merge_plan(model: nn.Module) -> list[tuple[nn.Module, str]] | None:
         if type(m) is not LoraLinear or m.merged or m.disable_adapters or len(m.active_adapters) != 1:
             return None
         name = m.active_adapters[0]
-        if name not in m.lora_A or m.use_dora.get(name, False) or name in getattr(m, "lora_variant", {}):
+        if name not in m.lora_A or m.use_dora.get(name, False) or name in getattr(m, "lora_variant", {}) \
+                or getattr(m, "lora_bias", {}).get(name, False):  # get_delta_weight leaves out a LoRA bias
             return None
         w = m.get_base_layer().weight
         if type(w) is not nn.Parameter or type(w.data) is not torch.Tensor or w.dim() != 2 \
@@ -208,8 +209,10 @@ def wrap_policy(model: nn.Module, use_peft: bool, peft_config=None, lora=None, s
 
 def _fp32_forward(self, x, *args, **kwargs):
     """The output layer's forward with autocast off, from fp32 hidden states (see :func:`fp32_logits`)."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return type(self).forward(self, x.float(), *args, **kwargs).float()
+    w = getattr(self, "weight", None)
+    dtype = w.dtype if isinstance(w, torch.Tensor) and w.is_floating_point() else torch.float32
+    with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 weights: fp32 logits; else the weights' dtype
+        return type(self).forward(self, x.to(dtype), *args, **kwargs).float()
 
 
 def fp32_logits(model: nn.Module) -> nn.Module:

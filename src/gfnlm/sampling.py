@@ -416,8 +416,9 @@ def device_generator(where, seed: int) -> torch.Generator:
 def episode_uniforms(generator: torch.Generator | None, steps: int, rows: int, device) -> Tensor:
     """[steps, rows] uniforms in [0, 1) for an episode's draws, taken from ``generator`` on its own
     device in one call and moved to ``device`` once (the global generator of ``device`` when None).
-    One draw per row and step whatever the device: a seed gives the same stream of uniforms on every
-    device type, and a generator on another device costs one copy per batch, not per token."""
+    One draw per row and step: a seed gives the same episodes on a device type (CPU and CUDA
+    generators are different algorithms), and a generator on another device costs one copy per batch,
+    not per token."""
     if generator is None:
         return torch.rand((steps, rows), device=device)
     return torch.rand((steps, rows), generator=generator, device=generator.device).to(device)
@@ -428,8 +429,8 @@ def draw(probs: Tensor, u: Tensor) -> Tensor:
     to 1) with uniforms ``u`` [B] in [0, 1): the first column whose cumulative mass exceeds
     u * total, so zero-mass columns are never drawn (rounding at the very top falls back to the last
     column with mass). Returns [B] long."""
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    cdf = probs.double().cumsum(-1)  # float64: tail actions below fp32's resolution keep their mass
+    idx = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
     ok = probs.gather(1, idx[:, None]).squeeze(1) > 0
     last = probs.shape[1] - 1 - (probs > 0).flip(1).int().argmax(1)
     return torch.where(ok, idx, last)
@@ -525,8 +526,8 @@ def sample(
         temperature: behaviour temperature, a float or a [B] tensor (per sample); ⊤ is tempered as one action.
         epsilon: probability of taking a uniformly random allowed action (ε-uniform exploration).
         pad_id: id used to pad ``tokens``.
-        generator: torch random generator, on any device (:func:`episode_uniforms`); the same seed
-            gives the same uniforms on every device.
+        generator: torch random generator, on any device (:func:`episode_uniforms`). With a
+            ``prefix_rule`` the rule's states are tracked on the CPU (one sync per token).
         tool: optional ``f(completion_text) -> str | None`` (e.g. :class:`gfnlm.tools.Calculator`),
             called after every action; its text is tokenised with ``tokenizer`` and appended to the
             state. Tool tokens are not actions (``action_mask`` False): they count in neither log q

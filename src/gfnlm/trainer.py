@@ -493,9 +493,11 @@ class GFNTrainer:
     def _save_trainable(self, models, weights, output_dir) -> None:
         """Accelerate's save hook: the trainable parameters only, as ``trainable.safetensors`` (by the
         main process), instead of the whole model's state dict. Sharded runs keep Accelerate's own."""
-        if self._sharded() or not weights:
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
             return
-        weights.clear()
+        weights.clear()  # (empty under DeepSpeed, which saves its own model state; ZeRO-2 keeps full weights)
         if self.accelerator.is_main_process:
             from safetensors.torch import save_file
 

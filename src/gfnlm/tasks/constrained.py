@@ -79,7 +79,7 @@ class ConstrainedTask(ContinuationTask):
         if self.words is not None:
             low = text.lower()
             return all(w in low for w in self.words)
-        return re.fullmatch(self.args.regex, text) is not None
+        return re.fullmatch(self.args.regex, text, flags=re.ASCII) is not None  # interegular's classes are ASCII
 
     def constraints(self, config, tokenizer) -> Constraints:
         """The continuation's sentence constraint, plus the regex as a prefix-aware mask (not with keywords)."""
@@ -139,37 +139,51 @@ class ConstrainedTask(ContinuationTask):
                                     desc=desc)
             return [s for s, _, _ in got], [q for _, q, _ in got]
 
+        def per_sample(comps):  # LM token evaluations per sample: its tokens and the stop
+            return statistics.fmean(len(c) + 1 for cs in comps for c in cs)
+
         if model is not None:
             comps, log_q = run(model, constraints, n, "GFlowNet policy")
             out["GFlowNet fine-tuning"] = {"completions": comps, "log_q": log_q, "k": n, "marker": "*",
-                                           "model_calls": statistics.fmean(sum(len(c) + 1 for c in s) for s in comps)}
+                                           "model_calls": per_sample(comps)}
+        # rejection proposals may run one token past max_new_tokens: a proposal kept (at most max_new_tokens
+        # tokens) then ended with a real stop, so it has probability p̃(Z "." | X), exactly the target's
+        N = constraints.max_new_tokens
         free = Constraints(stop_token_ids=constraints.stop_token_ids, min_new_tokens=constraints.min_new_tokens,
-                           max_new_tokens=constraints.max_new_tokens, allowed_token_ids=constraints.allowed_token_ids,
+                           max_new_tokens=N + 1, allowed_token_ids=constraints.allowed_token_ids,
                            forbidden_token_ids=constraints.forbidden_token_ids)
         with base_model(base) as b:
             for sp in specs:
                 if sp["method"] == "local":
                     comps, log_q = run(b, constraints, n, sp["label"])
                     out[sp["label"]] = {"completions": comps, "log_q": log_q, "k": n, "marker": sp["marker"],
-                                        "model_calls": statistics.fmean(sum(len(c) + 1 for c in s) for s in comps)}
-                else:
-                    proposals, _ = run(b, free, self.args.rejection_factor * n, sp["label"])
-                    kept, calls, accepted = [], [], 0
-                    for ps in proposals:
-                        ok = [p for p in ps if self.satisfied(tokenizer.decode(p, skip_special_tokens=True))]
-                        accepted += len(ok)
-                        cost, seen = 0, 0
-                        for p in ps:  # proposals drawn until the n-th acceptance (or the budget)
-                            cost += len(p) + 1
-                            seen += self.satisfied(tokenizer.decode(p, skip_special_tokens=True))
-                            if seen == n:
-                                break
-                        kept.append(ok[:n])
-                        calls.append(cost / max(min(len(ok), n), 1))
-                    out[sp["label"]] = {"completions": kept, "log_q": None, "k": n, "marker": sp["marker"],
-                                        "model_calls": statistics.fmean(calls), "calls_unit": "per accepted sample",
-                                        "acceptance_rate": accepted / sum(len(ps) for ps in proposals)}
+                                        "model_calls": per_sample(comps)}
+                    continue
+                proposals, _ = run(b, free, self.args.rejection_factor * n, sp["label"])
+                kept, cost, accepted = [], 0, 0
+                for ps in proposals:
+                    ok = []
+                    for p in ps:  # proposals drawn until the n-th acceptance (or the budget)
+                        if len(ok) == n:
+                            break
+                        cost += len(p) + 1
+                        if len(p) <= N and self.accepts(tokenizer, constraints, p):
+                            ok.append(p)
+                    accepted += len(ok)
+                    kept.append(ok)
+                out[sp["label"]] = {"completions": kept, "log_q": None, "k": n, "marker": sp["marker"],
+                                    "model_calls": cost / max(accepted, 1), "accepted": accepted,
+                                    "acceptance_rate": statistics.fmean(
+                                        len(p) <= N and self.accepts(tokenizer, constraints, p)
+                                        for ps in proposals for p in ps)}
         return out
+
+    def accepts(self, tokenizer, constraints, ids) -> bool:
+        """c(Z) as the target defines it: the regex rule's own match (its automaton), or the predicate."""
+        rule = constraints.prefix_rule
+        if rule is not None:
+            return rule.matches(list(ids))
+        return self.satisfied(tokenizer.decode(ids, skip_special_tokens=True))
 
     def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
                  progress: bool = False, baselines: bool = True, base=None, **kw) -> dict:
@@ -190,6 +204,13 @@ class ConstrainedTask(ContinuationTask):
         for label, m in methods.items():
             ok_rows = [i for i, cs in enumerate(m["completions"]) if cs]
             comps = [m["completions"][i] for i in ok_rows]
+            if not comps:  # rejection sampling accepted nothing within its budget
+                nan = float("nan")
+                results["methods"][label] = {"satisfaction": nan, "mean_log_p": nan, "diversity": nan,
+                                             "length_tokens": nan, "prompts_with_samples": 0, "samples_per_prompt": 0,
+                                             "marker": m["marker"], "model_calls_per_sample": m["model_calls"],
+                                             "acceptance_rate": m.get("acceptance_rate", nan)}
+                continue
             sat = [self.satisfied(tokenizer.decode(c, skip_special_tokens=True)) for cs in comps for c in cs]
             logp = completion_log_rewards(config, tokenizer, [rows[i] for i in ok_rows], reward, constraints, comps)
             sub = dict(m, log_q=None if m["log_q"] is None else [m["log_q"][i] for i in ok_rows])
@@ -202,6 +223,7 @@ class ConstrainedTask(ContinuationTask):
                 r.update(self._method_row(tokenizer, sub, comps, logp))
             else:  # rejection sampling kept fewer than n on some prompts: no per-prompt diagnostics
                 r.update(self._method_row(tokenizer, dict(sub, log_q=None), comps, logp))
+            r["model_calls_per_sample"] = r.pop("model_calls_per_prompt")
             results["methods"][label] = r
         return results
 
@@ -221,15 +243,16 @@ class ConstrainedTask(ContinuationTask):
 
 
 def constrained_table(results: dict) -> str:
-    lines = ["| method | satisfaction | mean log p | diversity | length | LM calls per prompt | acceptance | ELBO | ESS | Var(log R - log q) |",
+    lines = ["| method | satisfaction | mean log p | diversity | length | LM calls per sample | acceptance | ELBO | ESS | Var(log R - log q) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         d = r.get("diagnostics")
         diag = f"{d['elbo']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d else "n/a | n/a | n/a"
         acc = f"{r['acceptance_rate']:.3f}" if "acceptance_rate" in r else "—"
         lines.append(f"| {name} | {r['satisfaction']:.3f} | {r['mean_log_p']:.2f} | {r['diversity']:.3f} | "
-                     f"{r['length_tokens']:.1f} | {r['model_calls_per_prompt']:.0f} | {acc} | {diag} |")
+                     f"{r['length_tokens']:.1f} | {r['model_calls_per_sample']:.1f} | {acc} | {diag} |")
     lines.append(f"\n{results['prompts']} validation prompts, n = {results['n']}; constraint: {results['constraint']}; "
-                 "log p = log p̃_LM(Z \".\" | X) over the legal tokens; rejection sampling's calls are per accepted "
-                 "sample; diagnostics against p̃ · c")
+                 "log p = log p̃_LM(Z \".\" | X) over the legal tokens; LM calls = tokens read per sample kept (rejection "
+                 "sampling: every proposal, per accepted sample); satisfaction checked with Python's re (ASCII); "
+                 "diagnostics against p̃ · c")
     return "\n".join(lines)
