@@ -23,3 +23,9 @@ class DataError(GFNLMError, ValueError):
 
 class RewardError(GFNLMError, ValueError):
     """A reward function returned something unusable (NaN, +inf, wrong shape...)."""
+
+
+def first_line(exc: BaseException, limit: int = 160, default: str = "") -> str:
+    """The first line of an exception's message, at most ``limit`` characters (``default`` when it has
+    none): what a one-line error quotes of a library's failure."""
+    return (str(exc).strip().splitlines() or [default])[0][:limit]

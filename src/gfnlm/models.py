@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from gfnlm.errors import ModelLoadError
+from gfnlm.errors import ModelLoadError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -347,7 +347,7 @@ def _convert_gguf(gguf_path: Path, key: str) -> Path:
 def _conversion_error(gguf_path: Path, exc: BaseException) -> ModelLoadError:
     import transformers
 
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    first = first_line(exc, 300)
     return ModelLoadError(
         f"could not convert GGUF file {gguf_path} with transformers {transformers.__version__}"
         f" ({type(exc).__name__}: {first}); check that it is a complete GGUF of an architecture"
@@ -490,7 +490,7 @@ def _as_dtype(dtype) -> torch.dtype | str:
 def _from_pretrained_error(name: str, source: str, what: str, exc: BaseException) -> ModelLoadError:
     if source == name and not os.path.isdir(source):  # a hub id that had to be downloaded
         return _not_found_locally(name, f" and could not be downloaded ({type(exc).__name__})")
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    first = first_line(exc, 300)
     return ModelLoadError(
         f"could not load the {what} of '{name}' from {source} ({type(exc).__name__}: {first});"
         " check that the folder was written by save_pretrained and is complete"

@@ -266,7 +266,7 @@ class LMLikelihoodReward(Reward):
         st = EpisodeStates.of(lengths, N, None if batch.action_mask is None else batch.action_mask.cpu())
         ok = st.policy_acts & (st.n_act >= c.min_new_tokens)
         if c.prefix_rule is not None:  # and where the text so far satisfies the rule (c(z_1:t) = 1)
-            ok = ok & c.accepting_along([batch.tokens[b, :int(lengths[b])].tolist() for b in range(len(lengths))], N)
+            ok = ok & c.accepting_along(batch.tokens, lengths)
         return ok & st.after_tool if c.stop_after_tool else ok
 
     # --- the reward ----------------------------------------------------------------------------

@@ -92,31 +92,38 @@ class Constraints:
             self._masks[key] = self.token_mask(vocab_size, device)[0].nonzero().squeeze(1)
         return self._masks[key]
 
-    def rule_arrays(self, rows: Sequence[Sequence[int]], width: int, vocab_size: int, device) -> tuple[Tensor, Tensor]:
-        """The ``prefix_rule`` along given episodes (their actions): allowed [R, width+1, V] bool, the
-        tokens the rule allows after each prefix z_1..z_t, and accepting [R, width+1] bool, whether
-        stopping there satisfies it (positions past an episode repeat its last state)."""
-        rule = self.prefix_rule
-        allowed = torch.zeros((len(rows), width + 1, vocab_size), dtype=torch.bool, device=device)
-        for r, (row, states) in enumerate(zip(rows, self._rule_states(rows, width))):
-            allowed[r] = torch.stack([rule.allowed(st, self.max_new_tokens - min(t, len(row)), vocab_size, device)
-                                      for t, st in enumerate(states)])
-        return allowed, self.accepting_along(rows, width).to(device)
+    def rule_arrays(self, tokens: Tensor, lengths: Tensor, vocab_size: int, device) -> tuple[Tensor, Tensor]:
+        """The ``prefix_rule`` along episodes ``tokens`` [R, N] of ``lengths`` [R] (their actions):
+        allowed [R, N+1, V] bool, the tokens the rule allows after each prefix z_1..z_t, and accepting
+        [R, N+1] bool, whether stopping there satisfies it (positions past an episode repeat its last
+        state). One walk of each episode, on the CPU."""
+        rule, width = self.prefix_rule, tokens.shape[1]
+        lengths = lengths.cpu().tolist()
+        states = self._rule_states(tokens, lengths)
+        allowed = torch.zeros((len(states), width + 1, vocab_size), dtype=torch.bool, device=device)
+        for r, (n, row) in enumerate(zip(lengths, states)):
+            allowed[r] = torch.stack([rule.allowed(st, self.max_new_tokens - min(t, n), vocab_size, device)
+                                      for t, st in enumerate(row)])
+        return allowed, self._accepting(states, width).to(device)
 
-    def accepting_along(self, rows: Sequence[Sequence[int]], width: int) -> Tensor:
-        """[R, width+1] bool (CPU): after each prefix of each episode, whether the ``prefix_rule``
-        allows stopping (all True without a rule)."""
+    def accepting_along(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """[R, N+1] bool (CPU): after each prefix of the episodes ``tokens`` [R, N] of ``lengths`` [R],
+        whether the ``prefix_rule`` allows stopping (all True without a rule)."""
         if self.prefix_rule is None:
-            return torch.ones((len(rows), width + 1), dtype=torch.bool)
-        return torch.tensor([[self.prefix_rule.accepting(st) for st in states]
-                             for states in self._rule_states(rows, width)], dtype=torch.bool).view(len(rows), width + 1)
+            return torch.ones((tokens.shape[0], tokens.shape[1] + 1), dtype=torch.bool)
+        return self._accepting(self._rule_states(tokens, lengths.cpu().tolist()), tokens.shape[1])
 
-    def _rule_states(self, rows, width: int) -> list[list]:
-        out = []
-        for row in rows:
-            states = self.prefix_rule.walk(list(row)[:width])
+    def _rule_states(self, tokens: Tensor, lengths: list[int]) -> list[list]:
+        """The rule's state after each prefix of each episode, padded with its last state to N+1."""
+        width, out = tokens.shape[1], []
+        for row, n in zip(tokens.cpu().tolist(), lengths):
+            states = self.prefix_rule.walk(row[:n])
             out.append(states + [states[-1]] * (width + 1 - len(states)))
         return out
+
+    def _accepting(self, states: list[list], width: int) -> Tensor:
+        return torch.tensor([[self.prefix_rule.accepting(st) for st in row] for row in states],
+                            dtype=torch.bool).view(len(states), width + 1)
 
     def _can_stop(self, num_generated: Tensor, after_tool: Tensor | None,
                   accepting: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -170,15 +177,13 @@ class Constraints:
             ok = ok & rule[0].gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
         return torch.where(ok, tok, torch.full_like(tok, NEG_INF)), stop_logp
 
-    def log_probs(self, logits: Tensor, num_generated: Tensor, after_tool: Tensor | None = None,
-                  rule: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def log_probs(self, logits: Tensor, num_generated: Tensor, after_tool: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Constrained log-probabilities of the actions at some states.
 
         Args:
             logits: [..., V] raw next-token logits (any dtype; computed in fp32).
             num_generated: [...] long, tokens generated so far at each state (t).
             after_tool: [...] bool, the state ends with tool output (read with ``stop_after_tool``).
-            rule: with a ``prefix_rule``, (allowed [..., V], accepting [...]) of :meth:`rule_arrays`.
 
         Returns:
             logp: [..., V] log-probability of each token id under the constraints; for a
@@ -187,9 +192,7 @@ class Constraints:
                 ``min_new_tokens``; 0 at ``max_new_tokens``.
         """
         tok_mask, stop_mask = self.token_mask(logits.shape[-1], logits.device)
-        can_stop, must_stop = self._can_stop(num_generated, after_tool, None if rule is None else rule[1])
-        if rule is not None:
-            tok_mask = tok_mask & rule[0]
+        can_stop, must_stop = self._can_stop(num_generated, after_tool)
         can_stop, must_stop = can_stop.unsqueeze(-1), must_stop.unsqueeze(-1)
         allowed = (tok_mask & ~must_stop) | (stop_mask & can_stop)  # never empty: stop or a token
         x = logits.float()

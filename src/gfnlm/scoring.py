@@ -118,9 +118,7 @@ def score(
     next_tokens = torch.cat([tokens, tokens.new_full((B, 1), constraints.stop_token_ids[0])], dim=1)
     rule = None
     if constraints.prefix_rule is not None:  # the rule's mask and accepting flag after every prefix
-        cpu_tokens, cpu_lengths = tokens.cpu(), lengths.cpu().tolist()
-        rows = [cpu_tokens[b, :cpu_lengths[b]].tolist() for b in range(B)]
-        rule = constraints.rule_arrays(rows, tokens.shape[1], logits.shape[-1], device)
+        rule = constraints.rule_arrays(tokens, lengths, logits.shape[-1], device)
     tok, stop_lp = constraints.selected_log_probs(logits, st.n_act, next_tokens, st.after_tool, rule)  # [B, N+1] each
     log_pterm = torch.where(st.policy_acts, stop_lp, torch.full_like(stop_lp, NEG_INF))
     log_pf = torch.where(st.acts, tok[:, :-1], torch.zeros_like(tok[:, :-1]))

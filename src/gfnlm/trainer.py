@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .config import GFNConfig
 from .data import render_prompt
-from .errors import ConfigError, DataError, GFNLMError
+from .errors import ConfigError, DataError, GFNLMError, first_line
 from .losses import LOSSES, tempered
 from .policy import bind_base_models, fp32_logits, wrap_policy
 from .rewards import Reward, RewardBatch, as_reward
@@ -162,7 +162,7 @@ class GFNTrainer:
             self.accelerator = Accelerator(log_with=list(args.report_to) or None, project_dir=args.output_dir,
                                            mixed_precision=args.mixed_precision)
         except ValueError as e:  # fp16 without a GPU, or another precision than this process's Accelerator
-            why = str(e).splitlines()[0]
+            why = first_line(e, 300)
             fix = ("start a new process: Accelerate keeps one precision per process" if "already been initialized" in why
                    else "use bf16 or no on this machine")
             raise ConfigError(f"mixed_precision {args.mixed_precision}: {why} ({fix})") from None
@@ -485,11 +485,6 @@ class GFNTrainer:
         acc.wait_for_everyone()
         return path
 
-    def _sharded(self) -> bool:
-        from accelerate.utils import DistributedType
-
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
     def _save_trainable(self, models, weights, output_dir) -> None:
         """Accelerate's save hook: the trainable parameters only, as ``trainable.safetensors`` (by the
         main process), instead of the whole model's state dict. Sharded runs keep Accelerate's own."""
@@ -505,8 +500,9 @@ class GFNTrainer:
 
     def _load_trainable(self, models, input_dir) -> None:
         """Accelerate's load hook: read ``trainable.safetensors`` back into the policy (every trainable
-        parameter must be there, and nothing else), then tell Accelerate the model is loaded."""
-        if self._sharded() or not models:
+        parameter must be there, and nothing else), then tell Accelerate the model is loaded. Under FSDP /
+        DeepSpeed Accelerate loads its own model state and passes no model here."""
+        if not models:
             return
         from safetensors.torch import load_file
 
@@ -535,8 +531,8 @@ class GFNTrainer:
             raise
         except Exception as e:  # a damaged file anywhere in the folder: torch / safetensors / pickle errors
             raise DataError(f"checkpoint '{path}' cannot be loaded ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else 'damaged file'}): "
-                            "resume from another checkpoint or start a new run") from None
+                            f"{first_line(e, default='damaged file')}): resume from another checkpoint or start a new "
+                            "run") from None
 
 
 TRAINABLE = "trainable.safetensors"
@@ -652,7 +648,7 @@ def load_trained(path: str | Path, trainable: bool = False):
         config = GFNConfig.from_yaml(path / "gfnlm_config.yaml")
         constraints = Constraints(**info["constraints"])
     except (GFNLMError, TypeError) as e:
-        raise DataError(f"checkpoint '{path}': its config or constraints cannot be read ({str(e).splitlines()[0][:160]}): "
+        raise DataError(f"checkpoint '{path}': its config or constraints cannot be read ({first_line(e)}): "
                         "pick another checkpoint") from None
     model, tok = load_model(config.model)
     try:
@@ -673,7 +669,7 @@ def load_trained(path: str | Path, trainable: bool = False):
         raise
     except Exception as e:  # damaged adapter or weight files: peft / safetensors / json errors
         raise DataError(f"checkpoint '{path}': its weights cannot be loaded ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or ['damaged file'])[0][:160]}): pick another checkpoint") from None
+                        f"{first_line(e, default='damaged file')}): pick another checkpoint") from None
     model.eval()
     rule = info.get("prefix_rule")
     if isinstance(rule, dict) and "regex" in rule:

@@ -160,22 +160,22 @@ class ConstrainedTask(ContinuationTask):
                                         "model_calls": per_sample(comps)}
                     continue
                 proposals, _ = run(b, free, self.args.rejection_factor * n, sp["label"])
-                kept, cost, accepted = [], 0, 0
+                kept, cost, flags = [], 0, []
                 for ps in proposals:
-                    ok = []
-                    for p in ps:  # proposals drawn until the n-th acceptance (or the budget)
-                        if len(ok) == n:
+                    ok = [len(p) <= N and self.accepts(tokenizer, constraints, p) for p in ps]
+                    flags += ok
+                    mine = []
+                    for p, good in zip(ps, ok):  # proposals drawn until the n-th acceptance (or the budget)
+                        if len(mine) == n:
                             break
                         cost += len(p) + 1
-                        if len(p) <= N and self.accepts(tokenizer, constraints, p):
-                            ok.append(p)
-                    accepted += len(ok)
-                    kept.append(ok)
+                        if good:
+                            mine.append(p)
+                    kept.append(mine)
+                accepted = sum(len(k) for k in kept)
                 out[sp["label"]] = {"completions": kept, "log_q": None, "k": n, "marker": sp["marker"],
                                     "model_calls": cost / max(accepted, 1), "accepted": accepted,
-                                    "acceptance_rate": statistics.fmean(
-                                        len(p) <= N and self.accepts(tokenizer, constraints, p)
-                                        for ps in proposals for p in ps)}
+                                    "acceptance_rate": statistics.fmean(flags)}
         return out
 
     def accepts(self, tokenizer, constraints, ids) -> bool:
