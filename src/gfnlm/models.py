@@ -602,14 +602,17 @@ def embedding_model_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerBase:
-    """A tokenizer built locally, with no file and no download: every byte one token (ids 3..258, no
+    """A tokenizer built locally, with no file and no download: every byte one token (byte b is id 3 + b, no
     merges, so '\\n' and each digit are tokens, as in real BPEs) and ``<pad>``, ``<s>``, ``</s>`` as 0, 1,
     2. For tests and for models built from a configuration alone (``bench/gpu.py``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from .patterns import _byte_decoder
+
+    byte_of = _byte_decoder()
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet(), key=byte_of.__getitem__):  # byte b is id 3 + b
         vocab[ch] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
