@@ -183,7 +183,7 @@ def test_constrained_reward_is_the_lm_likelihood_times_the_constraint_by_brute_f
 
 
 def test_constrained_commands_end_to_end(prompt_file, tmp_path, capsys):
-    """CLI path: train with a regex, evaluate against locally constrained decoding and rejection sampling,
+    """CLI path: train with a regex, evaluate against locally constrained decoding, rejection sampling and SMC,
     sample from the checkpoint (the regex rebuilt from it): every GFlowNet and local sample satisfies it."""
     import json
 
@@ -205,6 +205,8 @@ def test_constrained_commands_end_to_end(prompt_file, tmp_path, capsys):
     assert methods["GFlowNet fine-tuning"]["satisfaction"] == 1.0
     assert methods["locally constrained decoding"]["satisfaction"] == 1.0
     assert "diagnostics" in methods["GFlowNet fine-tuning"] and "diagnostics" in methods["locally constrained decoding"]
+    smc = methods["SMC, genlm-control (3 particles)"]  # on the reward's own target: the regex holds, log Ẑ < 0
+    assert smc["satisfaction"] == 1.0 and smc["samples_per_prompt"] == 3 and -1e3 < smc["smc_log_z"] < 0
     rej = next(v for k, v in methods.items() if k.startswith("rejection"))
     assert 0.0 <= rej["acceptance_rate"] <= 1.0 and (rej["satisfaction"] == 1.0 or rej["prompts_with_samples"] == 0)
     assert main(["sample", "--checkpoint", str(out / "checkpoint-2"), "-n", "4", "--json", "--prompt", "the cat"]) == 0

@@ -263,6 +263,8 @@ def test_commands_end_to_end(prompts, tmp_path, tiny_dir, capsys):
             assert {"token-level contrastive (2)", "best-of-4 by R (2)", "best-of-10 by R (2)"} <= names
             assert "diagnostics" in saved["methods"]["token-level contrastive (2)"]
             assert "diagnostics" not in saved["methods"]["best-of-4 by R (2)"]  # reranking has no tractable q
+            smc = saved["methods"]["SMC, genlm-control (2 particles)"]  # the reward's two terms; no tractable q
+            assert smc["samples_per_prompt"] == 2 and "diagnostics" not in smc and abs(smc["smc_log_z"]) < 1e3
         assert (out / "fig.png").stat().st_size > 1000
         assert main(["sample", "--checkpoint", str(out / "checkpoint-2"), "-n", "2", "--json", "--prompt",
                      "the cat sat"]) == 0

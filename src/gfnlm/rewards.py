@@ -220,22 +220,30 @@ class LMLikelihoodReward(Reward):
             raise RewardError(f"{self.name}: the {what} template names {e}, which is not a dataset column "
                               f"(columns: {sorted(row)})") from None
 
-    def _contexts(self, batch: RewardBatch, tok) -> tuple[list[list[int]], list[int]]:
-        """Distinct context token lists and the context of each episode."""
+    def context_ids(self, row: dict, prompt_ids: Sequence[int], tok) -> list[int]:
+        """The token ids the LM conditions on for one dataset ``row`` whose prompt the policy sees as
+        ``prompt_ids`` (after the shared prefix, when there is one)."""
         if self.context is None:  # after a shared prefix the prompt continues the text: no second BOS
             bos = tok.bos_token_id if tok is not None and self.shared_prefix else None
-            return ([list(p[1:]) if bos is not None and len(p) > 1 and p[0] == bos else list(p) for p in batch.prompt_ids],
-                    batch.prompt_index.tolist())
+            p = list(prompt_ids)
+            return p[1:] if bos is not None and len(p) > 1 and p[0] == bos else p
+        text = self._text(self.context, row, "context")
+        ids = tok(text, add_special_tokens=self.shared_prefix is None)["input_ids"] if text else []
+        if not ids:
+            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if start is None:
+                raise RewardError(f"{self.name}: empty context and the tokenizer has neither BOS nor EOS to start from")
+            ids = [start]
+        return list(ids)
+
+    def _contexts(self, batch: RewardBatch, tok) -> tuple[list[list[int]], list[int]]:
+        """Distinct context token lists and the context of each episode."""
+        if self.context is None:
+            return [self.context_ids({}, p, tok) for p in batch.prompt_ids], batch.prompt_index.tolist()
         uniq: dict[tuple, int] = {}
         index = []
         for b in range(batch.tokens.shape[0]):
-            text = self._text(self.context, batch.row(b), "context")
-            ids = tok(text, add_special_tokens=self.shared_prefix is None)["input_ids"] if text else []
-            if not ids:
-                start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-                if start is None:
-                    raise RewardError(f"{self.name}: empty context and the tokenizer has neither BOS nor EOS to start from")
-                ids = [start]
+            ids = self.context_ids(batch.row(b), [], tok)
             index.append(uniq.setdefault(tuple(ids), len(uniq)))
         return [list(c) for c in uniq], index
 

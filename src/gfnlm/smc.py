@@ -43,10 +43,28 @@ from .sampling import Constraints
 @dataclass
 class LMTerm:
     """One factor of the target, weight · log p̃(Z ⊤ | context): ``context_ids`` the token ids the base
-    LM conditions on (a rendered prompt, or an unconditional context), ``weight`` its exponent."""
+    LM conditions on (a rendered prompt, or an unconditional context), ``weight`` its exponent;
+    ``renormalise`` False scores with the LM's own softmax (p(z) · 1[z legal]), not renormalised."""
 
     context_ids: list[int]
     weight: float = 1.0
+    renormalise: bool = True
+
+
+def lm_terms(rewards, row: dict, prompt_ids: Sequence[int], tokenizer) -> list[LMTerm]:
+    """The LM factors of a task's own reward for one row: each :class:`~gfnlm.rewards.LMLikelihoodReward`
+    (scoring the stop action, no suffix, no shared prefix) as an :class:`LMTerm` with its context and
+    weight. Any other reward is a one-line error: give it to :func:`run_smc` as a ``predicate``."""
+    from .rewards import LMLikelihoodReward
+
+    out = []
+    for r in rewards:
+        if not isinstance(r, LMLikelihoodReward) or r.suffix is not None or r.shared_prefix:
+            raise ConfigError(f"SMC reads LM-likelihood rewards that score the stop action only; {r.name!r} is not one: "
+                              "pass its condition as run_smc(predicate=...)")
+        out.append(LMTerm(r.context_ids(row, prompt_ids, tokenizer), r.weight, r.renormalise or not (
+            r.constraints is not None and (r.constraints.allowed_token_ids is not None or r.constraints.forbidden_token_ids))))
+    return out
 
 
 @dataclass
@@ -227,7 +245,8 @@ def run_smc(model, tokenizer, constraints: Constraints, targets: Sequence[Sequen
     async def one(terms: Sequence[LMTerm]) -> SMCResult:
         target = None
         for term in terms:
-            p = (PromptedLLM(lm, prompt_ids=list(term.context_ids), token_maps=maps) * legal).normalize()
+            p = PromptedLLM(lm, prompt_ids=list(term.context_ids), token_maps=maps) * legal
+            p = p.normalize() if term.renormalise else p
             if term.weight != 1.0:
                 p = p ** term.weight
             target = p if target is None else target * p

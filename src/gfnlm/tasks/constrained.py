@@ -26,7 +26,10 @@ sampling** from p̃ (up to ``rejection_factor`` · n proposals per prompt, the f
 exactly the target, at the cost reported as LM token evaluations per accepted sample, with the
 acceptance rate). Per method: constraint satisfaction (checked on the text with Python's ``re`` or the
 predicate, independently of the mask), mean log p̃, diversity, length, cost, and where q is tractable
-the ELBO, ESS and Var(log R - log q) against the target. SMC with genlm-control is not included.
+the ELBO, ESS and Var(log R - log q) against the target; and **SMC** with genlm-control
+(:mod:`gfnlm.smc`) on the reward's own target, ``smc_particles`` particles per prompt (default n), n
+samples resampled from them, with its log Ẑ. With keywords SMC's target treats a missing keyword as
+c = 0 where the reward puts a floor of -(L log V) - 20: the same distribution up to that floor's mass.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ from .continuation import ContinuationArgs, ContinuationTask
 class ConstrainedArgs(ContinuationArgs):
     regex: str | None = "[^eE]+"  # the whole sentence (without its full stop) must match; ignored with keywords
     keywords: str | None = None  # "w1,w2": a terminal predicate instead of the regex
-    baselines: str = "local,rejection"
+    baselines: str = "local,rejection,smc"
     rejection_factor: int = 20  # rejection sampling: up to this many times n proposals per prompt
+    smc_particles: int = 0  # SMC (genlm-control): particles per prompt; 0 = n (about the LM calls of n samples)
+    smc_ess_threshold: float = 0.5  # SMC resamples when the ESS falls below this fraction of the particles
 
 
 class ConstrainedTask(ContinuationTask):
@@ -119,8 +124,11 @@ class ConstrainedTask(ContinuationTask):
             elif m == "rejection":
                 specs.append({"label": f"rejection sampling (<= {self.args.rejection_factor * n} proposals)",
                               "method": "rejection", "k": n, "marker": "s"})
+            elif m == "smc":
+                specs.append({"label": f"SMC, genlm-control ({self.args.smc_particles or n} particles)", "method": "smc",
+                              "k": n, "marker": "P"})
             elif m != "local":
-                raise ConfigError(f"unknown constrained baseline {m!r}: choose from local, rejection")
+                raise ConfigError(f"unknown constrained baseline {m!r}: choose from local, rejection, smc")
         return specs
 
     def _samplers(self, model, base, tokenizer, config, constraints, rows, specs, *, seed: int, progress: bool) -> dict:
@@ -158,6 +166,14 @@ class ConstrainedTask(ContinuationTask):
                     comps, log_q = run(b, constraints, n, sp["label"])
                     out[sp["label"]] = {"completions": comps, "log_q": log_q, "k": n, "marker": sp["marker"],
                                         "model_calls": per_sample(comps)}
+                    continue
+                if sp["method"] == "smc":  # the reward's LM term; the keywords as a terminal predicate
+                    lm = [r for r in self.reward_funcs(b, tokenizer, constraints, config) if r.name == "sentence_likelihood"]
+                    m = self._smc(b, tokenizer, config, constraints, rows, lm, seed=seed, progress=progress,
+                                  label=sp["label"], predicate=None if self.words is None else
+                                  (lambda ids: self.accepts(tokenizer, constraints, ids)))
+                    m["model_calls"] = sum(m.pop("calls")) / max(1, sum(len(c) for c in m["completions"]))
+                    out[sp["label"]] = m
                     continue
                 proposals, _ = run(b, free, self.args.rejection_factor * n, sp["label"])
                 kept, cost, flags = [], 0, []
@@ -219,6 +235,8 @@ class ConstrainedTask(ContinuationTask):
                  "prompts_with_samples": len(ok_rows)}
             if "acceptance_rate" in m:
                 r["acceptance_rate"] = m["acceptance_rate"]
+            if "log_ml" in m:  # SMC's estimate of log Z (unbiased in Z), over the prompts it was run on
+                r["smc_log_z"] = statistics.fmean(m["log_ml"][i] for i in ok_rows)
             if len({len(cs) for cs in comps}) == 1:
                 r.update(self._method_row(tokenizer, sub, comps, logp))
             else:  # rejection sampling kept fewer than n on some prompts: no per-prompt diagnostics
@@ -243,16 +261,20 @@ class ConstrainedTask(ContinuationTask):
 
 
 def constrained_table(results: dict) -> str:
-    lines = ["| method | satisfaction | mean log p | diversity | length | LM calls per sample | acceptance | ELBO | ESS | Var(log R - log q) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | satisfaction | mean log p | diversity | length | LM calls per sample | acceptance | ELBO | "
+             "log Z est. (IW / SMC) | ESS | Var(log R - log q) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         d = r.get("diagnostics")
-        diag = f"{d['elbo']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d else "n/a | n/a | n/a"
+        z = f"{r['smc_log_z']:.2f}" if "smc_log_z" in r else "n/a"
+        diag = (f"{d['elbo']:.2f} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
+                else f"n/a | {z} | n/a | n/a")
         acc = f"{r['acceptance_rate']:.3f}" if "acceptance_rate" in r else "—"
         lines.append(f"| {name} | {r['satisfaction']:.3f} | {r['mean_log_p']:.2f} | {r['diversity']:.3f} | "
                      f"{r['length_tokens']:.1f} | {r['model_calls_per_sample']:.1f} | {acc} | {diag} |")
     lines.append(f"\n{results['prompts']} validation prompts, n = {results['n']}; constraint: {results['constraint']}; "
                  "log p = log p̃_LM(Z \".\" | X) over the legal tokens; LM calls = tokens read per sample kept (rejection "
-                 "sampling: every proposal, per accepted sample); satisfaction checked with Python's re (ASCII); "
-                 "diagnostics against p̃ · c")
+                 "sampling: every proposal, per accepted sample; SMC: the LM's computed next-token distributions over "
+                 "the samples it returns); satisfaction checked with Python's re (ASCII); diagnostics against p̃ · c; "
+                 "log Z est.: the importance-weighted bound of the sampler's own samples, or SMC's log Ẑ (both lower "
+                 "bounds on log Z in expectation)")
     return "\n".join(lines)

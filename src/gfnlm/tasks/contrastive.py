@@ -17,7 +17,8 @@ Evaluation (``gfnlm eval --task contrastive``): on the validation prompts, ``eva
 per prompt from the GFlowNet policy and from baselines on the base model: plain and tempered sampling
 from p(Z|X); best-of-k·n reranking by R (k·n samples from p(Z|X), the n with the highest R kept);
 the token-level approximation (each token from p(z_t | X, z_<t)^a p(z_t | U, z_<t)^b renormalised,
-transformers' classifier-free guidance). Per method: mean log R, mean PMI, mean fluency log p(Z|X),
+transformers' classifier-free guidance); SMC with genlm-control (:mod:`gfnlm.smc`) on the reward's two
+terms, ``smc_particles`` per prompt (default n), n samples resampled, with its log Ẑ. Per method: mean log R, mean PMI, mean fluency log p(Z|X),
 diversity, length, LM token evaluations per prompt, and for every sampler with a tractable q the
 ELBO E_q[log R - log q] on the same target (ELBO = log Z - KL(q || target): the highest ELBO is the
 sampler closest to the posterior), with the importance-weighted bound, ESS and Var(log R - log q).
@@ -39,7 +40,9 @@ class ContrastiveArgs(ContinuationArgs):
     a: float = 1.5  # exponent of p(Z | X)
     b: float = -0.5  # exponent of p(Z): negative
     unconditional_context: str | None = None  # None: "<|endoftext|>" if the tokenizer has it, else its BOS
-    baselines: str = "sampling,tempered,best_of,token_level"
+    baselines: str = "sampling,tempered,best_of,token_level,smc"
+    smc_particles: int = 0  # SMC (genlm-control): particles per prompt; 0 = n
+    smc_ess_threshold: float = 0.5  # SMC resamples when the ESS falls below this fraction of the particles
     tempered_temperature: float = 0.8
     rerank_factors: str = "2,5"  # best-of: k·n samples per prompt, n kept
 
@@ -98,8 +101,9 @@ class ContrastiveTask(ContinuationTask):
                 for f in [int(x) for x in a.rerank_factors.split(",") if x.strip()]:
                     specs.append({"label": f"best-of-{f * n} by R ({n})", "method": "sampling", "k": f * n, "keep": f * n,
                                   "marker": "s", "kw": {}, "rerank": n})
-            else:
-                raise ConfigError(f"unknown contrastive baseline {m!r}: choose from sampling, tempered, best_of, token_level")
+            elif m != "smc":  # SMC is run by evaluate itself
+                raise ConfigError(f"unknown contrastive baseline {m!r}: choose from sampling, tempered, best_of, "
+                                  "token_level, smc")
         return specs
 
     def evaluate(self, model, tokenizer, config, constraints, *, n: int | None = None, seed: int = 0,
@@ -119,6 +123,15 @@ class ContrastiveTask(ContinuationTask):
                 if sp["method"] == "token_level":
                     sp["kw"]["negative_prompt"] = u_ids
         methods = self._samplers(model, base, tokenizer, config, constraints, rows, specs, seed=seed, progress=progress)
+        if "smc" in names:  # on the reward's own two terms
+            from ..policy import base_model
+
+            label = f"SMC, genlm-control ({a.smc_particles or a.eval_samples} particles)"
+            with base_model(base) as b:
+                m = self._smc(b, tokenizer, config, constraints, rows, self.terms(b, tokenizer, constraints), seed=seed,
+                              progress=progress, label=label)
+            m["model_calls"] = statistics.fmean(m.pop("calls"))
+            methods[label] = m
         rerank = {sp["label"]: sp["rerank"] for sp in specs if "rerank" in sp}
         out = {"prompts": len(rows), "n": a.eval_samples, "a": a.a, "b": a.b,
                "unconditional_context": self.unconditional(tokenizer), "embedding_model": a.embedding_model, "methods": {}}
@@ -137,6 +150,8 @@ class ContrastiveTask(ContinuationTask):
             r = {"mean_log_r": flat(log_r), "max_log_r": statistics.fmean(max(v) for v in log_r),
                  "mean_pmi": flat([[x - y for x, y in zip(cs, us)] for cs, us in zip(c, u)]), "mean_log_p": flat(c),
                  **self._method_row(tokenizer, m, comps, log_r)}
+            if "log_ml" in m:  # SMC's estimate of log Z (unbiased in Z)
+                r["smc_log_z"] = statistics.fmean(m["log_ml"])
             out["methods"][label] = r
         return out
 
@@ -152,18 +167,20 @@ def contrastive_table(results: dict) -> str:
     """One row per sampler: mean log R, PMI, fluency, diversity, length, cost; ELBO and the other
     diagnostics on R where q is tractable."""
     lines = ["| method | samples | mean log R | mean PMI | mean log p(Z|X) | diversity | length | LM token evals | "
-             "ELBO | IW bound | ESS | Var(log R - log q) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ELBO | IW bound / SMC log Ẑ | ESS | Var(log R - log q) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         d = r.get("diagnostics")
+        z = f"{r['smc_log_z']:.2f}" if "smc_log_z" in r else "n/a"
         diag = (f"{d['elbo']:.2f} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
-                else "n/a | n/a | n/a | n/a")
+                else f"n/a | {z} | n/a | n/a")
         lines.append(f"| {name} | {r['samples_per_prompt']} | {r['mean_log_r']:.2f} | {r['mean_pmi']:.2f} | "
                      f"{r['mean_log_p']:.2f} | {r['diversity']:.3f} | {r['length_tokens']:.1f} | "
                      f"{r['model_calls_per_prompt']:.0f} | {diag} |")
     lines.append(f"\n{results['prompts']} validation prompts; R = p̃(Z.|X)^{results['a']:g} p̃(Z.|U)^{results['b']:g}, "
                  f"U = {results['unconditional_context']!r}; p̃ renormalised over the legal tokens; PMI = log p̃(Z.|X) - "
                  f"log p̃(Z.|U); diversity = 1 - mean pairwise cosine ({results['embedding_model']}); ELBO = log Z - "
-                 "KL(q || target) on the same target for every sampler with a tractable q")
+                 "KL(q || target) on the same target for every sampler with a tractable q; the IW bound and SMC's log Ẑ "
+                 "are both lower bounds on log Z in expectation")
     return "\n".join(lines)
 
 
