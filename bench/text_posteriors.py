@@ -22,7 +22,9 @@ p̃^(1/T_end) for every sampler with a tractable q.
 * baselines (base model, ``generate``, same constraint): plain and tempered (T = 0.8) sampling from
   p(Z|X); best-of-2n and best-of-5n reranking by R (n kept); the token-level contrastive sampler
   (classifier-free guidance, exact log q);
-* gfn: GFlowNet fine-tuning from the base model towards R.
+* gfn: GFlowNet fine-tuning from the base model towards R;
+* smc: SMC with genlm-control on R (the reward's two terms), ``--smc_particles`` particles per prompt
+  (default n), n samples resampled, with its log Ẑ.
 
 Per method: mean log R, mean PMI, mean log p(Z|X), diversity, length, LM token evaluations per
 prompt, and the ELBO on R (with the IW bound, ESS, Var) for every sampler with a tractable q.
@@ -49,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TASKS = ("continuation", "contrastive")
-METHODS = ["baselines", "gfn"]
+METHODS = ["baselines", "gfn", "smc"]
 SAMPLERS = ("nucleus", "sampling", "tempered")
 
 
@@ -68,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--b", type=float, default=-0.5, help="contrastive: exponent of p(Z)")
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for the GFlowNet run, name=value")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smc_particles", type=int, default=0, help="contrastive smc: particles per prompt (0: n)")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "openwebtext" / "prompts.txt"))
     p.add_argument("--run_dir", default=None, help="default: runs/bench-<task>")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -89,6 +92,9 @@ def build(args, method: str):
         data["reward_temperature_end"] = args.t_end
     else:
         data["task_args"].update(a=args.a, b=args.b)
+        if method in ("baselines", "smc"):  # SMC is its own run
+            data["task_args"]["baselines"] = "smc" if method == "smc" else "sampling,tempered,best_of,token_level"
+            data["task_args"]["smc_particles"] = args.smc_particles
     if method == "gfn":
         data.update({"max_steps": args.steps, "learning_rate": args.gfn_lr, "warmup_steps": 10,
                      **({"reward_temperature_horizon": args.steps} if args.task == "continuation" else {}),
@@ -105,7 +111,9 @@ def run_method(method: str, args) -> dict:
     t0 = time.perf_counter()
     info: dict = {}
     config = build(args, method)
-    if method == "baselines":
+    if method == "smc" and args.task != "contrastive":
+        raise SystemExit("smc: only --task contrastive has an SMC baseline")
+    if method in ("baselines", "smc"):
         model, tok = load_model(config.model)
         task = get_task_class(args.task)(config.task_args)
         with torch.no_grad():
