@@ -147,9 +147,11 @@ def _potentials():
             state = self.rule.start if self.rule is not None else None
             for t, tok in enumerate(context):
                 j = self.pos.get(tok.token_id)
-                if j is None or not self._tokens_ok(t, state)[j]:
+                if j is None or not self.legal[j] or (self.limits and t >= self.c.max_new_tokens):
                     return False, None
                 if self.rule is not None:
+                    if not self.rule.allowed(state, self.c.max_new_tokens - t, self.width, "cpu")[tok.token_id]:
+                        return False, None
                     state = self.rule.advance(state, tok.token_id)
             return True, state
 
