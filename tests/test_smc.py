@@ -66,7 +66,10 @@ def test_each_particle_is_weighted_by_the_rewards_target_over_its_proposal():
         assert w == pytest.approx(log_r - log_q, abs=1e-5)  # importance weight R / q, no resampling
     w = torch.tensor(res.log_weights, dtype=torch.float64)
     assert res.log_ml == pytest.approx(float(torch.logsumexp(w, 0) - math.log(40)), abs=1e-9)
-    assert 0 < res.lm_calls <= 40 * (cons.max_new_tokens + 1) + 1
+    # cost: one forward row per distinct context computed: at least the distinct prefixes whose next-token
+    # distribution the particles needed (stop decision included), at most one per particle and step
+    distinct = {tuple(z[:t]) for z in res.completions for t in range(len(z) + 1)}
+    assert len(distinct) <= res.lm_calls <= sum(len(z) + 1 for z in res.completions)
 
 
 def test_with_resampling_the_particles_approach_the_target_where_local_decoding_does_not():
@@ -124,3 +127,75 @@ def test_a_terminal_predicate_and_bad_input():
     assert big.log_ml == pytest.approx(log_z, abs=0.15)
     with pytest.raises(ConfigError, match="at least one particle"):
         run_smc(lm, TOK, cons, [[LMTerm(PROMPT)]], n_particles=0)
+
+
+# --- the tasks' own targets -------------------------------------------------------------------------
+CONT_PROMPTS = ["the cat sat on a mat ", "a dog ran far away ", "it was a cold day ", "we had no bread ",
+                "she made tea for us ", "he read a long book "]
+
+
+def task_config(task, tmp_path, **task_args):
+    from gfnlm.tasks import build_config
+
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(CONT_PROMPTS) + "\n")
+    return build_config(task, {"task_args": {"data_file": str(p), "valid_prompts": 2, "train_prompts": 4, **task_args},
+                               "max_new_tokens": 4, "report_to": [], "output_dir": str(tmp_path / "r")})
+
+
+def test_the_constrained_tasks_smc_target_is_its_reward(tmp_path):
+    """Through the task's own reward objects (lm_terms), with ESS 0: each particle's weight is the
+    task's log R (its evaluation path) minus locally constrained decoding's log q."""
+    from gfnlm.data import render_prompt
+    from gfnlm.evaluation import completion_log_rewards
+    from gfnlm.smc import lm_terms
+    from gfnlm.tasks.constrained import ConstrainedTask
+
+    cfg = task_config("constrained", tmp_path, regex="[^e]+")
+    task, lm = ConstrainedTask(cfg.task_args), model(seed=5)
+    cons = task.constraints(cfg, TOK)
+    rows = task.eval_rows()[:2]
+    prompts = [render_prompt(TOK, r["prompt"], cfg.chat_template) for r in rows]
+    rewards = task.reward_funcs(lm, TOK, cons, cfg)
+    runs = run_smc(lm, TOK, cons, [lm_terms(rewards, r, p, TOK, cons) for r, p in zip(rows, prompts)], n_particles=6,
+                   ess_threshold=0.0, seed=0)
+    log_r = completion_log_rewards(cfg, TOK, rows, rewards, cons, [r.completions for r in runs])
+    for run, p, lr in zip(runs, prompts, log_r):
+        log_q = sequence_log_probs(lm, p, cons, run.completions)
+        assert all("e" not in TOK.decode(z) for z in run.completions)
+        for w, r, q in zip(run.log_weights, lr, log_q.tolist()):
+            assert w == pytest.approx(r - q, abs=1e-4)
+
+
+def test_the_contrastive_tasks_terms_and_bad_input(tmp_path):
+    from gfnlm.data import render_prompt
+    from gfnlm.rewards import PrefixRuleReward
+    from gfnlm.smc import lm_terms
+    from gfnlm.tasks.contrastive import ContrastiveTask
+
+    cfg = task_config("contrastive", tmp_path)
+    task, lm = ContrastiveTask(cfg.task_args), model()
+    cons = task.constraints(cfg, TOK)
+    row = task.eval_rows()[0]
+    prompt = render_prompt(TOK, row["prompt"], cfg.chat_template)
+    cond, unc = lm_terms(task.reward_funcs(lm, TOK, cons, cfg), row, prompt, TOK, cons, weights=[2.0, 1.0])
+    assert (cond.context_ids, cond.weight) == (prompt, 3.0)  # a = 1.5 times the configured weight 2
+    assert (unc.context_ids, unc.weight) == ([TOK.bos_token_id], -0.5)  # U: the byte tokenizer's BOS
+    other = Constraints(stop_token_ids=cons.stop_token_ids, max_new_tokens=4, allowed_token_ids=[A, B])
+    with pytest.raises(ConfigError, match="another action space"):
+        lm_terms(task.reward_funcs(lm, TOK, cons, cfg), row, prompt, TOK, other)
+    with pytest.raises(ConfigError, match="predicate"):
+        lm_terms([PrefixRuleReward(lambda p, t: 0.0)], row, prompt, TOK, cons)
+
+
+def test_global_random_state_is_left_as_it_was():
+    import numpy as np
+
+    lm, cons = model(), constraints("(a|b)*b")
+    torch.manual_seed(7)
+    np.random.seed(7)
+    want = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(7)
+    np.random.seed(7)
+    run_smc(lm, TOK, cons, [[LMTerm(PROMPT)]], n_particles=8, ess_threshold=0.5, seed=3)
+    assert torch.equal(torch.rand(3), want[0]) and (np.random.rand(3) == want[1]).all()

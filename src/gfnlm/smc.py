@@ -21,9 +21,10 @@ rule), and the particle is weighted by the normaliser, with resampling when the 
 ``ess_threshold``: the particles are properly weighted for the target, and ``log_ml`` estimates its
 log Z (unbiased in Z).
 
-Cost is counted as the next-token distributions the LM actually computed (cache misses of the
-backend's prefix trie, so resampled particles that share a prefix are not paid twice), the same unit
-as "LM calls" elsewhere (one per token read, stop included).
+Cost is counted as the rows of the LM's forward passes: one per distinct context whose next-token
+distribution the backend computed (particles with the same context in one batch, e.g. all of them
+before the first token or clones after resampling, are one row; a prompt's prefill is one). That is
+the unit of "LM calls" elsewhere: a sample of n tokens read by a sampler costs n + 1, stop included.
 """
 
 from __future__ import annotations
@@ -51,19 +52,28 @@ class LMTerm:
     renormalise: bool = True
 
 
-def lm_terms(rewards, row: dict, prompt_ids: Sequence[int], tokenizer) -> list[LMTerm]:
+def lm_terms(rewards, row: dict, prompt_ids: Sequence[int], tokenizer, constraints: Constraints,
+             weights: Sequence[float] | None = None) -> list[LMTerm]:
     """The LM factors of a task's own reward for one row: each :class:`~gfnlm.rewards.LMLikelihoodReward`
-    (scoring the stop action, no suffix, no shared prefix) as an :class:`LMTerm` with its context and
-    weight. Any other reward is a one-line error: give it to :func:`run_smc` as a ``predicate``."""
+    (scoring the stop action, no suffix, no shared prefix, built on ``constraints``' action space) as an
+    :class:`LMTerm` with its context and its weight times ``weights[i]`` (``config.reward_weights``).
+    Any other reward is a one-line error: give its condition to :func:`run_smc` as a ``predicate``."""
     from .rewards import LMLikelihoodReward
 
+    def space(c):
+        return (sorted(c.stop_token_ids), None if c.allowed_token_ids is None else sorted(c.allowed_token_ids),
+                sorted(c.forbidden_token_ids))
+
     out = []
-    for r in rewards:
+    for i, r in enumerate(rewards):
         if not isinstance(r, LMLikelihoodReward) or r.suffix is not None or r.shared_prefix:
             raise ConfigError(f"SMC reads LM-likelihood rewards that score the stop action only; {r.name!r} is not one: "
                               "pass its condition as run_smc(predicate=...)")
-        out.append(LMTerm(r.context_ids(row, prompt_ids, tokenizer), r.weight, r.renormalise or not (
-            r.constraints is not None and (r.constraints.allowed_token_ids is not None or r.constraints.forbidden_token_ids))))
+        if r.constraints is None or space(r.constraints) != space(constraints):
+            raise ConfigError(f"reward {r.name!r} scores another action space than SMC samples: build it with the same "
+                              "constraints")
+        w = r.weight * (1.0 if weights is None else float(weights[i]))
+        out.append(LMTerm(r.context_ids(row, prompt_ids, r.tokenizer or tokenizer), w, r.renormalise))
     return out
 
 
@@ -110,13 +120,13 @@ def _potentials():
     from genlm.control import Potential
 
     class CountingLM(AsyncTransformer):
-        """genlm-backend's HF wrapper that counts the queries it evaluates (its cache misses)."""
+        """genlm-backend's HF wrapper that counts the rows of its forward passes."""
 
         calls = 0
 
-        def add_query(self, query, future, past, lora_name=None):
-            self.calls += 1
-            return super().add_query(query, future, past, lora_name)
+        def _evaluate_queries(self, queries):  # one forward row per distinct context (genlm's own dedup)
+            self.calls += len({tuple(q.prompt) for q in queries})
+            return super()._evaluate_queries(queries)
 
     class ActionRule(Potential):
         """The actions ``constraints`` allow, as a 0 / -inf potential over the LM's token vocabulary: the
@@ -234,6 +244,12 @@ def run_smc(model, tokenizer, constraints: Constraints, targets: Sequence[Sequen
     _require_genlm()
     if n_particles < 1:
         raise ConfigError(f"SMC needs at least one particle (got n_particles={n_particles})")
+    if constraints.stop_after_tool:
+        raise ConfigError("SMC does not run tools: it cannot sample under stop_after_tool")
+    width = model.get_output_embeddings().weight.shape[0]
+    if width != len(tokenizer) and constraints.allowed_token_ids is None:
+        raise ConfigError(f"the model scores {width} token ids but its tokenizer has {len(tokenizer)}: SMC can only "
+                          "write the tokenizer's, so list the legal ones in allowed_token_ids (or forbid the others)")
     from genlm.control import SMC, PromptedLLM, direct_token_sampler
 
     CountingLM, ActionRule, Predicate = _potentials()
@@ -268,16 +284,27 @@ def run_smc(model, tokenizer, constraints: Constraints, targets: Sequence[Sequen
 
         return [await one(t) for t in tqdm(targets, desc=desc, disable=not progress)]
 
-    np_state = np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            # genlm-backend passes past_key_values, which transformers 5 deprecates, on every forward
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-            torch.manual_seed(seed)
+    def go() -> list[SMCResult]:  # genlm draws from torch's CPU generator and numpy's global one
+        torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+        try:
+            torch.default_generator.manual_seed(seed)
             np.random.seed(seed % 2**32)
-            return asyncio.run(all_targets())
-    finally:
-        np.random.set_state(np_state)
+            with warnings.catch_warnings():
+                # genlm-backend passes past_key_values, which transformers 5 deprecates, on every forward
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+                return asyncio.run(all_targets())
+        finally:
+            torch.set_rng_state(torch_state)
+            np.random.set_state(np_state)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return go()
+    from concurrent.futures import ThreadPoolExecutor  # called from a running event loop (a notebook)
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(go).result()
 
 
 def _is_eos(token) -> bool:

@@ -168,8 +168,11 @@ class ConstrainedTask(ContinuationTask):
                                         "model_calls": per_sample(comps)}
                     continue
                 if sp["method"] == "smc":  # the reward's LM term; the keywords as a terminal predicate
-                    lm = [r for r in self.reward_funcs(b, tokenizer, constraints, config) if r.name == "sentence_likelihood"]
-                    m = self._smc(b, tokenizer, config, constraints, rows, lm, seed=seed, progress=progress,
+                    funcs = self.reward_funcs(b, tokenizer, constraints, config)
+                    lm = [(f, w) for f, w in zip(funcs, config.reward_weights or [1.0] * len(funcs))
+                          if f.name == "sentence_likelihood"]
+                    m = self._smc(b, tokenizer, config, constraints, rows, [f for f, _ in lm], [w for _, w in lm],
+                                  seed=seed, progress=progress,
                                   label=sp["label"], predicate=None if self.words is None else
                                   (lambda ids: self.accepts(tokenizer, constraints, ids)))
                     m["model_calls"] = sum(m.pop("calls")) / max(1, sum(len(c) for c in m["completions"]))
@@ -235,8 +238,9 @@ class ConstrainedTask(ContinuationTask):
                  "prompts_with_samples": len(ok_rows)}
             if "acceptance_rate" in m:
                 r["acceptance_rate"] = m["acceptance_rate"]
-            if "log_ml" in m:  # SMC's estimate of log Z (unbiased in Z), over the prompts it was run on
-                r["smc_log_z"] = statistics.fmean(m["log_ml"][i] for i in ok_rows)
+            if "log_ml" in m:  # SMC's estimate of log Z (unbiased in Z) over all prompts (-inf where every particle died)
+                r["smc_log_z"] = statistics.fmean(m["log_ml"])
+                r["smc_prompts_without_samples"] = len(rows) - len(ok_rows)
             if len({len(cs) for cs in comps}) == 1:
                 r.update(self._method_row(tokenizer, sub, comps, logp))
             else:  # rejection sampling kept fewer than n on some prompts: no per-prompt diagnostics

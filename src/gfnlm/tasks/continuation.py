@@ -224,17 +224,18 @@ class ContinuationTask(Task):
                                     "model_calls": statistics.fmean(d.calls for d in dec)}
         return out
 
-    def _smc(self, base, tokenizer, config, constraints, rows, rewards, *, seed: int, progress: bool, label: str,
-             predicate=None) -> dict:
-        """SMC with genlm-control (:mod:`gfnlm.smc`) on the target of ``rewards`` (the task's own LM terms,
-        read from ``base``, which must be inside :func:`gfnlm.policy.base_model`): ``smc_particles``
-        particles per prompt (default n, about the LM calls of n samples), n completions resampled from
-        them. Also the LM calls per prompt and the log Ẑ estimates."""
+    def _smc(self, base, tokenizer, config, constraints, rows, rewards, weights=None, *, seed: int, progress: bool,
+             label: str, predicate=None) -> dict:
+        """SMC with genlm-control (:mod:`gfnlm.smc`) on the target of ``rewards`` (the task's own LM terms
+        with their ``weights`` from ``config.reward_weights``, read from ``base``, which must be inside
+        :func:`gfnlm.policy.base_model`): ``smc_particles`` particles per prompt (default n, about the LM
+        calls of n samples), n completions resampled from them. Also the LM calls per prompt and the log Ẑ
+        estimates."""
         from ..smc import lm_terms, run_smc
 
         n, a = self.args.eval_samples, self.args
         prompts = [render_prompt(tokenizer, r["prompt"], config.chat_template) for r in rows]
-        runs = run_smc(base, tokenizer, constraints, [lm_terms(rewards, r, p, tokenizer) for r, p in zip(rows, prompts)],
+        runs = run_smc(base, tokenizer, constraints, [lm_terms(rewards, r, p, tokenizer, constraints, weights) for r, p in zip(rows, prompts)],
                        n_particles=a.smc_particles or n, ess_threshold=a.smc_ess_threshold, predicate=predicate,
                        seed=seed, progress=progress, desc=label)
         g = torch.Generator().manual_seed(seed)

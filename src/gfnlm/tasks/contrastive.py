@@ -128,8 +128,8 @@ class ContrastiveTask(ContinuationTask):
 
             label = f"SMC, genlm-control ({a.smc_particles or a.eval_samples} particles)"
             with base_model(base) as b:
-                m = self._smc(b, tokenizer, config, constraints, rows, self.terms(b, tokenizer, constraints), seed=seed,
-                              progress=progress, label=label)
+                m = self._smc(b, tokenizer, config, constraints, rows, self.terms(b, tokenizer, constraints),
+                              config.reward_weights, seed=seed, progress=progress, label=label)
             m["model_calls"] = statistics.fmean(m.pop("calls"))
             methods[label] = m
         rerank = {sp["label"]: sp["rerank"] for sp in specs if "rerank" in sp}
