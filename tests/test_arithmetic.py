@@ -184,7 +184,7 @@ def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):
                    constraints=cons, tool=task.tool())
     trainer = GFNTrainer(model, rewards, cfg, task.dataset(), tok, constraints=cons,
                          sample_metrics=task.sample_metrics(), tool=task.tool())
-    assert trainer.log_z_kind() == "prompt"  # several questions: log Z depends on the prompt
+    assert trainer.log_z_kind() == "none"  # the task's measured default: modified SubTB without a learned log Z
     task.prepare_trainer(trainer)
     row = [r["prompt"] for r in trainer.rows].index("Question: 6 - 0 - 4 = ? Answer:")
     seeded = trainer.buffer.entries(row)
