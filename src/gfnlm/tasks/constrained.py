@@ -277,8 +277,8 @@ def constrained_table(results: dict) -> str:
                      f"{r['length_tokens']:.1f} | {r['model_calls_per_sample']:.1f} | {acc} | {diag} |")
     lines.append(f"\n{results['prompts']} validation prompts, n = {results['n']}; constraint: {results['constraint']}; "
                  "log p = log p̃_LM(Z \".\" | X) over the legal tokens; LM calls = tokens read per sample kept (rejection "
-                 "sampling: every proposal, per accepted sample; SMC: the LM's computed next-token distributions over "
-                 "the samples it returns); satisfaction checked with Python's re (ASCII); diagnostics against p̃ · c; "
+                 "sampling: every proposal, per accepted sample; SMC: the rows of the LM's forward passes over the "
+                 "samples it returns); satisfaction checked with Python's re (ASCII); diagnostics against p̃ · c; "
                  "log Z est.: the importance-weighted bound of the sampler's own samples, or SMC's log Ẑ (both lower "
                  "bounds on log Z in expectation)")
     return "\n".join(lines)
