@@ -133,10 +133,16 @@ def test_reward_against_brute_force_python_and_cli_paths(stories, tmp_path, tiny
     cons = task.constraints(cfg, tok)
     (reward,) = task.reward_funcs(model, tok, cons, cfg)
     check_reward(reward, model, tok, rows, cons.min_new_tokens)
-    # the context is the beginning only: scoring under the policy's prompt gives another value
+    # the context is the beginning only: scoring under the policy's prompt gives another value (a peaked
+    # LM, so that the context matters: the random one is nearly uniform)
+    sharp = make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=512)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(20)
+    (sharp_reward,) = task.reward_funcs(sharp, tok, cons, cfg)
     batch, z = reward_batch(tok, rows, [" Al got a hat", " It fell"])
-    under_prompt = brute(model, tok, rows[0]["prompt"], z[0], rows[0]["ending"], len(z[0]))
-    assert reward(batch)[0, len(z[0])].item() != pytest.approx(under_prompt, abs=1e-3)
+    got = sharp_reward(batch)[0, len(z[0])].item()
+    assert got == pytest.approx(brute(sharp, tok, rows[0]["beginning"], z[0], rows[0]["ending"], len(z[0])), abs=1e-3)
+    assert abs(got - brute(sharp, tok, rows[0]["prompt"], z[0], rows[0]["ending"], len(z[0]))) > 0.05  # 50x the tolerance
     # CLI path: make_trainer wraps the policy with LoRA first; the reward reads the base model
     _, trainer = make_trainer(cfg)
     assert [r["prompt"] for r in trainer.rows] == [r["prompt"] for r in task.dataset()]
