@@ -24,7 +24,7 @@ stop. Every sampler's exact distribution over the 156 strings comes from scoring
 
 Per sampler: KL(π || q), KL(q || π), TV(π, q), the exact ELBO E_q[log R - log q] (log Z - KL(q || π)),
 satisfaction, and the LM calls per sample (tokens read, stop included; rejection: per accepted
-sample; SMC: next-token distributions the LM computed per run).
+sample; SMC: rows of the LM's forward passes per run, one sample returned per run).
 
     .venv/bin/python bench/constrained.py            # ~15 min on 2 CPU cores
 """

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -80,13 +80,12 @@ def lm_terms(rewards, row: dict, prompt_ids: Sequence[int], tokenizer, constrain
 @dataclass
 class SMCResult:
     """One SMC run: the particles' completions (token ids, stop excluded), their final log weights, the
-    log marginal-likelihood estimate log Ẑ and the LM next-token distributions computed."""
+    log marginal-likelihood estimate log Ẑ and the rows of the LM's forward passes (its cost)."""
 
     completions: list[list[int]]
     log_weights: list[float]
     log_ml: float
     lm_calls: int
-    meta: dict = field(default_factory=dict)
 
     def resample(self, n: int, generator: torch.Generator) -> list[list[int]]:
         """``n`` completions drawn in proportion to the weights (multinomial); [] when every weight is 0."""

@@ -170,7 +170,7 @@ class ConstrainedTask(ContinuationTask):
                 if sp["method"] == "smc":  # the reward's LM term; the keywords as a terminal predicate
                     funcs = self.reward_funcs(b, tokenizer, constraints, config)
                     lm = [(f, w) for f, w in zip(funcs, config.reward_weights or [1.0] * len(funcs))
-                          if f.name == "sentence_likelihood"]
+                          if isinstance(f, LMLikelihoodReward)]
                     m = self._smc(b, tokenizer, config, constraints, rows, [f for f, _ in lm], [w for _, w in lm],
                                   seed=seed, progress=progress,
                                   label=sp["label"], predicate=None if self.words is None else

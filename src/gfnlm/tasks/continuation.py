@@ -235,13 +235,12 @@ class ContinuationTask(Task):
 
         n, a = self.args.eval_samples, self.args
         prompts = [render_prompt(tokenizer, r["prompt"], config.chat_template) for r in rows]
-        runs = run_smc(base, tokenizer, constraints, [lm_terms(rewards, r, p, tokenizer, constraints, weights) for r, p in zip(rows, prompts)],
-                       n_particles=a.smc_particles or n, ess_threshold=a.smc_ess_threshold, predicate=predicate,
-                       seed=seed, progress=progress, desc=label)
+        terms = [lm_terms(rewards, r, p, tokenizer, constraints, weights) for r, p in zip(rows, prompts)]
+        runs = run_smc(base, tokenizer, constraints, terms, n_particles=a.smc_particles or n,
+                       ess_threshold=a.smc_ess_threshold, predicate=predicate, seed=seed, progress=progress, desc=label)
         g = torch.Generator().manual_seed(seed)
         return {"completions": [r.resample(n, g) for r in runs], "log_q": None, "k": n, "marker": "P",
-                "calls": [r.lm_calls for r in runs], "log_ml": [r.log_ml for r in runs],
-                "particles": a.smc_particles or n}
+                "calls": [r.lm_calls for r in runs], "log_ml": [r.log_ml for r in runs]}
 
     def base_of(self, model, config):
         """The base LM the baselines decode and the reward reads: the policy's (adapters off), or the
