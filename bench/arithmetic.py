@@ -56,11 +56,23 @@ def parse_args(argv=None):
                    help="extra GFNConfig field for the gfn method, as name=value (e.g. reward_temperature_end=1.0)")
     p.add_argument("--seed", type=int, default=0, help="seeds other than 0 write <method>-seed<k>.json; --report "
                    "shows a method's seeds as mean ± std")
+    p.add_argument("--labelled", type=int, default=0,
+                   help="use only the first n labelled rationales (SFT data, replay seed, supervised questions; the "
+                   "paper's second table: 10); results go to <out>/arithmetic-labelled<n>/ and its own table, which "
+                   "takes the label-free rows (RL, k-shot with k <= n) from the main table's runs. 0: all 50")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "arithmetic"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-arithmetic"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.labelled:
+        args.run_dir = f"{args.run_dir}-labelled{args.labelled}"
+    return args
+
+
+def folder_of(args) -> Path:
+    """Where this table's per-method results live."""
+    return Path(args.out) / ("arithmetic" + (f"-labelled{args.labelled}" if args.labelled else ""))
 
 
 def build(args, method: str, overrides: dict | None = None):
@@ -68,7 +80,7 @@ def build(args, method: str, overrides: dict | None = None):
 
     data = {"model": args.model, "seed": args.seed, "learning_rate": args.lr, "max_steps": args.steps,
             "report_to": [], "output_dir": f"{args.run_dir}/{method}",
-            "task_args": {"data_dir": args.data_dir}, **(overrides or {})}
+            "task_args": {"data_dir": args.data_dir, "labelled": args.labelled}, **(overrides or {})}
     if data["learning_rate"] is None:  # the task's own
         del data["learning_rate"]
     return build_config("arithmetic", data)
@@ -102,8 +114,8 @@ def run_method(method: str, args) -> dict:
     elif method == "sft":
         from gfnlm.sft import sft_train
 
-        config = build(args, method, {"max_steps": args.sft_steps, "task_args": {"data_dir": args.data_dir,
-                                                                                   "seed_buffer": False}})
+        config = build(args, method, {"max_steps": args.sft_steps, "task_args": {
+            "data_dir": args.data_dir, "labelled": args.labelled, "seed_buffer": False}})
         task, trainer = make_trainer(config)
         losses = sft_train(trainer, task.supervised_completions(), batch_size=8)
         info = {"nll_first": losses[0], "nll_last": losses[-1], "steps": len(losses), "batch": 8,
@@ -169,12 +181,20 @@ def run_method(method: str, args) -> dict:
 def report(args) -> str:
     from gfnlm.tasks.arithmetic import table4
 
-    folder = Path(args.out) / "arithmetic"
+    folder = folder_of(args)
     results = {}  # "<method>" (seed 0) and "<method>-seed<k>": one file per run
     for m in METHODS:
         for f in [folder / f"{m}.json"] + sorted(folder.glob(f"{m}-seed*.json")):
             if f.exists():
                 results[f.stem] = json.loads(f.read_text())
+    if args.labelled:  # rows that use no labels are the same in both tables: take them from the main one
+        for m in ("kshot", "rl"):
+            f = Path(args.out) / "arithmetic" / f"{m}.json"
+            if m not in results and f.exists():
+                res = json.loads(f.read_text())
+                res["rows"] = [(n, r) for n, r in res["rows"]
+                               if not n.startswith("k-shot") or int(n.rsplit("=", 1)[1]) <= args.labelled]
+                results[f"{m} (from the main table's runs)"] = res
     grouped: dict[str, list[dict]] = {}  # a method's rows over its seeds: mean ± std in the table
     for res in results.values():
         for name, r in res["rows"]:
@@ -182,8 +202,9 @@ def report(args) -> str:
     rows = list(grouped.items())
     table = table4(rows)
     acc = {name: {l: sum(100 * x[l]["vote_accuracy"] for x in rs) / len(rs) for l in rs[0]} for name, rs in rows}
-    lines = [f"# Arithmetic (Table 4) on {next(iter(results.values()))['settings']['model'] if results else '?'}", "",
-             table, ""]
+    labels = f"the first {args.labelled} labelled rationales" if args.labelled else "all 50 labelled rationales"
+    lines = [f"# Arithmetic (Table 4) on {next(iter(results.values()))['settings']['model'] if results else '?'}, "
+             f"{labels}", "", table, ""]
     first = rows[0][1][0] if rows else {}
     for l, r in first.items():
         lines.append(f"- {l} operands: {r['removed_as_in_training']} test questions removed because they occur in a "
@@ -213,8 +234,8 @@ def report(args) -> str:
         lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
     text = "\n".join(lines) + "\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "arithmetic.md").write_text(text)
-    (Path(args.out) / "arithmetic.json").write_text(json.dumps(
+    (Path(args.out) / f"{folder.name}.md").write_text(text)
+    (Path(args.out) / f"{folder.name}.json").write_text(json.dumps(
         {"results": results, "accuracy": acc, "targets": {k: {"measured": v, "met": ok} for k, (v, ok) in checks.items()}},
         indent=1))
     return text
@@ -232,7 +253,7 @@ def main(argv=None) -> int:
     if not args.report:
         from common import run_methods
 
-        run_methods("arithmetic", args.methods, args.seed, Path(args.out) / "arithmetic", run_method, args)
+        run_methods("arithmetic", args.methods, args.seed, folder_of(args), run_method, args)
     print(report(args))
     return 0
 

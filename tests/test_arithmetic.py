@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm, make_tiny_tokenizer, save_tiny_lm
-from gfnlm.errors import DataError
+from gfnlm.errors import ConfigError, DataError
 from gfnlm.tasks import build_config
 from gfnlm.tasks.arithmetic import (ArithmeticTask, answer_of, deduplicate,
                                     generate_questions, load_questions, majority_vote, question_expression,
@@ -164,7 +164,6 @@ def test_invalid_floor_stays_below_every_valid_chain_at_every_temperature(data_d
 
 
 def test_training_with_the_calculator_end_to_end(data_dir, tmp_path):
-    from gfnlm.errors import ConfigError
     from gfnlm.trainer import GFNTrainer
 
     tok = tokenizer()
@@ -213,7 +212,7 @@ def tiny_model_dir(tmp_path):
 def task_arg_flags(data_dir) -> list[str]:
     return [f"--task_args.data_dir={data_dir}", "--task_args.supervised_file", "sup.json",
             "--task_args.pool_file", "pool.json", "--task_args.test_files", "3:t3.json",
-            "--task_args.vote_samples", "2"]
+            "--task_args.vote_samples", "2", "--task_args.reward_shots", "1"]
 
 
 def test_eval_prints_table_4(data_dir, tiny_model_dir, tmp_path, capsys):
@@ -246,6 +245,33 @@ def test_sft_baseline_fits_the_labelled_rationales(data_dir, tiny_model_dir, tmp
     assert "| Supervised fine-tuning |" in table and "| k-shot CoT, k = 0 |" in table
 
 
+def test_fewer_labelled_rationales_change_only_what_uses_labels(data_dir, tiny_model_dir, tmp_path, capsys):
+    """``task_args.labelled n`` (the paper's 10-label table): the first n labelled questions seed the
+    buffer, are the SFT data and the up-weighted rows, on the CLI path; the test questions stay the same."""
+    from gfnlm.cli import main, make_trainer
+
+    write(data_dir / "t3b.json", generate_questions(3, 3, seed=5) + [json.loads((data_dir / "sup.json").read_text())[1]])
+    args = {"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json",
+            "test_files": "3:t3.json,b:t3b.json", "reward_shots": 1}
+    cfg = build_config("arithmetic", {"model": str(tiny_model_dir), "report_to": [], "output_dir": str(tmp_path / "r"),
+                                      "task_args": {**args, "labelled": 1}})
+    task, trainer = make_trainer(cfg)
+    weighted = [r["prompt"] for r in trainer.rows if r["weight"] == task.args.supervised_weight]
+    assert weighted == ["Question: 6 - 0 - 4 = ? Answer:"] and len(trainer.rows) == 1 + 6
+    seeded = {trainer.rows[i]["prompt"] for i in range(len(trainer.rows)) if trainer.buffer.entries(i)}
+    assert seeded == {"Question: 6 - 0 - 4 = ? Answer:"}
+    every = ArithmeticTask(args).test_sets()
+    assert task.test_sets() == every and every["b"][1] == 1  # the unused labelled question still leaves the test set
+    with pytest.raises(ConfigError, match="only 1 labelled questions are in use"):
+        task.few_shot_context(2)
+    with pytest.raises(ConfigError, match=r"task_args.labelled=3: sup.json has 2 labelled questions; give 1 to 2"):
+        ArithmeticTask({**args, "labelled": 3}).supervised()
+    assert main(["sft", "--task", "arithmetic", "--model", str(tiny_model_dir), "--max_steps", "1", "--report_to", "[]",
+                 "--output_dir", str(tmp_path / "sft"), "--max_new_tokens", "12", "--min_new_tokens", "1",
+                 "--task_args.labelled", "1"] + task_arg_flags(data_dir)) == 0
+    assert "on 1 labelled completions" in capsys.readouterr().out
+
+
 def test_question_generator_command_writes_a_loadable_file(tmp_path):
     from gfnlm.tasks.arithmetic import main
 
@@ -268,7 +294,8 @@ def test_gfn_training_can_start_from_an_sft_checkpoint(data_dir, tiny_model_dir,
                  "--learning_rate", "1e-2", "--output_dir", str(sft), "--max_new_tokens", "12", "--min_new_tokens", "1",
                  "--task_args.seed_buffer", "false"] + flags) == 0
     saved = load_file(sft / "checkpoint-3" / "adapter" / "adapter_model.safetensors")
-    args = {"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json", "test_files": "3:t3.json"}
+    args = {"data_dir": str(data_dir), "supervised_file": "sup.json", "pool_file": "pool.json", "test_files": "3:t3.json",
+            "reward_shots": 1}
     cfg = build_config("arithmetic", {"model": str(tiny_model_dir), "init_from": str(sft / "checkpoint-3"),
                                       "max_steps": 2, "report_to": [], "disable_tqdm": True, "max_new_tokens": 12,
                                       "min_new_tokens": 1, "output_dir": str(tmp_path / "gfn"), "learning_rate": 1e-2,

@@ -255,7 +255,8 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True, 
 
     The policy is wrapped (LoRA) before the task builds its rewards, so an LM reward holds the
     wrapped model and reads its base through :class:`gfnlm.policy.BaseLM`. ``with_rewards=False``
-    (supervised fine-tuning) builds no reward: the trainer's reward then refuses to run. ``dataset``
+    (supervised fine-tuning) builds no reward, so the trainer's reward refuses to run, and skips
+    :meth:`Task.prepare_trainer` (seeding a replay buffer scores with the reward). ``dataset``
     replaces the task's rows (``config.dataset`` still wins)."""
     from ..models import load_model
     from ..policy import wrap_policy
@@ -280,5 +281,6 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True, 
     dataset = config.dataset or dataset or task.dataset()
     trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
                          constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool())
-    task.prepare_trainer(trainer)
+    if with_rewards:
+        task.prepare_trainer(trainer)
     return task, trainer

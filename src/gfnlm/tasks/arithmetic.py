@@ -166,6 +166,7 @@ class ArithmeticArgs:
     max_operands: int = 2
     seed_buffer: bool = True
     supervised_weight: float = 5.0  # a labelled question is drawn this many times as often as a pool question
+    labelled: int = 0  # use only the first n labelled rationales of supervised_file (the paper: 10); 0: all of them
     vote_samples: int = 10
     vote_temperature: float = 0.1
     eval_questions: int = 100
@@ -206,6 +207,18 @@ class ArithmeticTask(Task):
 
     # data
     def supervised(self) -> list[dict]:
+        """The labelled questions this run may use: the first ``labelled`` of ``supervised_file`` (all if 0).
+        They seed the replay buffer, are the SFT data, are drawn ``supervised_weight`` times as often,
+        and hold the few-shot examples (the reward's ``reward_shots`` and k-shot prompting)."""
+        rows = self.all_supervised()
+        n = self.args.labelled
+        if n < 0 or n > len(rows):
+            raise ConfigError(f"task_args.labelled={n}: {self.args.supervised_file} has {len(rows)} labelled "
+                              f"questions; give 1 to {len(rows)}, or 0 for all of them")
+        return rows[:n] if n else rows
+
+    def all_supervised(self) -> list[dict]:
+        """Every question of ``supervised_file``, used or not (test questions are deduplicated against all)."""
         return load_questions(self.data_file(self.args.supervised_file))
 
     def pool(self) -> list[dict]:
@@ -213,7 +226,7 @@ class ArithmeticTask(Task):
 
     def test_sets(self) -> dict[str, tuple[list[dict], int]]:
         """{operand count: (deduplicated questions, number removed)}."""
-        train = [self.supervised(), self.pool()]
+        train = [self.all_supervised(), self.pool()]  # the same test questions whatever ``labelled`` is
         out = {}
         for item in self.args.test_files.split(","):
             label, _, name = item.partition(":")
@@ -230,9 +243,14 @@ class ArithmeticTask(Task):
         return [{"prompt": r["str_query"], "num_sol": r["num_sol"], "weight": w} for r, w in rows]
 
     def few_shot_context(self, k: int) -> str:
-        """k solved examples (rationales with calculator outputs), one a line."""
+        """k solved examples (rationales with calculator outputs), one a line, from the labelled set."""
+        labelled = self.supervised()
+        if k > len(labelled):
+            raise ConfigError(f"{k} few-shot examples asked for, but only {len(labelled)} labelled questions are in use "
+                              "(task_args.labelled, task_args.supervised_file): ask for fewer (task_args.reward_shots, "
+                              "--shots) or use more labelled questions")
         lines = []
-        for r in self.supervised()[:k]:
+        for r in labelled[:k]:
             rationale = with_tool_outputs(r["str_rationale"], Calculator(max_operands=None))
             lines.append(f"{r['str_query']} {rationale}{ANSWER_SUFFIX.format(n=r['num_sol'])}")
         return "\n".join(lines) + ("\n" if lines else "")

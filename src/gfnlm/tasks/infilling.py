@@ -45,7 +45,7 @@ import torch
 
 from ..data import JSON_ERRORS, json_problem, read_utf8, render_prompt
 from ..errors import DataError, GFNLMError
-from ..rewards import LMLikelihoodReward, NoReward
+from ..rewards import LMLikelihoodReward
 from ..sampling import Constraints
 from ..trainer import constraints_from_config
 from . import Task, format_diagnostics
@@ -284,7 +284,7 @@ class InfillingTask(Task):
                              "max_new_tokens": 96, "output_dir": "runs/infilling-reward-lm"}
 
     def prepare_trainer(self, trainer) -> None:
-        if self.args.seed_buffer and trainer.args.max_steps > 0 and not isinstance(trainer.rewards[0], NoReward):
+        if self.args.seed_buffer and trainer.args.max_steps > 0:
             kept, skipped = trainer.collector.writable(self.supervised_completions())
             if skipped:
                 print(f"infilling: {skipped} true middles the policy cannot write (length outside "
