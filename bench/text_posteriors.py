@@ -9,8 +9,10 @@ on the same validation prompts (``--prompts``), never trained on.
 ``--task continuation``, target p̃(Z "." | X)^(1/T) with T annealed 1.0 -> ``--t_end``:
 
 * baselines: the base model through transformers' ``generate`` under the same constraint: greedy,
-  beam search (n and 5n beams, n returned), nucleus p = 0.95, plain sampling and tempered sampling at
-  the final reward temperature, each sampler at n and 5n samples per prompt;
+  beam search (n and 5n beams, n returned), diverse beam search (n and 5n beams in n groups, penalty
+  1.0, the best of each group), nucleus p = 0.95, plain sampling and tempered sampling at the final
+  reward temperature, each sampler at n and 5n samples per prompt;
+* diverse: only the diverse beam search rows (to add them to an earlier baselines run);
 * gfn: GFlowNet fine-tuning (modified SubTB, LoRA) from the base model, n samples per prompt.
 
 Per method: max and mean log p̃(Z "." | X) over the samples of a prompt, diversity (1 - mean pairwise
@@ -51,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TASKS = ("continuation", "contrastive")
-METHODS = ["baselines", "gfn", "smc"]
+METHODS = ["baselines", "diverse", "gfn", "smc"]
 SAMPLERS = ("nucleus", "sampling", "tempered")
 
 
@@ -90,6 +92,8 @@ def build(args, method: str):
             "task_args": {"data_file": args.data_file, "eval_samples": args.samples, "eval_prompts": args.prompts}}
     if args.task == "continuation":
         data["reward_temperature_end"] = args.t_end
+        if method == "diverse":
+            data["task_args"]["baselines"] = "diverse_beam"
     else:
         data["task_args"].update(a=args.a, b=args.b)
         if method in ("baselines", "smc"):  # SMC is its own run
@@ -113,7 +117,9 @@ def run_method(method: str, args) -> dict:
     config = build(args, method)
     if method == "smc" and args.task != "contrastive":
         raise SystemExit("smc: only --task contrastive has an SMC baseline")
-    if method in ("baselines", "smc"):
+    if method == "diverse" and args.task != "continuation":
+        raise SystemExit("diverse: only --task continuation has diverse beam search rows")
+    if method in ("baselines", "diverse", "smc"):
         model, tok = load_model(config.model)
         task = get_task_class(args.task)(config.task_args)
         with torch.no_grad():
@@ -156,7 +162,7 @@ def continuation_targets(methods: dict) -> dict:
             if b.split()[0] in SAMPLERS:
                 out[f"{g} beats {b} on max log p"] = (f"{gr['max_log_p']:.2f} vs {br['max_log_p']:.2f}",
                                                       gr["max_log_p"] > br["max_log_p"])
-            if b.startswith("beam"):
+            if b.startswith(("beam", "diverse beam")):
                 out[f"{g} beats {b} on diversity"] = (f"{gr['diversity']:.3f} vs {br['diversity']:.3f}",
                                                       gr["diversity"] > br["diversity"])
     return out

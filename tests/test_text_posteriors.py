@@ -123,7 +123,7 @@ def test_one_constraint_in_policy_reward_and_baselines(prompts, tmp_path):
     lengths = [len(c) for c in s.completion_ids()]
     assert min(lengths) < 6 and max(lengths) == 6  # some stopped of their own accord, some were forced
     other = ids(tok, task.dataset()[1]["prompt"])
-    for method in ["greedy", "beam", "nucleus", "sampling", "tempered"]:
+    for method in ["greedy", "beam", "diverse_beam", "nucleus", "sampling", "tempered"]:
         d, d2 = decode(model, tok, [prompt, other], cons, method, 8, temperature=0.8, seed=1)  # left-padded together
         obeys(d.completions)
         obeys(d2.completions)
@@ -154,6 +154,48 @@ def brute_log_p(model, context, z, keep, stop):
         lp = logits[i - 1, keep].log_softmax(-1)
         total += lp[(keep == seq[i]).nonzero().item()].item()
     return total
+
+
+def test_diverse_beam_search_against_brute_force(prompts, tmp_path):
+    """Groups of one beam: each group decodes greedily, each token's log-probability lowered by the
+    penalty times the number of earlier groups that chose it at that step (the stop, ending a group's
+    search, not counted); with no penalty every group is the plain beam search of its size."""
+    tok = byte_tokenizer()
+    cfg = config("continuation", prompts, tmp_path)
+    task = ContinuationTask(cfg.task_args)
+    cons, legal = legal_ids(task, cfg, tok)
+    model = sharp_model(tok, seed=11)
+    prompt, stop = ids(tok, task.dataset()[2]["prompt"]), cons.stop_token_ids[0]
+    allowed = torch.tensor(sorted(legal))
+    (d,) = decode(model, tok, [prompt], cons, "diverse_beam", 3, diversity_penalty=2.0)
+    want, earlier = [], torch.zeros(8, model.config.vocab_size)
+    for _ in range(3):
+        z = []
+        while True:
+            with torch.no_grad():
+                s = model(input_ids=torch.tensor([prompt + z])).logits[0, -1].log_softmax(-1)
+            t = len(z)
+            ok = torch.zeros_like(s, dtype=torch.bool)
+            ok[allowed] = t < 6
+            ok[stop] = t >= 2
+            nxt = int((s - 2.0 * earlier[t]).masked_fill(~ok, float("-inf")).argmax())
+            if nxt == stop:
+                break
+            z.append(nxt)
+        for t, v in enumerate(z):
+            earlier[t, v] += 1
+        want.append(z)
+    assert d.completions == want and len({tuple(z) for z in want}) > 1  # the penalty made the groups differ
+    assert d.calls == sum(len(z) + 1 for z in want)
+    (same,) = decode(model, tok, [prompt], cons, "diverse_beam", 3, diversity_penalty=0.0)
+    assert same.completions == [want[0]] * 3  # no penalty: greedy three times
+    (beam,) = decode(model, tok, [prompt], cons, "beam", 2)
+    (grouped,) = decode(model, tok, [prompt], cons, "diverse_beam", 4, groups=2, diversity_penalty=0.0)
+    assert grouped.completions == [beam.completions[0]] * 2  # each group of two beams: beam search's best
+    (apart,) = decode(model, tok, [prompt], cons, "diverse_beam", 4, groups=2, diversity_penalty=50.0)
+    assert apart.completions[0] == beam.completions[0] and apart.completions[1][0] != apart.completions[0][0]
+    with pytest.raises(ConfigError, match="multiple of the groups"):
+        decode(model, tok, [prompt], cons, "diverse_beam", 5, groups=2)
 
 
 # --- the contrastive reward and its token-level sampler ---------------------------------------------
@@ -259,6 +301,7 @@ def test_commands_end_to_end(prompts, tmp_path, tiny_dir, capsys):
         if task == "continuation":
             assert {"greedy", "beam (2 beams)", "beam (10 beams)", "sampling (2)", "sampling (10)"} <= names
             assert saved["methods"]["beam (10 beams)"]["samples_per_prompt"] == 2  # 5x compute, n kept
+            assert saved["methods"]["diverse beam (10 beams, 2 groups)"]["samples_per_prompt"] == 2  # best of each
         else:
             assert {"token-level contrastive (2)", "best-of-4 by R (2)", "best-of-10 by R (2)"} <= names
             assert "diagnostics" in saved["methods"]["token-level contrastive (2)"]

@@ -14,9 +14,15 @@ sample's exact log q (stop included) comes from transformers itself
 (``compute_transition_scores(normalize_logits=True)``): the figure the sampler diagnostics need.
 Greedy and beam search are deterministic: they have no tractable q.
 
-Diverse (group) beam search is not here: transformers 5 moved it to a Hub repository
-(``transformers-community/group-beam-search``) that ``generate`` downloads at run time, and gfnlm
-never downloads at run time.
+Diverse beam search (Vijayakumar et al., 2016) splits the beams into groups; a group's beam search
+subtracts from each token's log-probability ``diversity_penalty`` times the number of times earlier
+groups chose that token at the same step (Hamming diversity). transformers 5 moved its own version
+to a Hub repository that ``generate`` would download at run time, so gfnlm runs it with
+``generate``'s own beam search, one group after another: group g's choices depend only on groups
+before it, so this is the same search as running the groups in lockstep, except that an earlier
+group's tokens stop counting after its last step (the step where its search ends, whose running
+beams are discarded). A :class:`HammingDiversity` logits processor applies the penalty and records
+the group's choices.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ METHODS = {
     "nucleus": "nucleus sampling, p = 0.95",
     "sampling": "plain sampling from the LM (T = 1)",
     "tempered": "tempered sampling at the final reward temperature",
+    "diverse_beam": ("diverse beam search: k beams in `groups` groups (Hamming diversity, penalty "
+                     "`diversity_penalty`), the best sequence of each group"),
     "token_level": ("each token from p(z_t | X, z_<t)^a p(z_t | U, z_<t)^b renormalised (a contrastive target's "
                     "local form): classifier-free guidance a / (a + b) at temperature 1 / (a + b), U the negative prompt"),
 }
@@ -67,6 +75,8 @@ def _method_kwargs(method: str, k: int, temperature: float | None, weights: tupl
         return dict(do_sample=False, num_beams=1)
     if method == "beam":
         return dict(do_sample=False, num_beams=k, num_return_sequences=k)
+    if method == "diverse_beam":
+        return dict(do_sample=False)  # the beams per group: see decode
     if method in ("sampling", "tempered", "nucleus"):
         t = temperature if method == "tempered" else 1.0
         if method == "tempered" and t is None:
@@ -90,16 +100,62 @@ def _cut(row: list[int], stops: set[int]) -> tuple[list[int], int]:
     return row, len(row)
 
 
+class HammingDiversity:
+    """``generate`` logits processor for one group of diverse beam search on one prompt: subtracts
+    ``penalty`` x ``earlier[t, v]`` (times earlier groups chose token v at step t) from the
+    log-probabilities at step t, and adds the tokens this group's running beams chose to ``chosen``
+    ([max steps, vocab] counts, the next group's ``earlier``)."""
+
+    def __init__(self, earlier: torch.Tensor, penalty: float, prompt_len: int):
+        self.earlier, self.penalty, self.prompt_len = earlier, penalty, prompt_len
+        self.chosen = torch.zeros_like(earlier)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t = input_ids.shape[1] - self.prompt_len  # the step being decided; row i's last token was chosen at t - 1
+        if t > 0:
+            self.chosen[t - 1].index_add_(0, input_ids[:, -1].to(self.chosen.device),
+                                          torch.ones(input_ids.shape[0], device=self.chosen.device))
+        return scores - self.penalty * self.earlier[t].to(scores.device, scores.dtype)
+
+
+def _diverse_beam(model, ids: torch.Tensor, pad: int, kw: dict, k: int, groups: int, penalty: float,
+                  stops: set[int]) -> Decoded:
+    """Diverse beam search on one prompt (``ids`` [1, L]): ``groups`` beam searches of k / groups beams
+    run one after another, each penalised by the earlier groups' choices; the best sequence of each."""
+    from transformers import LogitsProcessorList
+
+    if groups < 1 or k % groups:
+        raise ConfigError(f"diverse beam search splits {k} beams into {groups} groups: the beams must be a "
+                          "multiple of the groups")
+    size, steps = k // groups, kw["max_new_tokens"] + 1
+    vocab = model.get_output_embeddings().weight.shape[0]
+    earlier = torch.zeros(steps, vocab)
+    completions, calls = [], 0
+    for _ in range(groups):
+        proc = HammingDiversity(earlier, penalty, ids.shape[1])
+        res = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, num_beams=size,
+                             num_return_sequences=1, logits_processor=LogitsProcessorList([proc]),
+                             output_scores=True, return_dict_in_generate=True, **kw)
+        completions.append(_cut(res.sequences[0, ids.shape[1]:].tolist(), stops)[0])
+        calls += len(res.scores) * size  # every beam runs to the end of its group's search
+        earlier = earlier + proc.chosen
+    return Decoded(completions, None, calls=calls)
+
+
 @torch.no_grad()
 def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Constraints, method: str, k: int, *,
            temperature: float | None = None, seed: int = 0, batch_rows: int = 64,
-           weights: tuple[float, float] | None = None, negative_prompt: Sequence[int] | None = None) -> list[Decoded]:
-    """``k`` completions of each prompt by ``method`` (see :data:`METHODS`) under ``constraints``.
+           weights: tuple[float, float] | None = None, negative_prompt: Sequence[int] | None = None,
+           groups: int | None = None, diversity_penalty: float = 1.0) -> list[Decoded]:
+    """``k`` completions of each prompt by ``method`` (see :data:`METHODS`) under ``constraints``
+    (diverse beam search: ``groups`` completions, the best of each group of its ``k`` beams; default
+    ``groups = k``).
 
     ``model`` is the LM to decode (the base model for a baseline); ``temperature`` is the tempered
     baseline's; ``weights`` (a, b) and ``negative_prompt`` (the token ids of U) the token-level
     contrastive sampler's. Prompts are left-padded and decoded together, about ``batch_rows`` rows (prompts x k)
-    a call. Samplers are seeded with ``seed`` (torch's global generator, which ``generate`` uses)."""
+    a call (diverse beam search: one prompt a call, so that each group's search ends with its prompt's).
+    Samplers are seeded with ``seed`` (torch's global generator, which ``generate`` uses)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else constraints.stop_token_ids[0]
     kw = {**generate_kwargs(constraints, max(len(tokenizer), model.get_output_embeddings().weight.shape[0])),
@@ -114,6 +170,11 @@ def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Cons
     model.eval()
     out: list[Decoded] = []
     try:
+        if method == "diverse_beam":
+            for p in prompts:
+                out.append(_diverse_beam(model, torch.tensor([list(p)], device=device), pad, kw, k, groups or k,
+                                         diversity_penalty, stops))
+            return out
         for i in range(0, len(prompts), per_call):
             chunk = [list(p) for p in prompts[i:i + per_call]]
             width = max(len(p) for p in chunk)

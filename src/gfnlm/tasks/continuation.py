@@ -109,7 +109,8 @@ class ContinuationArgs:
     eval_prompts: int = 50
     eval_samples: int = 8  # n of the paper's Figure 3
     compute_factor: int = 5  # the baselines' "5x compute" rows: 5n samples, or 5n beams returning n
-    baselines: str = "greedy,beam,nucleus,sampling,tempered"
+    baselines: str = "greedy,beam,diverse_beam,nucleus,sampling,tempered"
+    diversity_penalty: float = 1.0  # diverse beam search's Hamming penalty (the paper's code: 1.0, n groups)
     embedding_model: str = "all-MiniLM-L6-v2"
 
 
@@ -184,15 +185,20 @@ class ContinuationTask(Task):
     def baseline_specs(self, config, names: list[str]) -> list[dict]:
         """The baseline rows: label, ``decode`` method, k rows decoded, how many kept, plot marker, and
         extra ``decode`` keywords. Samplers at n and 5n samples; beam search with n and 5n beams
-        keeping n (the paper's "5x compute"); greedy once."""
+        keeping n (the paper's "5x compute"); diverse beam search with n and 5n beams in n groups
+        keeping the best of each group (as the paper's code); greedy once."""
         n, f, t_end = self.args.eval_samples, self.args.compute_factor, config.reward_temperature_at(10**9)
         specs = []
         for m in names:
             for k in ([1] if m == "greedy" else [n, f * n]):
                 label = {"greedy": "greedy", "beam": f"beam ({k} beams)", "nucleus": f"nucleus p=0.95 ({k})",
+                         "diverse_beam": f"diverse beam ({k} beams, {n} groups)",
                          "sampling": f"sampling ({k})", "tempered": f"tempered T={t_end:g} ({k})"}.get(m, f"{m} ({k})")
-                specs.append({"label": label, "method": m, "k": k, "keep": n if m == "beam" else k,
-                              "marker": "s" if k > n else ("o" if k == n else "^"), "kw": {"temperature": t_end}})
+                kw = {"temperature": t_end}
+                if m == "diverse_beam":
+                    kw.update(groups=n, diversity_penalty=self.args.diversity_penalty)
+                specs.append({"label": label, "method": m, "k": k, "keep": n if "beam" in m else k,
+                              "marker": "s" if k > n else ("o" if k == n else "^"), "kw": kw})
         return specs
 
     def _samplers(self, model, base, tokenizer, config, constraints, rows, specs: list[dict], *, seed: int,
