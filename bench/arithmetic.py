@@ -65,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-arithmetic"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    shots = [int(x) for x in args.shots.split(",") if x.strip()]
+    if args.labelled and "kshot" in args.methods.split(",") and max(shots, default=0) > args.labelled:
+        p.error(f"--labelled {args.labelled} leaves {args.labelled} labelled examples, fewer than --shots "
+                f"{args.shots} asks for: pass --shots up to {args.labelled}, or leave kshot out (the {args.labelled}-label "
+                "table takes the k-shot rows up to that k from the main table)")
     if args.labelled:
         args.run_dir = f"{args.run_dir}-labelled{args.labelled}"
     return args
@@ -187,7 +192,7 @@ def report(args) -> str:
         for f in [folder / f"{m}.json"] + sorted(folder.glob(f"{m}-seed*.json")):
             if f.exists():
                 results[f.stem] = json.loads(f.read_text())
-    if args.labelled:  # rows that use no labels are the same in both tables: take them from the main one
+    if args.labelled:  # rows that use no rationales: taken from the main table (RL drew its questions from all 50)
         for m in ("kshot", "rl"):
             f = Path(args.out) / "arithmetic" / f"{m}.json"
             if m not in results and f.exists():

@@ -10,7 +10,7 @@ on the same validation prompts (``--prompts``), never trained on.
 
 * baselines: the base model through transformers' ``generate`` under the same constraint: greedy,
   beam search (n and 5n beams, n returned), diverse beam search (n and 5n beams in n groups, penalty
-  1.0, the best of each group), nucleus p = 0.95, plain sampling and tempered sampling at the final
+  1.0, the best of each group; n beams in n groups is diverse greedy), nucleus p = 0.95, plain sampling and tempered sampling at the final
   reward temperature, each sampler at n and 5n samples per prompt;
 * diverse: only the diverse beam search rows (to add them to an earlier baselines run);
 * gfn: GFlowNet fine-tuning (modified SubTB, LoRA) from the base model, n samples per prompt.
@@ -162,7 +162,7 @@ def continuation_targets(methods: dict) -> dict:
             if b.split()[0] in SAMPLERS:
                 out[f"{g} beats {b} on max log p"] = (f"{gr['max_log_p']:.2f} vs {br['max_log_p']:.2f}",
                                                       gr["max_log_p"] > br["max_log_p"])
-            if b.startswith(("beam", "diverse beam")):
+            if b.startswith(("beam", "diverse")):
                 out[f"{g} beats {b} on diversity"] = (f"{gr['diversity']:.3f} vs {br['diversity']:.3f}",
                                                       gr["diversity"] > br["diversity"])
     return out

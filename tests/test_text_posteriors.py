@@ -193,7 +193,23 @@ def test_diverse_beam_search_against_brute_force(prompts, tmp_path):
     (grouped,) = decode(model, tok, [prompt], cons, "diverse_beam", 4, groups=2, diversity_penalty=0.0)
     assert grouped.completions == [beam.completions[0]] * 2  # each group of two beams: beam search's best
     (apart,) = decode(model, tok, [prompt], cons, "diverse_beam", 4, groups=2, diversity_penalty=50.0)
-    assert apart.completions[0] == beam.completions[0] and apart.completions[1][0] != apart.completions[0][0]
+    assert apart.completions[0] == beam.completions[0]
+    with torch.no_grad():  # step 0: the first group's two beams take the two best first tokens, the second the next two
+        first = model(input_ids=torch.tensor([prompt])).logits[0, -1][allowed].argsort(descending=True)
+    ranked = allowed[first].tolist()
+    assert apart.completions[0][0] in ranked[:2] and apart.completions[1][0] in ranked[2:4]
+    # the processor records the running beams' choices: two a step, for every step but the last
+    from transformers import LogitsProcessorList
+
+    from gfnlm.baselines import HammingDiversity, generate_kwargs
+
+    proc = HammingDiversity(torch.zeros(8, model.config.vocab_size), 1.0, len(prompt))
+    res = model.generate(torch.tensor([prompt]), num_beams=2, do_sample=False, pad_token_id=0,
+                         logits_processor=LogitsProcessorList([proc]), output_scores=True, return_dict_in_generate=True,
+                         **generate_kwargs(cons, model.config.vocab_size))
+    steps = len(res.scores)
+    assert proc.chosen[: steps - 1].sum(1).tolist() == [2.0] * (steps - 1) and proc.chosen[steps - 1:].sum() == 0
+    assert set(proc.chosen[0].nonzero().squeeze(1).tolist()) == set(ranked[:2])
     with pytest.raises(ConfigError, match="multiple of the groups"):
         decode(model, tok, [prompt], cons, "diverse_beam", 5, groups=2)
 

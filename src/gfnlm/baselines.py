@@ -20,9 +20,12 @@ groups chose that token at the same step (Hamming diversity). transformers 5 mov
 to a Hub repository that ``generate`` would download at run time, so gfnlm runs it with
 ``generate``'s own beam search, one group after another: group g's choices depend only on groups
 before it, so this is the same search as running the groups in lockstep, except that an earlier
-group's tokens stop counting after its last step (the step where its search ends, whose running
-beams are discarded). A :class:`HammingDiversity` logits processor applies the penalty and records
-the group's choices.
+group's tokens stop counting from its last step on (the step where its search ends, whose running
+beams are discarded; transformers 4.x counted a finished group's padding). A group of one beam
+decodes greedily (``generate`` with one beam is greedy decoding), where transformers 4.x ran a
+one-beam beam search with length normalisation: so k beams in k groups is *diverse greedy*
+decoding and is labelled so. A :class:`HammingDiversity` logits processor applies the penalty and
+records the group's choices.
 """
 
 from __future__ import annotations

@@ -186,13 +186,15 @@ class ContinuationTask(Task):
         """The baseline rows: label, ``decode`` method, k rows decoded, how many kept, plot marker, and
         extra ``decode`` keywords. Samplers at n and 5n samples; beam search with n and 5n beams
         keeping n (the paper's "5x compute"); diverse beam search with n and 5n beams in n groups
-        keeping the best of each group (as the paper's code); greedy once."""
+        keeping the best of each group (as the paper's code; with n beams each group is one greedy
+        beam); greedy once."""
         n, f, t_end = self.args.eval_samples, self.args.compute_factor, config.reward_temperature_at(10**9)
         specs = []
         for m in names:
             for k in ([1] if m == "greedy" else [n, f * n]):
                 label = {"greedy": "greedy", "beam": f"beam ({k} beams)", "nucleus": f"nucleus p=0.95 ({k})",
-                         "diverse_beam": f"diverse beam ({k} beams, {n} groups)",
+                         "diverse_beam": (f"diverse beam ({k} beams, {n} groups)" if k > n else
+                                          f"diverse greedy ({n} groups)"),  # groups of one beam decode greedily
                          "sampling": f"sampling ({k})", "tempered": f"tempered T={t_end:g} ({k})"}.get(m, f"{m} ({k})")
                 kw = {"temperature": t_end}
                 if m == "diverse_beam":
