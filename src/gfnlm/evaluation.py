@@ -291,23 +291,25 @@ def diversity(groups: Sequence[Sequence[str]], model: str = "all-MiniLM-L6-v2") 
 
 
 def scatter_plot(points: Sequence[dict], path, *, x: str, y: str, xlabel: str, ylabel: str, title: str = "") -> None:
-    """A PNG of labelled points (``{"label", x, y[, "marker"]}``): one point per method."""
+    """A PNG of labelled points (``{"label", x, y[, "marker", "color"]}``): one point per method, named
+    in a legend beside the axes (labels written next to close points would overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for p in points:
+    fig, ax = plt.subplots(figsize=(9.6, 4.8))
+    colors = plt.get_cmap("tab20").colors
+    for i, p in enumerate(points):
         ax.scatter(p[x], p[y], marker=p.get("marker", "o"), s=60 if p.get("marker") != "*" else 200,
-                   color=p.get("color"), zorder=3)
-        ax.annotate(p["label"], (p[x], p[y]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                   color=p.get("color") or colors[i % len(colors)], zorder=3, label=p["label"])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.margins(x=0.15, y=0.1)  # room for the labels
+    ax.margins(x=0.08, y=0.08)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False, markerscale=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
