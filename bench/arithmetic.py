@@ -190,7 +190,7 @@ def report(args) -> str:
     results = {}  # "<method>" (seed 0) and "<method>-seed<k>": one file per run
     for m in METHODS:
         for f in [folder / f"{m}.json"] + sorted(folder.glob(f"{m}-seed*.json")):
-            if f.exists():
+            if f.exists() and not f.stem.endswith("-history"):  # a run's per-step figures sit beside it
                 results[f.stem] = json.loads(f.read_text())
     if args.labelled:  # rows that use no rationales: taken from the main table (RL drew its questions from all 50)
         for m in ("kshot", "rl"):
