@@ -18,6 +18,7 @@ the table.
 
     .venv/bin/python bench/arithmetic.py --methods kshot,sft,rl,gfn --questions 30 --steps 100
     .venv/bin/python bench/arithmetic.py --report
+    .venv/bin/python bench/arithmetic.py --methods sft,gfn --labelled 10 --steps 240   # the 10-label table
 """
 
 from __future__ import annotations
