@@ -84,9 +84,10 @@ def folder_of(args) -> Path:
 def build(args, method: str, overrides: dict | None = None):
     from gfnlm.tasks import build_config
 
+    overrides = dict(overrides or {})
+    task_args = {"data_dir": args.data_dir, "labelled": args.labelled, **overrides.pop("task_args", {})}
     data = {"model": args.model, "seed": args.seed, "learning_rate": args.lr, "max_steps": args.steps,
-            "report_to": [], "output_dir": f"{args.run_dir}/{method}",
-            "task_args": {"data_dir": args.data_dir, "labelled": args.labelled}, **(overrides or {})}
+            "report_to": [], "output_dir": f"{args.run_dir}/{method}", "task_args": task_args, **overrides}
     if data["learning_rate"] is None:  # the task's own
         del data["learning_rate"]
     return build_config("arithmetic", data)
@@ -120,8 +121,7 @@ def run_method(method: str, args) -> dict:
     elif method == "sft":
         from gfnlm.sft import sft_train
 
-        config = build(args, method, {"max_steps": args.sft_steps, "task_args": {
-            "data_dir": args.data_dir, "labelled": args.labelled, "seed_buffer": False}})
+        config = build(args, method, {"max_steps": args.sft_steps, "task_args": {"seed_buffer": False}})
         task, trainer = make_trainer(config)
         losses = sft_train(trainer, task.supervised_completions(), batch_size=8)
         info = {"nll_first": losses[0], "nll_last": losses[-1], "steps": len(losses), "batch": 8,

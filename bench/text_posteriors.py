@@ -10,8 +10,9 @@ on the same validation prompts (``--prompts``), never trained on.
 
 * baselines: the base model through transformers' ``generate`` under the same constraint: greedy,
   beam search (n and 5n beams, n returned), diverse beam search (n and 5n beams in n groups, penalty
-  1.0, the best of each group; n beams in n groups is diverse greedy), nucleus p = 0.95, plain sampling and tempered sampling at the final
-  reward temperature, each sampler at n and 5n samples per prompt;
+  1.0, the best of each group; n beams in n groups is diverse greedy), nucleus p = 0.95, plain
+  sampling and tempered sampling at the final reward temperature, each sampler at n and 5n samples
+  per prompt;
 * diverse: only the diverse beam search rows (to add them to an earlier baselines run);
 * gfn: GFlowNet fine-tuning (modified SubTB, LoRA) from the base model, n samples per prompt.
 

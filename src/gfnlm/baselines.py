@@ -116,8 +116,8 @@ class HammingDiversity:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         t = input_ids.shape[1] - self.prompt_len  # the step being decided; row i's last token was chosen at t - 1
         if t > 0:
-            self.chosen[t - 1].index_add_(0, input_ids[:, -1].to(self.chosen.device),
-                                          torch.ones(input_ids.shape[0], device=self.chosen.device))
+            last = input_ids[:, -1].to(self.chosen.device)
+            self.chosen[t - 1].index_add_(0, last, torch.ones(last.shape[0], device=self.chosen.device))
         return scores - self.penalty * self.earlier[t].to(scores.device, scores.dtype)
 
 
@@ -132,7 +132,7 @@ def _diverse_beam(model, ids: torch.Tensor, pad: int, kw: dict, k: int, groups: 
                           "multiple of the groups")
     size, steps = k // groups, kw["max_new_tokens"] + 1
     vocab = model.get_output_embeddings().weight.shape[0]
-    earlier = torch.zeros(steps, vocab)
+    earlier = torch.zeros(steps, vocab, device=ids.device)  # where the scores are: no copy a step
     completions, calls = [], 0
     for _ in range(groups):
         proc = HammingDiversity(earlier, penalty, ids.shape[1])

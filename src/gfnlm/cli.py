@@ -80,8 +80,8 @@ def cmd_sft(args, rest: list[str]) -> int:
               f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
     losses = sft_train(trainer, completions, batch_size=args.batch_size)
     if trainer.accelerator.is_main_process:
-        print(f"sft ({args.target}): {len(losses)} steps on {len(completions)} labelled completions, nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode"
-              if losses else "sft: 0 steps")
+        print(f"sft ({args.target}): {len(losses)} steps on {len(completions)} labelled completions, "
+              f"nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")
         print(f"checkpoint: {Path(config.output_dir) / f'checkpoint-{trainer.step}'}")
     return 0
 
