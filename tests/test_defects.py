@@ -138,11 +138,13 @@ def test_each_row_gets_samples_per_prompt_episodes_when_fractions_round_up(tmp_p
     for k in range(1, 9):
         for rep in (0.0, 0.25, 0.5, 0.75, 1.0):
             for temp in (0.0, 0.25, 0.5, 0.75, 1.0):
-                if rep + temp > 1.0:
-                    continue
-                for can in (False, True):
-                    split = episode_split(k, rep, temp, can)
-                    assert min(split) >= 0 and sum(split) == k, (k, rep, temp, can, split)
+                for prop in (0.0, 0.25, 0.5):
+                    if rep + temp + prop > 1.0:
+                        continue
+                    for can in (False, True):
+                        split = episode_split(k, rep, temp, can, prop)
+                        assert min(split) >= 0 and sum(split) == k, (k, rep, temp, prop, can, split)
+                        assert split[0] + split[1] >= 1  # the policy itself samples at least one episode
 
 
 # ----------------------------------------------------------------------------------------------

@@ -282,6 +282,38 @@ def test_token_level_contrastive_sampler_log_q_against_brute_force(prompts, tmp_
         assert lq == pytest.approx(want, abs=2e-4)
 
 
+def test_contrastive_proposal_is_the_token_level_sampler_on_the_base_model(prompts, tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from gfnlm.rollout import PROPOSED
+
+    cfg = config("contrastive", prompts, tmp_path, model=str(tiny_dir), proposal_fraction=0.5, tempered_fraction=0.25)
+    task, trainer = make_trainer(cfg)  # the CLI path
+    with torch.no_grad():  # adapters that change the policy: a proposal read through them would differ
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    calls = []
+    inner = trainer.collector.proposal
+    trainer.collector.proposal = lambda p, k, seed: calls.append((p, k, seed)) or inner(p, k, seed)
+    ep = trainer._collect()
+    (prompt_ids, counts, seed), = calls
+    assert counts == [2, 2]  # 4 episodes a prompt: 1 on-policy, 1 tempered, 2 proposed
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)  # never wrapped, never trained
+    tok = trainer.tokenizer
+
+    def token_level(model, i):  # prompt i's proposals: seeded seed + i
+        return decode(model, tok, [prompt_ids[i]], trainer.constraints, "token_level", 2, weights=(1.5, -0.5),
+                      negative_prompt=task.unconditional_ids(tok), seed=seed + i)[0].completions
+
+    got = [ep.tokens[b, : int(ep.lengths[b])].tolist() for b in (ep.kind == PROPOSED).nonzero().squeeze(1).tolist()]
+    assert got == token_level(base, 0) + token_level(base, 1) and all(2 <= len(z) <= 6 for z in got)
+    with torch.no_grad():  # the adapted policy's token-level sampler draws other sentences from the same seeds
+        assert token_level(trainer.model, 0) + token_level(trainer.model, 1) != got
+    with pytest.raises(ConfigError, match="no proposal sampler"):
+        make_trainer(config("continuation", prompts, tmp_path, model=str(tiny_dir), proposal_fraction=0.25))
+
+
 # --- metrics --------------------------------------------------------------------------------------
 def test_diversity_on_known_inputs():
     from sentence_transformers import SentenceTransformer

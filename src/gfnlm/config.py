@@ -87,6 +87,7 @@ class GFNConfig:
     explore_temperature_min: float = _f(0.5, "Tempered episodes use a temperature drawn uniformly from [min, max].")
     explore_temperature_max: float = _f(2.0, "See explore_temperature_min.")
     epsilon: float = _f(0.0, "Epsilon-uniform exploration: probability of a uniformly random allowed action at each step (fresh episodes).")
+    proposal_fraction: float = _f(0.0, "Fraction of each row's episodes drawn from a proposal sampler instead of the policy (off-policy exploration, e.g. the contrastive task's token-level sampler on the base model); needs a proposal: GFNTrainer(proposal=...) or the task's. Scored, replayed and trained on like the policy's own.")
     replay_fraction: float = _f(0.25, "Fraction of each row's episodes replayed from its buffer (once it holds entries for that row); drawn before the step's fresh episodes are added.")
     buffer_capacity: int = _f(50, "Replay-buffer capacity per dataset row (distinct completions, lowest reward evicted).")
     buffer_priority_temperature: float = _f(1.0, "Replay sampling is proportional to exp(log R / this); large values approach uniform.")
@@ -126,12 +127,12 @@ class GFNConfig:
             raise ConfigError(f"unknown mixed_precision '{printable(self.mixed_precision)}': choose no, bf16 or fp16")
         if self.chat_template not in ("auto", "always", "never"):
             raise ConfigError(f"unknown chat_template '{printable(self.chat_template)}': choose auto, always or never")
-        for name in ("tempered_fraction", "replay_fraction", "epsilon"):
+        for name in ("tempered_fraction", "replay_fraction", "proposal_fraction", "epsilon"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name}={v} must be between 0 and 1")
-        if self.tempered_fraction + self.replay_fraction > 1.0:
-            raise ConfigError("tempered_fraction + replay_fraction must not exceed 1")
+        if self.tempered_fraction + self.replay_fraction + self.proposal_fraction > 1.0:
+            raise ConfigError("tempered_fraction + replay_fraction + proposal_fraction must not exceed 1")
         for name in ("max_steps", "samples_per_prompt", "prompts_per_step", "gradient_accumulation_steps", "buffer_capacity"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")

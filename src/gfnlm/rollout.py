@@ -6,6 +6,10 @@ For each of ``prompts_per_step`` dataset rows, ``samples_per_prompt`` episodes a
   just sampled), with their stored untempered log-rewards;
 * on-policy episodes (temperature 1) and tempered ones (a temperature drawn uniformly from
   ``[explore_temperature_min, explore_temperature_max]``), sampled under ``no_grad``;
+* with ``proposal_fraction`` > 0, proposed episodes: drawn by a :data:`Proposal` (another sampler of
+  the same action space, e.g. the contrastive task's token-level sampler on the base model). The
+  GFlowNet losses are off-policy, so any behaviour policy with full support trains the same target;
+
 
 the fresh episodes are scored by the rewards and added to the buffer afterwards.  Everything
 here runs without gradients: rewards are data, never part of the loss's graph.
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from .config import GFNConfig
 from .data import as_rows, render_prompt
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .replay import ReplayBuffer, pad_action_masks, pad_entries
 from .rewards import Reward, RewardBatch, at_stop, compute_log_rewards
 from .sampling import Constraints, check_fits, device_generator, pad_right, sample, tool_output
@@ -40,7 +44,7 @@ class Episodes:
         tokens: [B, N] long states (tool output in place); lengths: [B] long.
         log_r: untempered log R, [B, N+1] (prefix rewards) or [B] (terminal).
         action_mask: [B, N] bool, False on tool-written tokens (None without a tool).
-        kind: [B] long, 0 on-policy, 1 tempered, 2 replayed.
+        kind: [B] long, 0 on-policy, 1 tempered, 2 replayed, 3 proposed.
         metrics: what the step logs about these episodes.
     """
 
@@ -58,17 +62,26 @@ class Episodes:
         return int(self.tokens.shape[0])
 
 
-ON_POLICY, TEMPERED, REPLAYED = 0, 1, 2
-KIND_NAMES = {ON_POLICY: "on_policy", TEMPERED: "tempered", REPLAYED: "replayed"}
+ON_POLICY, TEMPERED, REPLAYED, PROPOSED = 0, 1, 2, 3
+KIND_NAMES = {ON_POLICY: "on_policy", TEMPERED: "tempered", REPLAYED: "replayed", PROPOSED: "proposed"}
+
+#: A proposal sampler: ``f(prompt_ids, counts, seed) -> episodes``, where ``prompt_ids`` are P prompts
+#: (token id lists, as the policy reads them), ``counts`` [P] how many episodes each needs, and the result
+#: holds, for each prompt, ``counts[p]`` episodes as lists of action token ids (no stop token). Each
+#: episode must be one the policy could write (lengths and tokens of the constraints). ``seed`` is drawn
+#: from the run's random stream; torch's global random state is restored after the call.
+Proposal = Callable[[list[list[int]], list[int], int], list[list[list[int]]]]
 
 
-def episode_split(k: int, replay_fraction: float, tempered_fraction: float, can_replay: bool) -> tuple[int, int, int]:
-    """(on-policy, tempered, replayed) counts of ``k`` episodes of one prompt: each count is
-    rounded, replay and tempering never take more than ``k`` together, and at least one fresh
-    episode is sampled (so every row keeps exploring)."""
+def episode_split(k: int, replay_fraction: float, tempered_fraction: float, can_replay: bool,
+                  proposal_fraction: float = 0.0) -> tuple[int, int, int, int]:
+    """(on-policy, tempered, replayed, proposed) counts of ``k`` episodes of one prompt: each count
+    is rounded, the four never take more than ``k`` together, and at least one episode is sampled
+    from the policy (so every row keeps exploring): replay first, then proposals, then tempering."""
     n_rep = min(round(k * replay_fraction), k - 1) if can_replay else 0
-    n_temp = min(round(k * tempered_fraction), k - n_rep)
-    return k - n_rep - n_temp, n_temp, n_rep
+    n_prop = min(round(k * proposal_fraction), k - 1 - n_rep)
+    n_temp = min(round(k * tempered_fraction), k - n_rep - n_prop)
+    return k - n_rep - n_prop - n_temp, n_temp, n_rep, n_prop
 
 
 class Collector:
@@ -83,12 +96,17 @@ class Collector:
         sample_generator: the random stream of sampling, on the model's device (default: made on
             first use from ``generator``'s seed + 1, on the device :meth:`collect` is given).
         sample_metrics: optional ``f(prompts, completions) -> dict`` logged on on-policy episodes.
+        proposal: optional :data:`Proposal`, the sampler of the ``proposal_fraction`` episodes.
     """
 
     def __init__(self, args: GFNConfig, tokenizer, train_dataset, rewards: Sequence[Reward], constraints: Constraints,
                  tool: Callable | None, generator: torch.Generator, sample_metrics=None,
-                 sample_generator: torch.Generator | None = None):
+                 sample_generator: torch.Generator | None = None, proposal: Proposal | None = None):
+        if args.proposal_fraction > 0 and proposal is None:
+            raise ConfigError(f"proposal_fraction {args.proposal_fraction:g} needs a proposal sampler: pass proposal=... to "
+                            "GFNTrainer, use a task that has one (e.g. contrastive), or set proposal_fraction 0")
         self.args, self.tokenizer, self.constraints, self.tool = args, tokenizer, constraints, tool
+        self.proposal = proposal
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows = as_rows(train_dataset)
         self.prompt_ids = [render_prompt(tokenizer, r["prompt"], args.chat_template) for r in self.rows]
@@ -172,19 +190,23 @@ class Collector:
     def _actions_of(self, text: str) -> tuple[list[int], str | None]:
         """The token ids of a completion text, and why the policy could not write them (None if it can:
         a length within the limits, every token an action of :meth:`Constraints.token_mask`)."""
-        c = self.constraints
         ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids, self._problem(ids, repr(text))
+
+    def _problem(self, ids: list[int], desc: str) -> str | None:
+        """Why the policy could not take the actions ``ids`` (``desc`` names them), or None."""
+        c = self.constraints
         if len(ids) < c.min_new_tokens:
-            desc = "empty completion" if not ids else f"completion {text!r} ({len(ids)} tokens)"
-            return ids, f"{desc} is shorter than min_new_tokens={c.min_new_tokens}"
+            what = "empty completion" if not ids else f"completion {desc} ({len(ids)} tokens)"
+            return f"{what} is shorter than min_new_tokens={c.min_new_tokens}"
         if len(ids) > c.max_new_tokens:
-            return ids, f"completion {text!r} is longer than max_new_tokens={c.max_new_tokens}"
+            return f"completion {desc} is longer than max_new_tokens={c.max_new_tokens}"
         actions = c.token_mask(self._vocab_size, "cpu")[0]
-        bad = [i for i in ids if i >= len(actions) or not actions[i]]
+        bad = [i for i in ids if not 0 <= i < len(actions) or not actions[i]]
         if bad:
-            return ids, (f"completion {text!r} has tokens the policy may not write "
-                         f"({self.tokenizer.convert_ids_to_tokens(bad[:3])}): remove them or widen the constraints")
-        return ids, None
+            return (f"completion {desc} has tokens the policy may not write "
+                    f"({self.tokenizer.convert_ids_to_tokens(bad[:3])}): remove them or widen the constraints")
+        return None
 
     def with_tool_output(self, actions: list[int]) -> tuple[list[int], list[bool]]:
         """The state the sampler would build from these actions: tool output inserted after each
@@ -273,14 +295,15 @@ class Collector:
         self.seeds_used.update(fresh_rows)
         if seeds:  # lazily seeded rows: their known completions enter the buffer before the replay draw
             self._add_seeds(seeds)
-        fresh_idx, temps, kind, replayed, rep_idx = [], [], [], [], []
+        fresh_idx, temps, kind, replayed, rep_idx, n_props = [], [], [], [], [], []
         for p, r in enumerate(row_ids):
-            n_on, n_temp, n_rep = episode_split(a.samples_per_prompt, a.replay_fraction, a.tempered_fraction,
-                                                self.buffer.size(r) > 0)
+            n_on, n_temp, n_rep, n_prop = episode_split(a.samples_per_prompt, a.replay_fraction, a.tempered_fraction,
+                                                        self.buffer.size(r) > 0, a.proposal_fraction)
             got = self.buffer.sample(r, n_rep, generator=g)  # before this step's episodes are added
             replayed += got
             rep_idx += [p] * len(got)
             fresh_idx += [p] * (n_on + n_temp)
+            n_props.append(n_prop)
             lo, hi = a.explore_temperature_min, a.explore_temperature_max
             temps += [1.0] * n_on + (lo + (hi - lo) * torch.rand(n_temp, generator=g)).tolist()
             kind += [ON_POLICY] * n_on + [TEMPERED] * n_temp
@@ -293,9 +316,16 @@ class Collector:
                        epsilon=a.epsilon, pad_id=self.pad_id, generator=self.sample_generator, **self.tool_kwargs())
         tokens, lengths = s.tokens.cpu(), s.lengths.cpu()
         mask = None if s.action_mask is None else s.action_mask.cpu()
+        if any(n_props):  # the proposal's episodes join the fresh ones: scored, buffered and trained on alike
+            p_tok, p_len, p_mask = self.propose(prompts, n_props, device)
+            mask = _cat_action_masks((mask, lengths, tokens.shape[1]),
+                                     (p_mask if self.tool is not None else None, p_len, p_tok.shape[1]))
+            tokens, lengths = cat_padded([tokens, p_tok], self.pad_id), torch.cat([lengths, p_len])
+            fresh_t = torch.cat([fresh_t, torch.tensor([p for p, n in enumerate(n_props) for _ in range(n)])])
+            kind += [PROPOSED] * len(p_len)
         fresh_batch = self.reward_batch(row_ids, fresh_t, tokens, lengths, mask)
         log_r = self.log_rewards(fresh_batch)
-        self.buffer.add_batch([row_ids[i] for i in fresh_idx], tokens, lengths, log_r, mask)
+        self.buffer.add_batch([row_ids[i] for i in fresh_t.tolist()], tokens, lengths, log_r, mask)
         ep = Episodes(prompts, fresh_t, tokens, lengths, log_r, mask, torch.tensor(kind, dtype=torch.long))
         if replayed:
             ep = _append_replayed(ep, replayed, torch.tensor(rep_idx, dtype=torch.long), self.pad_id,
@@ -303,16 +333,44 @@ class Collector:
         ep.metrics = self.episode_metrics(ep, fresh_batch)
         return ep
 
+    def propose(self, prompts: list[list[int]], counts: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
+        """``counts[p]`` episodes of each prompt from the proposal: tokens [K, N], lengths [K] and
+        action_mask [K, N] (CPU), with tool output inserted as the sampler would. The proposal's seed
+        comes from the run's random stream, and torch's global random state is left as it was (a
+        resumed run draws the same proposals)."""
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+        cuda = [device] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            got = self.proposal(prompts, list(counts), seed)
+        if len(got) != len(prompts) or any(len(e) != n for e, n in zip(got, counts)):
+            raise DataError(f"the proposal returned {[len(e) for e in got]} episodes per prompt, not {list(counts)}")
+        states, masks = [], []
+        for episodes in got:
+            for ids in episodes:
+                ids = [int(i) for i in ids]
+                problem = self._problem(ids, f"{self.tokenizer.decode(ids)!r} of the proposal")
+                if problem:
+                    raise DataError(problem)
+                state, m = self.with_tool_output(ids)
+                states.append(state)
+                masks.append(m)
+        tokens, lengths = pad_right(states, self.pad_id)
+        action_mask, _ = pad_right(masks, False, dtype=torch.bool)
+        return tokens, lengths, action_mask
+
     def episode_metrics(self, ep: Episodes, fresh_batch: RewardBatch) -> dict:
-        """Terminal log R per kind of episode; over the fresh (on-policy and tempered) episodes, as
-        before replay existed: mean and max log R, mean length, forced-stop fraction; sample metrics."""
+        """Terminal log R per kind of episode; over the episodes the policy sampled (on-policy and
+        tempered), as before replay existed: mean and max log R, mean length, forced-stop fraction;
+        the replayed and proposed counts; sample metrics."""
         term = at_stop(ep.log_r, ep.lengths)
         acts = ep.lengths if ep.action_mask is None else ep.action_mask.sum(1)
-        fresh = ep.kind != REPLAYED
+        fresh = (ep.kind == ON_POLICY) | (ep.kind == TEMPERED)
         m = {"reward/log_r_mean": term[fresh].mean().item(), "reward/log_r_max": term[fresh].max().item(),
              "episodes/length_mean": ep.lengths[fresh].float().mean().item(),
              "episodes/forced_stop_fraction": (acts[fresh] >= self.constraints.max_new_tokens).float().mean().item(),
-             "episodes/replayed": float((~fresh).sum())}
+             "episodes/replayed": float((ep.kind == REPLAYED).sum())}
+        if self.args.proposal_fraction > 0:
+            m["episodes/proposed"] = float((ep.kind == PROPOSED).sum())
         for k, name in KIND_NAMES.items():
             sel = ep.kind == k
             if sel.any():
@@ -324,15 +382,19 @@ class Collector:
         return m
 
 
+def _cat_action_masks(*parts: tuple[Tensor | None, Tensor, int]) -> Tensor | None:
+    """The action masks of episode batches stacked along rows: each part is (action_mask [B_i, N_i] or
+    None when every token is an action, lengths [B_i], width N_i); None if no part has a mask."""
+    if all(m is None for m, _, _ in parts):
+        return None
+    return cat_padded([m if m is not None else _range_mask(n, w) for m, n, w in parts], False)
+
+
 def _append_replayed(ep: Episodes, entries, index: Tensor, pad_id: int, prefix_rewards: bool) -> Episodes:
     """``ep`` with replayed buffer entries appended (padding to the wider of the two)."""
     r_tok, r_len, r_prefix, r_term = pad_entries(entries, pad_id)
     r_mask = pad_action_masks(entries, r_tok.shape[1])
-    mask = ep.action_mask
-    if mask is not None or r_mask is not None:  # tool-written tokens on either side
-        masks = [m if m is not None else _range_mask(n, t.shape[1])
-                 for m, n, t in ((mask, ep.lengths, ep.tokens), (r_mask, r_len, r_tok))]
-        mask = cat_padded(masks, False)
+    mask = _cat_action_masks((ep.action_mask, ep.lengths, ep.tokens.shape[1]), (r_mask, r_len, r_tok.shape[1]))
     r_log_r = r_prefix if prefix_rewards else r_term
     log_r = cat_padded([ep.log_r, r_log_r], 0.0) if ep.log_r.ndim == 2 else torch.cat([ep.log_r, r_log_r])
     return Episodes(ep.prompts, torch.cat([ep.prompt_index, index]), cat_padded([ep.tokens, r_tok], pad_id),

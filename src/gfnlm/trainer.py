@@ -37,7 +37,7 @@ from .errors import ConfigError, DataError, GFNLMError, first_line
 from .losses import LOSSES, tempered
 from .policy import bind_base_models, fp32_logits, wrap_policy
 from .rewards import Reward, RewardBatch, as_reward
-from .rollout import Collector, Episodes
+from .rollout import Collector, Episodes, Proposal
 from .sampling import Constraints, device_generator, sample
 from .scoring import score
 
@@ -136,6 +136,9 @@ class GFNTrainer:
             on-policy episodes of each step (e.g. a task's valid fraction).
         tool: optional ``f(completion_text) -> str | None`` whose output is written into the state
             after each action (e.g. :class:`gfnlm.tools.Calculator`); tool tokens are not actions.
+        proposal: optional sampler of the ``proposal_fraction`` episodes of each row,
+            ``f(prompt_ids, counts, seed) -> episodes`` (:data:`gfnlm.rollout.Proposal`): another
+            behaviour policy over the same actions, trained on like the policy's own samples.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class GFNTrainer:
         constraints: Constraints | None = None,
         sample_metrics: Callable[[list[str], list[str]], dict] | None = None,
         tool: Callable[[str], str | None] | None = None,
+        proposal: Proposal | None = None,
     ):
         from accelerate import Accelerator
 
@@ -214,7 +218,7 @@ class GFNTrainer:
         seed = args.seed + 1_000_003 * rank
         self.collector = Collector(args, self.tokenizer, train_dataset, rewards, constraints, tool,
                                    torch.Generator().manual_seed(seed), sample_metrics,
-                                   device_generator(self.accelerator.device, seed + 1))
+                                   device_generator(self.accelerator.device, seed + 1), proposal)
         self.collector.check_prompts_fit(model)
 
         policy = GFNPolicy(model, self.log_z_kind())

@@ -122,6 +122,12 @@ class Task:
         completion, else 0.0 (not a log-reward). Used by the RL baseline (:mod:`gfnlm.rl`)."""
         raise NotImplementedError(f"task {self.name} has no correctness reward")
 
+    def proposal(self, model, tokenizer, constraints, config: GFNConfig):
+        """Optional sampler of the ``proposal_fraction`` episodes (:data:`gfnlm.rollout.Proposal`),
+        another behaviour policy over the policy's actions; ``model`` is the wrapped policy. Default:
+        none, so a positive ``proposal_fraction`` is an error for this task."""
+        return None
+
     def prepare_trainer(self, trainer) -> None:
         """Called once the trainer exists (e.g. to seed the replay buffer)."""
 
@@ -279,8 +285,12 @@ def make_trainer(config, model=None, tokenizer=None, with_rewards: bool = True, 
     constraints = task.constraints(config, tokenizer)
     rewards = task.reward_funcs(model, tokenizer, constraints, config) if with_rewards else [NoReward()]
     dataset = config.dataset or dataset or task.dataset()
+    proposal = task.proposal(model, tokenizer, constraints, config) if config.proposal_fraction > 0 else None
+    if config.proposal_fraction > 0 and proposal is None:
+        raise ConfigError(f"task {task.name} has no proposal sampler: set proposal_fraction 0")
     trainer = GFNTrainer(model, rewards, config, train_dataset=dataset, processing_class=tokenizer,
-                         constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool())
+                         constraints=constraints, sample_metrics=task.sample_metrics(), tool=task.tool(),
+                         proposal=proposal)
     if with_rewards:
         task.prepare_trainer(trainer)
     return task, trainer

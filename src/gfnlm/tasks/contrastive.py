@@ -70,6 +70,31 @@ class ContrastiveTask(ContinuationTask):
             return self.args.unconditional_context
         return "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else ""
 
+    def unconditional_ids(self, tokenizer) -> list[int]:
+        """The token ids of U, as the token-level sampler reads them (its BOS where U is empty)."""
+        return tokenizer(self.unconditional(tokenizer))["input_ids"] or [tokenizer.bos_token_id]
+
+    def proposal(self, model, tokenizer, constraints, config):
+        """The token-level contrastive sampler on the base model (adapters off) as the proposal of
+        ``proposal_fraction`` episodes: each token from p(z_t | X, z_<t)^a p(z_t | U, z_<t)^b renormalised,
+        the local form of the posterior (the ``token_level`` baseline). Training on its episodes as well
+        as the policy's own moves the policy towards the regions of high R sooner; the target and the
+        loss are unchanged (GFlowNet losses are off-policy)."""
+        from ..baselines import decode
+        from ..policy import BaseLM, adapter_layers
+
+        if not adapter_layers(model):
+            raise ConfigError("the contrastive proposal samples the base model with the adapters off: train LoRA "
+                              "(use_peft true) or set proposal_fraction 0")
+        lm, u_ids, weights = BaseLM(model), self.unconditional_ids(tokenizer), (self.args.a, self.args.b)
+
+        def propose(prompt_ids: list[list[int]], counts: list[int], seed: int) -> list[list[list[int]]]:
+            with lm() as base:
+                return [decode(base, tokenizer, [p], constraints, "token_level", k, weights=weights, negative_prompt=u_ids,
+                               seed=seed + i)[0].completions if k else [] for i, (p, k) in enumerate(zip(prompt_ids, counts))]
+
+        return propose
+
     def terms(self, model, tokenizer, constraints, weights=None) -> list:
         """The two LM terms: log p̃(z_1:t "." | X) with weight a and log p̃(z_1:t "." | U) with weight b."""
         a, b = weights or (self.args.a, self.args.b)
@@ -118,7 +143,7 @@ class ContrastiveTask(ContinuationTask):
         names = [m.strip() for m in a.baselines.split(",") if m.strip()] if baselines else []
         specs = self.baseline_specs(config, names)
         if specs:  # the token-level sampler's unconditional branch reads U
-            u_ids = tokenizer(self.unconditional(tokenizer))["input_ids"] or [tokenizer.bos_token_id]
+            u_ids = self.unconditional_ids(tokenizer)
             for sp in specs:
                 if sp["method"] == "token_level":
                     sp["kw"]["negative_prompt"] = u_ids
