@@ -302,14 +302,14 @@ def test_contrastive_proposal_is_the_token_level_sampler_on_the_base_model(promp
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)  # never wrapped, never trained
     tok = trainer.tokenizer
 
-    def token_level(model, i):  # prompt i's proposals: seeded seed + i
-        return decode(model, tok, [prompt_ids[i]], trainer.constraints, "token_level", 2, weights=(1.5, -0.5),
-                      negative_prompt=task.unconditional_ids(tok), seed=seed + i)[0].completions
+    def token_level(model):  # both prompts need 2 episodes: one decode, seeded seed + 2
+        return [z for d in decode(model, tok, prompt_ids, trainer.constraints, "token_level", 2, weights=(1.5, -0.5),
+                                  negative_prompt=task.unconditional_ids(tok), seed=seed + 2) for z in d.completions]
 
     got = [ep.tokens[b, : int(ep.lengths[b])].tolist() for b in (ep.kind == PROPOSED).nonzero().squeeze(1).tolist()]
-    assert got == token_level(base, 0) + token_level(base, 1) and all(2 <= len(z) <= 6 for z in got)
-    with torch.no_grad():  # the adapted policy's token-level sampler draws other sentences from the same seeds
-        assert token_level(trainer.model, 0) + token_level(trainer.model, 1) != got
+    assert got == token_level(base) and all(2 <= len(z) <= 6 for z in got)
+    with torch.no_grad():  # the adapted policy's token-level sampler draws other sentences from the same seed
+        assert token_level(trainer.model) != got
     with pytest.raises(ConfigError, match="no proposal sampler"):
         make_trainer(config("continuation", prompts, tmp_path, model=str(tiny_dir), proposal_fraction=0.25))
 

@@ -89,9 +89,15 @@ class ContrastiveTask(ContinuationTask):
         lm, u_ids, weights = BaseLM(model), self.unconditional_ids(tokenizer), (self.args.a, self.args.b)
 
         def propose(prompt_ids: list[list[int]], counts: list[int], seed: int) -> list[list[list[int]]]:
+            out: list[list[list[int]]] = [[] for _ in prompt_ids]
             with lm() as base:
-                return [decode(base, tokenizer, [p], constraints, "token_level", k, weights=weights, negative_prompt=u_ids,
-                               seed=seed + i)[0].completions if k else [] for i, (p, k) in enumerate(zip(prompt_ids, counts))]
+                for k in sorted(set(counts) - {0}):  # the prompts that need k episodes: one decode, seeded seed + k
+                    rows = [i for i, c in enumerate(counts) if c == k]
+                    got = decode(base, tokenizer, [prompt_ids[i] for i in rows], constraints, "token_level", k,
+                                 weights=weights, negative_prompt=u_ids, seed=seed + k)
+                    for i, d in zip(rows, got):
+                        out[i] = d.completions
+            return out
 
         return propose
 
