@@ -6,14 +6,20 @@ import json
 from pathlib import Path
 
 
-def run_methods(bench: str, methods: str, seed: int, folder: Path, run_method, args) -> None:
+def slug(text: str) -> str:
+    """A file-name form of a variant's label: letters, digits and dashes."""
+    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def run_methods(bench: str, methods: str, seed: int, folder: Path, run_method, args, variant: str = "") -> None:
     """Run each of the comma-separated ``methods`` (``run_method(method, args) -> dict``) and write
-    ``<folder>/<method>[-seed<k>].json`` atomically, its step history (if any) beside it."""
+    ``<folder>/<method>[-<variant>][-seed<k>].json`` atomically, its step history (if any) beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     for m in [m.strip() for m in methods.split(",") if m.strip()]:
         print(f"[bench/{bench}] {m} ...", flush=True)
         res = run_method(m, args)
-        name = m if seed == 0 else f"{m}-seed{seed}"  # other seeds: their own file, one table row
+        name = m + (f"-{slug(variant)}" if variant else "")
+        name = name if seed == 0 else f"{name}-seed{seed}"  # other seeds: their own file, one table row
         if "history" in res["info"]:  # every step's figures (log R per kind of episode, loss, log Z, ...)
             (folder / f"{name}-history.json").write_text(json.dumps(res["info"].pop("history"), indent=0))
         tmp = folder / f".{name}.json.tmp"
@@ -23,8 +29,8 @@ def run_methods(bench: str, methods: str, seed: int, folder: Path, run_method, a
 
 
 def merged_report(bench: str, out: Path, title: str, table, plot, targets) -> str:
-    """Combine ``<out>/<bench>/*.json`` (each a run's ``result`` with per-method rows; the GFlowNet run
-    first, rows of seeds other than 0 labelled with their seed) into one table (``table(merged)``), the
+    """Combine ``<out>/<bench>/*.json`` (each a run's ``result`` with per-method rows; the GFlowNet runs
+    first, the default one before its variants, rows of seeds other than 0 labelled with their seed) into one table (``table(merged)``), the
     targets (``targets(methods) -> {name: (measured, met)}``) and one plot (``plot(merged, path)``);
     write ``<out>/<bench>.md``, ``.json`` and ``.png``. Returns the markdown."""
     folder = out / bench
@@ -32,7 +38,7 @@ def merged_report(bench: str, out: Path, title: str, table, plot, targets) -> st
     if not runs:
         return "(no runs yet)"
     merged = None
-    for name in sorted(runs, key=lambda n: not n.startswith("gfn")):
+    for name in sorted(runs, key=lambda n: (not n.startswith("gfn"), n.split("-seed")[0] != "gfn")):  # default run first
         r, seed = runs[name]["result"], runs[name]["settings"]["seed"]
         merged = merged or {**r, "methods": {}}
         merged["methods"].update({(k if seed == 0 else f"{k}, seed {seed}"): v for k, v in r["methods"].items()})

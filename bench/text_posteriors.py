@@ -38,6 +38,8 @@ the plot ``<task>.png``.
     .venv/bin/python bench/text_posteriors.py --task continuation --methods gfn,baselines
     .venv/bin/python bench/text_posteriors.py --task contrastive --methods gfn,baselines
     .venv/bin/python bench/text_posteriors.py --task continuation --report
+    .venv/bin/python bench/text_posteriors.py --task contrastive --methods gfn --variant "log_z none" \
+        --gfn_set log_z=none     # another GFlowNet row beside the default one
 """
 
 from __future__ import annotations
@@ -72,14 +74,22 @@ def parse_args(argv=None):
     p.add_argument("--a", type=float, default=1.5, help="contrastive: exponent of p(Z|X)")
     p.add_argument("--b", type=float, default=-0.5, help="contrastive: exponent of p(Z)")
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for the GFlowNet run, name=value")
+    p.add_argument("--variant", default="", help="gfn: a label for a run with other settings (e.g. 'log_z none'): its "
+                   "row is 'GFlowNet fine-tuning (<variant>)', its file gfn-<variant>.json, beside the default run's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smc_particles", type=int, default=0, help="contrastive smc: particles per prompt (0: n)")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "openwebtext" / "prompts.txt"))
     p.add_argument("--run_dir", default=None, help="default: runs/bench-<task>")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    if args.variant and not args.report and [m.strip() for m in args.methods.split(",") if m.strip()] != ["gfn"]:
+        p.error("--variant labels a GFlowNet run: use it with --methods gfn alone")
     args.steps = args.steps or {"continuation": 120, "contrastive": 100}[args.task]
     args.run_dir = args.run_dir or str(ROOT / "runs" / f"bench-{args.task}")
+    if args.variant:
+        from common import slug
+
+        args.run_dir = f"{args.run_dir}-{slug(args.variant)}"
     return args
 
 
@@ -140,6 +150,8 @@ def run_method(method: str, args) -> dict:
         with torch.no_grad():
             result = task.evaluate(trainer.model, trainer.tokenizer, config, trainer.constraints, n=args.prompts,
                                    seed=args.seed, progress=True, baselines=False)
+        if args.variant:
+            result["methods"] = {f"{k} ({args.variant})": v for k, v in result["methods"].items()}
     else:
         raise SystemExit(f"unknown method {method!r}: choose from {METHODS}")
     return {"method": method, "result": result, "info": info, "seconds": round(time.perf_counter() - t0, 1),
@@ -209,7 +221,7 @@ def main(argv=None) -> int:
     if not args.report:
         from common import run_methods
 
-        run_methods(args.task, args.methods, args.seed, Path(args.out) / args.task, run_method, args)
+        run_methods(args.task, args.methods, args.seed, Path(args.out) / args.task, run_method, args, args.variant)
     print(report(args))
     return 0
 
