@@ -28,7 +28,7 @@ def rule(prompt: str, text: str) -> float:
     return words.count("a") - 0.7 * sum(x == y for x, y in zip(words, words[1:])) - 0.3 * len(prompt.split())
 
 
-def make_trainer(tmp_path, model=None, reward=None, dataset=PROMPTS, peft_config=None, **overrides):
+def make_trainer(tmp_path, model=None, reward=None, dataset=PROMPTS, peft_config=None, proposal=None, **overrides):
     kw = dict(use_peft=True, lora_r=2, lora_alpha=4, max_new_tokens=3, allowed_tokens=["a", "b", "c"],
               chat_template="never", report_to=[], disable_tqdm=True, learning_rate=1e-2, warmup_steps=1,
               samples_per_prompt=8, prompts_per_step=2, max_steps=4, output_dir=str(tmp_path), seed=3,
@@ -36,7 +36,8 @@ def make_trainer(tmp_path, model=None, reward=None, dataset=PROMPTS, peft_config
     kw.update(overrides)
     return GFNTrainer(model if model is not None else make_tiny_lm(vocab_size=6),
                       reward if reward is not None else PrefixRuleReward(rule), args=GFNConfig(**kw),
-                      train_dataset=dataset, processing_class=make_tiny_tokenizer(), peft_config=peft_config)
+                      train_dataset=dataset, processing_class=make_tiny_tokenizer(), peft_config=peft_config,
+                      proposal=proposal)
 
 
 def assert_one_line_gfnlm_error(excinfo):
@@ -82,6 +83,25 @@ def test_resume_is_exact(tmp_path):
     sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     for i in sa:
         assert torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"])
+
+
+def random_proposal(prompts, counts, seed):
+    """1-3 random words ("a", "b", "c": ids 3-5) per episode, from torch's global generator seeded ``seed``."""
+    torch.manual_seed(seed)
+    return [[torch.randint(3, 6, (int(torch.randint(1, 4, ())),)).tolist() for _ in range(k)] for k in counts]
+
+
+def test_resume_is_exact_with_proposed_episodes(tmp_path):
+    cfg = {**RESUME_CFG, "proposal_fraction": 0.25}
+    full = make_trainer(tmp_path / "full", proposal=random_proposal, **cfg)
+    full.train()
+    assert all(h["episodes/proposed"] == 4 for h in full.history)  # 2 of 8 episodes for each of 2 prompts
+    resumed = make_trainer(tmp_path / "resumed", proposal=random_proposal, **cfg)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    a, b = full.trainable_state(), resumed.trainable_state()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    for x, y in zip(full.history[2:], resumed.history):
+        assert x["loss"] == y["loss"] and x["reward/log_r_proposed"] == y["reward/log_r_proposed"]
 
 
 def test_resume_without_restoring_state_differs(tmp_path):
