@@ -45,6 +45,7 @@ the plot ``<task>.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--a", type=float, default=1.5, help="contrastive: exponent of p(Z|X)")
     p.add_argument("--b", type=float, default=-0.5, help="contrastive: exponent of p(Z)")
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for the GFlowNet run, name=value")
+    p.add_argument("--eval_checkpoint", default=None, help="gfn: evaluate this finished run's checkpoint-<step> folder "
+                   "instead of training (its history.json is read from the run folder; e.g. after a crash in evaluation)")
     p.add_argument("--variant", default="", help="gfn: a label for a run with other settings (e.g. 'log_z none'): its "
                    "row is 'GFlowNet fine-tuning (<variant>)', its file gfn-<variant>.json, beside the default run's")
     p.add_argument("--seed", type=int, default=0)
@@ -137,19 +140,32 @@ def run_method(method: str, args) -> dict:
             result = task.evaluate(None, tok, config, task.constraints(config, tok), n=args.prompts, seed=args.seed,
                                    progress=True, base=model)
     elif method == "gfn":
-        task, trainer = make_trainer(config)
-        t1 = time.perf_counter()
-        trainer.train()
-        info["history"] = trainer.history
+        if args.eval_checkpoint:  # a run trained earlier: its saved config, policy and history
+            from gfnlm.trainer import load_trained, read_checkpoint_json
+
+            ckpt = Path(args.eval_checkpoint)
+            model, tok, config, cons = load_trained(ckpt)
+            task = get_task_class(args.task)(config.task_args)
+            info["history"] = json.loads((ckpt.parent / "history.json").read_text())
+            info["evaluated_checkpoint"] = str(ckpt)
+            step = read_checkpoint_json(ckpt)["step"]
+            if step != config.max_steps:
+                raise SystemExit(f"{ckpt} is step {step} of a {config.max_steps}-step run: evaluate the run's last checkpoint")
+        else:
+            task, trainer = make_trainer(config)
+            t1 = time.perf_counter()
+            trainer.train()
+            info["history"] = trainer.history
+            info.update(setup_seconds=round(t1 - t0, 1), train_seconds=round(time.perf_counter() - t1, 1))
+            model, tok, cons = trainer.model, trainer.tokenizer, trainer.constraints
         info.update({"steps": config.max_steps, "episodes_per_step": config.samples_per_prompt * config.prompts_per_step,
                      "loss": config.loss_type, "learning_rate": config.learning_rate,
                      "reward_temperature": [config.reward_temperature, config.reward_temperature_end],
-                     **({k: config.task_args[k] for k in ("a", "b")} if args.task == "contrastive" else {}),
-                     "setup_seconds": round(t1 - t0, 1), "train_seconds": round(time.perf_counter() - t1, 1)})
-        trainer.model.eval()
+                     **({k: config.task_args[k] for k in ("a", "b")} if args.task == "contrastive" else {})})
+        model.eval()
         with torch.no_grad():
-            result = task.evaluate(trainer.model, trainer.tokenizer, config, trainer.constraints, n=args.prompts,
-                                   seed=args.seed, progress=True, baselines=False)
+            result = task.evaluate(model, tok, config, cons, n=args.prompts, seed=args.seed, progress=True,
+                                   baselines=False)
         if args.variant:
             result["methods"] = {f"{k} ({args.variant})": v for k, v in result["methods"].items()}
     else:

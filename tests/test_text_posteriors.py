@@ -336,8 +336,9 @@ def test_commands_end_to_end(prompts, tmp_path, tiny_dir, capsys):
         common = ["--task", task, "--model", str(tiny_dir), "--task_args.data_file", str(prompts),
                   "--task_args.valid_prompts", "3", "--task_args.eval_samples", "2", "--max_new_tokens", "5"]
         out = tmp_path / task
+        extra = ["--proposal_fraction", "0.25"] if task == "contrastive" else []  # evaluation reads this config too
         assert main(["train", *common, "--max_steps", "2", "--samples_per_prompt", "4", "--output_dir", str(out),
-                     "--report_to", "[]"]) == 0
+                     "--report_to", "[]", *extra]) == 0
         capsys.readouterr()
         assert main(["eval", "--checkpoint", str(out / "checkpoint-2"), "-n", "2", "--plot", str(out / "fig.png"),
                      "--output", str(out / "r.json")]) == 0

@@ -102,9 +102,6 @@ class Collector:
     def __init__(self, args: GFNConfig, tokenizer, train_dataset, rewards: Sequence[Reward], constraints: Constraints,
                  tool: Callable | None, generator: torch.Generator, sample_metrics=None,
                  sample_generator: torch.Generator | None = None, proposal: Proposal | None = None):
-        if args.proposal_fraction > 0 and proposal is None:
-            raise ConfigError(f"proposal_fraction {args.proposal_fraction:g} needs a proposal sampler: pass proposal=... to "
-                            "GFNTrainer, use a task that has one (e.g. contrastive), or set proposal_fraction 0")
         self.args, self.tokenizer, self.constraints, self.tool = args, tokenizer, constraints, tool
         self.proposal = proposal
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -316,6 +313,9 @@ class Collector:
                        epsilon=a.epsilon, pad_id=self.pad_id, generator=self.sample_generator, **self.tool_kwargs())
         tokens, lengths = s.tokens.cpu(), s.lengths.cpu()
         mask = None if s.action_mask is None else s.action_mask.cpu()
+        if any(n_props) and self.proposal is None:
+            raise ConfigError(f"proposal_fraction {a.proposal_fraction:g} needs a proposal sampler: pass proposal=... to "
+                              "GFNTrainer, use a task that has one (e.g. contrastive), or set proposal_fraction 0")
         if any(n_props):  # the proposal's episodes join the fresh ones: scored, buffered and trained on alike
             p_tok, p_len, p_mask = self.propose(prompts, n_props, device)
             mask = _cat_action_masks((mask, lengths, tokens.shape[1]),
