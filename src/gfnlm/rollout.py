@@ -8,8 +8,8 @@ For each of ``prompts_per_step`` dataset rows, ``samples_per_prompt`` episodes a
   ``[explore_temperature_min, explore_temperature_max]``), sampled under ``no_grad``;
 * with ``proposal_fraction`` > 0, proposed episodes: drawn by a :data:`Proposal` (another sampler of
   the same action space, e.g. the contrastive task's token-level sampler on the base model). The
-  GFlowNet losses are off-policy, so any behaviour policy with full support trains the same target;
-
+  GFlowNet losses are off-policy, so the mix trains the same target (the policy's own episodes, at
+  least one per row, keep every action in reach);
 
 the fresh episodes are scored by the rewards and added to the buffer afterwards.  Everything
 here runs without gradients: rewards are data, never part of the loss's graph.
