@@ -73,6 +73,13 @@ KIND_NAMES = {ON_POLICY: "on_policy", TEMPERED: "tempered", REPLAYED: "replayed"
 Proposal = Callable[[list[list[int]], list[int], int], list[list[list[int]]]]
 
 
+def require_proposal(args: GFNConfig, proposal: Proposal | None) -> None:
+    """A one-line error when ``proposal_fraction`` asks for proposed episodes and there is no sampler."""
+    if args.proposal_fraction > 0 and proposal is None:
+        raise ConfigError(f"proposal_fraction {args.proposal_fraction:g} needs a proposal sampler: pass proposal=... to "
+                          "GFNTrainer, use a task that has one (e.g. contrastive), or set proposal_fraction 0")
+
+
 def episode_split(k: int, replay_fraction: float, tempered_fraction: float, can_replay: bool,
                   proposal_fraction: float = 0.0) -> tuple[int, int, int, int]:
     """(on-policy, tempered, replayed, proposed) counts of ``k`` episodes of one prompt: each count
@@ -159,9 +166,17 @@ class Collector:
 
         Lengths are checked against the constraints (error names ``what``); with a tool, its output
         is inserted as the sampler would."""
+        return self.encode_actions([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], what, texts)
+
+    def encode_actions(self, actions: Sequence[Sequence[int]], what: str,
+                       texts: Sequence[str] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Episodes from their actions (token id lists, no stop token), as :meth:`encode_completions`:
+        each checked against the constraints (an error names ``what`` and the episode's text, ``texts``
+        or the decoded ids), tool output inserted; tokens [K, N], lengths [K], action_mask [K, N]."""
         states, masks = [], []
-        for t in texts:
-            ids, problem = self._actions_of(t)
+        for i, ids in enumerate(actions):
+            ids = [int(x) for x in ids]
+            problem = self._problem(ids, repr(texts[i] if texts is not None else self.tokenizer.decode(ids)))
             if problem:
                 raise DataError(f"{what}: {problem}")
             state, mask = self.with_tool_output(ids)
@@ -178,20 +193,15 @@ class Collector:
         by prompt, and how many others were left out."""
         kept, skipped = {}, 0
         for prompt, texts in completions.items():
-            ok = [t for t in texts if self._actions_of(t)[1] is None]
+            ok = [t for t in texts if self._problem(self.tokenizer.encode(t, add_special_tokens=False), repr(t)) is None]
             skipped += len(texts) - len(ok)
             if ok:
                 kept[prompt] = ok
         return kept, skipped
 
-    def _actions_of(self, text: str) -> tuple[list[int], str | None]:
-        """The token ids of a completion text, and why the policy could not write them (None if it can:
-        a length within the limits, every token an action of :meth:`Constraints.token_mask`)."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return ids, self._problem(ids, repr(text))
-
     def _problem(self, ids: list[int], desc: str) -> str | None:
-        """Why the policy could not take the actions ``ids`` (``desc`` names them), or None."""
+        """Why the policy could not take the actions ``ids`` (``desc`` names them), or None if it can: a
+        length within the limits, every token an action of :meth:`Constraints.token_mask`."""
         c = self.constraints
         if len(ids) < c.min_new_tokens:
             what = "empty completion" if not ids else f"completion {desc} ({len(ids)} tokens)"
@@ -313,10 +323,8 @@ class Collector:
                        epsilon=a.epsilon, pad_id=self.pad_id, generator=self.sample_generator, **self.tool_kwargs())
         tokens, lengths = s.tokens.cpu(), s.lengths.cpu()
         mask = None if s.action_mask is None else s.action_mask.cpu()
-        if any(n_props) and self.proposal is None:
-            raise ConfigError(f"proposal_fraction {a.proposal_fraction:g} needs a proposal sampler: pass proposal=... to "
-                              "GFNTrainer, use a task that has one (e.g. contrastive), or set proposal_fraction 0")
-        if any(n_props):  # the proposal's episodes join the fresh ones: scored, buffered and trained on alike
+        if any(n_props):
+            require_proposal(a, self.proposal)  # the proposal's episodes join the fresh ones: scored, buffered and trained on alike
             p_tok, p_len, p_mask = self.propose(prompts, n_props, device)
             mask = _cat_action_masks((mask, lengths, tokens.shape[1]),
                                      (p_mask if self.tool is not None else None, p_len, p_tok.shape[1]))
@@ -344,19 +352,7 @@ class Collector:
             got = self.proposal(prompts, list(counts), seed)
         if len(got) != len(prompts) or any(len(e) != n for e, n in zip(got, counts)):
             raise DataError(f"the proposal returned {[len(e) for e in got]} episodes per prompt, not {list(counts)}")
-        states, masks = [], []
-        for episodes in got:
-            for ids in episodes:
-                ids = [int(i) for i in ids]
-                problem = self._problem(ids, f"{self.tokenizer.decode(ids)!r} of the proposal")
-                if problem:
-                    raise DataError(problem)
-                state, m = self.with_tool_output(ids)
-                states.append(state)
-                masks.append(m)
-        tokens, lengths = pad_right(states, self.pad_id)
-        action_mask, _ = pad_right(masks, False, dtype=torch.bool)
-        return tokens, lengths, action_mask
+        return self.encode_actions([ids for episodes in got for ids in episodes], "the proposal")
 
     def episode_metrics(self, ep: Episodes, fresh_batch: RewardBatch) -> dict:
         """Terminal log R per kind of episode; over the episodes the policy sampled (on-policy and

@@ -37,7 +37,7 @@ from .errors import ConfigError, DataError, GFNLMError, first_line
 from .losses import LOSSES, tempered
 from .policy import bind_base_models, fp32_logits, wrap_policy
 from .rewards import Reward, RewardBatch, as_reward
-from .rollout import Collector, Episodes, Proposal
+from .rollout import Collector, Episodes, Proposal, require_proposal
 from .sampling import Constraints, device_generator, sample
 from .scoring import score
 
@@ -214,9 +214,7 @@ class GFNTrainer:
             raise ConfigError(f"loss_type {args.loss_type} compares only adjacent stoppable prefixes, and with "
                               f"{'stop_after_tool' if constraints.stop_after_tool else 'min_new_tokens > 0'} the first tokens "
                               "(or every pair) have none: use loss_type modified_subtb")
-        if args.proposal_fraction > 0 and proposal is None:
-            raise ConfigError(f"proposal_fraction {args.proposal_fraction:g} needs a proposal sampler: pass proposal=... to "
-                              "GFNTrainer, use a task that has one (e.g. contrastive), or set proposal_fraction 0")
+        require_proposal(args, proposal)
         rank = self.accelerator.process_index
         seed = args.seed + 1_000_003 * rank
         self.collector = Collector(args, self.tokenizer, train_dataset, rewards, constraints, tool,
