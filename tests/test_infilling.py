@@ -234,6 +234,10 @@ def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
         assert name in out, name
     saved = json.loads((tmp_path / "t2.json").read_text())
     assert saved["GFlowNet fine-tuning"]["T=0.9"]["bleu4"]["n"] == 4 and saved["Prompting"]["greedy"]["gleu4"]["n"] == 2
+    # the middles' length beside the metrics, and the true middles' length for comparison
+    words = [len(r["middle"].split()) for r in task.split()["test"] if r.get("middle")][:2]
+    assert saved["Prompting"]["reference_length_words"]["mean"] == pytest.approx(sum(words) / 2)
+    assert "| length (words) |" in out and f"true middles: {sum(words) / 2:.1f} words" in out
     # sampling from a beginning and an ending given on the command line
     assert main(["sample", "--checkpoint", str(gfn), "-n", "3", "--json", "--beginning", "Al was sad. It was cold.",
                  "--ending", "Al is glad."]) == 0

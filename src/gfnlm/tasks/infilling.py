@@ -349,7 +349,8 @@ class InfillingTask(Task):
         sampled = [(s, r["middle"]) for (ss, _), r in zip(made, rows) for s in ss]
         greedy = [(g, r["middle"]) for (_, g), r in zip(made, rows)]
         out = {"stories": len(rows), "samples_per_story": a.eval_samples, "temperature": a.eval_temperature,
-               "reward_model": self.reward_model_name(), "bertscore": self.scorer().describe()}
+               "reward_model": self.reward_model_name(), "bertscore": self.scorer().describe(),
+               "reference_length_words": summary([len(r["middle"].split()) for r in rows])}
         for label, pairs in ((f"T={a.eval_temperature:g}", sampled), ("greedy", greedy)):
             scores = self.score_texts([c for c, _ in pairs], [r for _, r in pairs])
             if a.judge_url:
@@ -392,7 +393,8 @@ class InfillingTask(Task):
 
 def table2(results: dict[str, dict]) -> str:
     """The paper's Table 2: one row per method; BLEU-4 and GLEU-4 in %, BERTScore F1 (raw and
-    rescaled); mean ± std over samples and stories, sampled (greedy in brackets)."""
+    rescaled); mean ± std over samples and stories, sampled (greedy in brackets); and the middles'
+    mean length in words, where the results have it."""
     methods = {k: v for k, v in results.items() if isinstance(v, dict) and "stories" in v}
     if not methods:
         return "(no results)"
@@ -402,17 +404,23 @@ def table2(results: dict[str, dict]) -> str:
     cols = [m for m in METRICS if m in first[t]]
     names = {"bleu4": "BLEU-4 (%)", "gleu4": "GLEU-4 (%)", "bertscore": "BERTScore F1", "bertscore_rescaled": "BERTScore F1, rescaled",
              "judge": "LLM judge (1-5)"}
-    lines = ["| method | " + " | ".join(names[c] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    length = all("length_words" in r[t] and "length_words" in r["greedy"] for r in methods.values())
+    lines = ["| method | " + " | ".join(names[c] for c in cols) + (" | length (words)" if length else "") + " |",
+             "|---|" + "---|" * (len(cols) + length)]
     for name, r in methods.items():
         cells = []
         for c in cols:
             s, g, f = r[t][c], r["greedy"][c], scale[c]
             digits = 1 if f == 100 else 3
             cells.append(f"{f * s['mean']:.{digits}f} ± {f * s['std']:.{digits}f} ({f * g['mean']:.{digits}f})")
+        if length:
+            cells.append(f"{r[t]['length_words']['mean']:.1f} ({r['greedy']['length_words']['mean']:.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rewards = {r["reward_model"] for r in methods.values()}
     reward = (first["reward_model"] if len(rewards) == 1 else
               "; ".join(f"{name}: {r['reward_model']}" for name, r in methods.items()))
+    ref = next((r["reference_length_words"] for r in methods.values() if "reference_length_words" in r), None)
     lines.append(f"\n{first['stories']} test stories x {first['samples_per_story']} samples at {t} (greedy in brackets); "
-                 f"reward: {reward}; {first['bertscore']}")
+                 + (f"true middles: {ref['mean']:.1f} words on average; " if ref and length else "")
+                 + f"reward: {reward}; {first['bertscore']}")
     return "\n".join(lines)
