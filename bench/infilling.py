@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ["prompting", "sft", "gfn", "gfn_sft", "reward_lm", "gfn_rlm"]
+VARIANTS = ["gfn", "gfn_sft", "reward_lm", "gfn_rlm"]  # the methods a --variant may label
 NAMES = {"prompting": "Prompting", "sft": "Supervised fine-tuning", "gfn": "GFlowNet fine-tuning (from base)",
          "gfn_sft": "GFlowNet fine-tuning (from SFT)", "gfn_rlm": "GFlowNet fine-tuning (from SFT, fine-tuned reward LM)"}
 
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--gfn_lr", type=float, default=1e-4)
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for GFlowNet runs, name=value")
     p.add_argument("--seed", type=int, default=0, help="training seed; seeds other than 0 write <method>-seed<k>.json")
+    p.add_argument("--variant", default="", help="label of a GFlowNet run with other settings (--steps, --gfn_set, "
+                   "--reward_lm_steps): written to <method>-<label>.json and its own table row; only with the GFlowNet "
+                   "methods and reward_lm (gfn_rlm then uses the reward LM of the same variant)")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "stories" / "stories.jsonl"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-infilling"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -68,8 +72,7 @@ def build(args, method: str, overrides: dict | None = None):
 
     from gfnlm.tasks import build_config
 
-    name = method if args.seed == 0 else f"{method}-seed{args.seed}"
-    data = {"model": args.model, "seed": args.seed, "report_to": [], "output_dir": f"{args.run_dir}/{name}",
+    data = {"model": args.model, "seed": args.seed, "report_to": [], "output_dir": str(run_dir(args, method)),
             "task_args": {"data_file": args.data_file, "eval_samples": args.samples}}
     if method.startswith("gfn"):
         data.update({"max_steps": args.steps, "learning_rate": args.gfn_lr, "reward_temperature_horizon": args.steps,
@@ -78,7 +81,12 @@ def build(args, method: str, overrides: dict | None = None):
 
 
 def run_dir(args, method: str) -> Path:
-    return Path(args.run_dir) / (method if args.seed == 0 else f"{method}-seed{args.seed}")
+    """The run's folder: ``<run_dir>/<method>[-<variant>][-seed<k>]`` (the variant names GFlowNet and reward LM
+    runs only; every variant starts from the same SFT run)."""
+    from common import slug
+
+    name = method + (f"-{slug(args.variant)}" if args.variant and method in VARIANTS else "")
+    return Path(args.run_dir) / (name if args.seed == 0 else f"{name}-seed{args.seed}")
 
 
 def evaluate(task, model, tok, config, cons, args) -> dict:
@@ -150,57 +158,59 @@ def run_method(method: str, args) -> dict:
             "settings": {k: v for k, v in vars(args).items() if k not in ("methods", "report")}}
 
 
+def label(run: dict) -> str:
+    """A run's row name: the method's name, with its variant label (``--variant``) in brackets."""
+    variant = run["settings"].get("variant", "")
+    return NAMES.get(run["method"], run["method"]) + (f" [{variant}]" if variant else "")
+
+
 def report(args) -> str:
     from gfnlm.tasks.infilling import table2
 
     folder = Path(args.out) / "infilling"
-    runs = {}
-    for m in METHODS:
-        for f in [folder / f"{m}.json"] + sorted(folder.glob(f"{m}-seed*.json")):
-            if f.exists() and not f.stem.endswith("-history"):
-                runs[f.stem] = json.loads(f.read_text())
+    runs = {f.stem: json.loads(f.read_text()) for f in sorted(folder.glob("*.json")) if not f.stem.endswith("-history")}
+    runs = dict(sorted(runs.items(), key=lambda kv: (METHODS.index(kv[1]["method"]), label(kv[1]), kv[1]["settings"]["seed"])))
     evaluated = {name: r for name, r in runs.items() if r["result"]}
-    by_method: dict[str, list[dict]] = {}
+    by_method: dict[str, list[dict]] = {}  # one group per method and variant, over seeds
     for name, r in evaluated.items():
-        by_method.setdefault(r["method"], []).append(r["result"])
+        by_method.setdefault(label(r), []).append(r["result"])
     first = next(iter(evaluated.values()))["result"] if evaluated else None
     t = f"T={first['temperature']:g}" if first else "T=0.9"
     lines = [f"# Story infilling (Table 2) on {next(iter(runs.values()))['settings']['model'] if runs else '?'}", ""]
     lines.append("Each run (mean ± std over samples and stories, greedy in brackets):\n")
-    lines.append(table2({f"{NAMES[r['method']]}" + (f", seed {r['settings']['seed']}" if r["settings"]["seed"] else ""):
+    lines.append(table2({label(r) + (f", seed {r['settings']['seed']}" if r["settings"]["seed"] else ""):
                          r["result"] for r in evaluated.values()}))
     metrics = ["bleu4", "gleu4", "bertscore", "bertscore_rescaled"]
 
-    def seed_mean(method, metric, label=t):
-        vals = [res[label][metric]["mean"] for res in by_method.get(method, [])]
+    def seed_mean(method, metric, at=t):
+        vals = [res[at][metric]["mean"] for res in by_method.get(method, [])]
         return (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)) if vals else None
 
     lines += ["", f"Seed means at {t} (± std over seeds where there are several):", "",
               "| method | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for m in by_method:
         cells = [seed_mean(m, x) for x in metrics]
-        lines.append(f"| {NAMES[m]} | {cells[0][2]} | " + " | ".join(f"{c[0]:.4f} ± {c[1]:.4f}" for c in cells) + " |")
+        lines.append(f"| {m} | {cells[0][2]} | " + " | ".join(f"{c[0]:.4f} ± {c[1]:.4f}" for c in cells) + " |")
     checks = {}
-    for g in ("gfn", "gfn_sft", "gfn_rlm"):
-        if g not in by_method:
-            continue
-        for base in ("sft", "prompting"):
+    for g in [m for m in by_method if m.startswith("GFlowNet")]:
+        for base in (NAMES["sft"], NAMES["prompting"]):
             if base not in by_method:
                 continue
             for x in ("bleu4", "gleu4", "bertscore"):
                 a, b = seed_mean(g, x), seed_mean(base, x)
-                checks[f"{NAMES[g]} > {NAMES[base]} on {x}"] = (f"{a[0]:.4f} vs {b[0]:.4f} ({a[0] - b[0]:+.4f})", a[0] > b[0])
+                checks[f"{g} > {base} on {x}"] = (f"{a[0]:.4f} vs {b[0]:.4f} ({a[0] - b[0]:+.4f})", a[0] > b[0])
     if checks:
         lines += ["", f"| target (at {t}) | measured | met |", "|---|---|---|"]
         lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
     lines += ["", "Runs:"]
     for name, r in runs.items():
         info = {k: v for k, v in r["info"].items() if k not in ("history",)}
-        lines.append(f"- {name}: {r['seconds']:.0f} s in all; {json.dumps(info)}")
+        extra = "".join(f"; {k}: {r['settings'][k]}" for k in ("variant", "gfn_set") if r["settings"].get(k))
+        lines.append(f"- {name}: {r['seconds']:.0f} s in all{extra}; {json.dumps(info)}")
     if first:
         lines.append(f"\nReward model: see each run; {first['bertscore']}; {first['stories']} test stories, "
                      f"{first['samples_per_story']} samples each at {t}.")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines).replace(f"{ROOT}/", "") + "\n"  # paths relative to the repository
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "infilling.md").write_text(text)
     (Path(args.out) / "infilling.json").write_text(json.dumps(
@@ -210,13 +220,15 @@ def report(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.variant and not args.report and not all(m.strip() in VARIANTS for m in args.methods.split(",") if m.strip()):
+        raise SystemExit(f"--variant labels GFlowNet and reward LM runs: use it with --methods among {', '.join(VARIANTS)}")
     from gfnlm.cli import _setup_runtime
 
     _setup_runtime()
     if not args.report:
         from common import run_methods
 
-        run_methods("infilling", args.methods, args.seed, Path(args.out) / "infilling", run_method, args)
+        run_methods("infilling", args.methods, args.seed, Path(args.out) / "infilling", run_method, args, args.variant)
     print(report(args))
     return 0
 
