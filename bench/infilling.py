@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ["prompting", "sft", "gfn", "gfn_sft", "reward_lm", "gfn_rlm"]
-VARIANTS = ["gfn", "gfn_sft", "reward_lm", "gfn_rlm"]  # the methods a --variant may label
+VARIANTS = ["sft", "gfn", "gfn_sft", "reward_lm", "gfn_rlm"]  # the methods a --variant may label
 NAMES = {"prompting": "Prompting", "sft": "Supervised fine-tuning", "gfn": "GFlowNet fine-tuning (from base)",
          "gfn_sft": "GFlowNet fine-tuning (from SFT)", "gfn_rlm": "GFlowNet fine-tuning (from SFT, fine-tuned reward LM)"}
 
@@ -59,8 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for GFlowNet runs, name=value")
     p.add_argument("--seed", type=int, default=0, help="training seed; seeds other than 0 write <method>-seed<k>.json")
     p.add_argument("--variant", default="", help="label of a GFlowNet run with other settings (--steps, --gfn_set, "
-                   "--reward_lm_steps): written to <method>-<label>.json and its own table row; only with the GFlowNet "
-                   "methods and reward_lm (gfn_rlm then uses the reward LM of the same variant)")
+                   "--reward_lm_steps, --sft_steps): written to <method>-<label>.json and its own table row; only with sft, "
+                   "the GFlowNet methods and reward_lm (gfn_rlm uses the reward LM of the same variant; gfn_sft and "
+                   "gfn_rlm start from the default sft run)")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "stories" / "stories.jsonl"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-infilling"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -80,12 +81,12 @@ def build(args, method: str, overrides: dict | None = None):
     return build_config("infilling", {**data, **(overrides or {})})
 
 
-def run_dir(args, method: str) -> Path:
-    """The run's folder: ``<run_dir>/<method>[-<variant>][-seed<k>]`` (the variant names GFlowNet and reward LM
-    runs only; every variant starts from the same SFT run)."""
+def run_dir(args, method: str, variant: bool = True) -> Path:
+    """The run's folder: ``<run_dir>/<method>[-<variant>][-seed<k>]`` (``variant=False``: the default run's,
+    which every GFlowNet variant starts from when it starts from SFT)."""
     from common import slug
 
-    name = method + (f"-{slug(args.variant)}" if args.variant and method in VARIANTS else "")
+    name = method + (f"-{slug(args.variant)}" if variant and args.variant and method in VARIANTS else "")
     return Path(args.run_dir) / (name if args.seed == 0 else f"{name}-seed{args.seed}")
 
 
@@ -130,7 +131,7 @@ def run_method(method: str, args) -> dict:
     elif method in ("gfn", "gfn_sft", "gfn_rlm"):
         over: dict = {}
         if method in ("gfn_sft", "gfn_rlm"):
-            start = run_dir(args, "sft") / f"checkpoint-{args.sft_steps}"
+            start = run_dir(args, "sft", variant=False) / f"checkpoint-{args.sft_steps}"
             if not start.is_dir():
                 raise SystemExit(f"{method} starts from the sft run: run --methods sft first ({start} is missing)")
             over["init_from"] = str(start)
@@ -193,9 +194,7 @@ def report(args) -> str:
         lines.append(f"| {m} | {cells[0][2]} | " + " | ".join(f"{c[0]:.4f} ± {c[1]:.4f}" for c in cells) + " |")
     checks = {}
     for g in [m for m in by_method if m.startswith("GFlowNet")]:
-        for base in (NAMES["sft"], NAMES["prompting"]):
-            if base not in by_method:
-                continue
+        for base in [m for m in by_method if m.startswith(NAMES["sft"]) or m == NAMES["prompting"]]:
             for x in ("bleu4", "gleu4", "bertscore"):
                 a, b = seed_mean(g, x), seed_mean(base, x)
                 checks[f"{g} > {base} on {x}"] = (f"{a[0]:.4f} vs {b[0]:.4f} ({a[0] - b[0]:+.4f})", a[0] > b[0])
@@ -221,7 +220,7 @@ def report(args) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.variant and not args.report and not all(m.strip() in VARIANTS for m in args.methods.split(",") if m.strip()):
-        raise SystemExit(f"--variant labels GFlowNet and reward LM runs: use it with --methods among {', '.join(VARIANTS)}")
+        raise SystemExit(f"--variant labels SFT, GFlowNet and reward LM runs: use it with --methods among {', '.join(VARIANTS)}")
     from gfnlm.cli import _setup_runtime
 
     _setup_runtime()
