@@ -197,7 +197,8 @@ def report(args) -> str:
         for base in [m for m in by_method if m.startswith(NAMES["sft"]) or m == NAMES["prompting"]]:
             for x in ("bleu4", "gleu4", "bertscore"):
                 a, b = seed_mean(g, x), seed_mean(base, x)
-                checks[f"{g} > {base} on {x}"] = (f"{a[0]:.4f} vs {b[0]:.4f} ({a[0] - b[0]:+.4f})", a[0] > b[0])
+                spread = f"; std over seeds {a[1]:.4f} ({a[2]}) / {b[1]:.4f} ({b[2]})" if max(a[2], b[2]) > 1 else ""
+                checks[f"{g} > {base} on {x}"] = (f"{a[0]:.4f} vs {b[0]:.4f} ({a[0] - b[0]:+.4f}{spread})", a[0] > b[0])
     if checks:
         lines += ["", f"| target (at {t}) | measured | met |", "|---|---|---|"]
         lines += [f"| {k} | {v} | {'yes' if ok else 'no'} |" for k, (v, ok) in checks.items()]
