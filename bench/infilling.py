@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--gfn_lr", type=float, default=1e-4)
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for GFlowNet runs, name=value")
     p.add_argument("--seed", type=int, default=0, help="training seed; seeds other than 0 write <method>-seed<k>.json")
-    p.add_argument("--variant", default="", help="label of a GFlowNet run with other settings (--steps, --gfn_set, "
+    p.add_argument("--variant", default="", help="label of a run with other settings (--steps, --gfn_set, "
                    "--reward_lm_steps, --sft_steps): written to <method>-<label>.json and its own table row; only with sft, "
                    "the GFlowNet methods and reward_lm (gfn_rlm uses the reward LM of the same variant; gfn_sft and "
                    "gfn_rlm start from the default sft run)")
