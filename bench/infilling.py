@@ -61,7 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--variant", default="", help="label of a run with other settings (--steps, --gfn_set, "
                    "--reward_lm_steps, --sft_steps): written to <method>-<label>.json and its own table row; only with sft, "
                    "the GFlowNet methods and reward_lm (gfn_rlm uses the reward LM of the same variant; gfn_sft and "
-                   "gfn_rlm start from the default sft run)")
+                   "gfn_rlm start from the sft run named by --sft_variant)")
+    p.add_argument("--sft_variant", default="", help="the --variant label of the sft run (its --sft_steps steps) that "
+                   "gfn_sft and gfn_rlm start from; default: the default sft run")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "stories" / "stories.jsonl"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-infilling"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -81,12 +83,13 @@ def build(args, method: str, overrides: dict | None = None):
     return build_config("infilling", {**data, **(overrides or {})})
 
 
-def run_dir(args, method: str, variant: bool = True) -> Path:
-    """The run's folder: ``<run_dir>/<method>[-<variant>][-seed<k>]`` (``variant=False``: the default run's,
-    which every GFlowNet variant starts from when it starts from SFT)."""
+def run_dir(args, method: str, variant: str | None = None) -> Path:
+    """The run's folder: ``<run_dir>/<method>[-<variant>][-seed<k>]``, with ``variant`` the run's label
+    (None: ``--variant``; "": the default run)."""
     from common import slug
 
-    name = method + (f"-{slug(args.variant)}" if variant and args.variant and method in VARIANTS else "")
+    label = args.variant if variant is None else variant
+    name = method + (f"-{slug(label)}" if label and method in VARIANTS else "")
     return Path(args.run_dir) / (name if args.seed == 0 else f"{name}-seed{args.seed}")
 
 
@@ -131,9 +134,10 @@ def run_method(method: str, args) -> dict:
     elif method in ("gfn", "gfn_sft", "gfn_rlm"):
         over: dict = {}
         if method in ("gfn_sft", "gfn_rlm"):
-            start = run_dir(args, "sft", variant=False) / f"checkpoint-{args.sft_steps}"
+            start = run_dir(args, "sft", variant=args.sft_variant) / f"checkpoint-{args.sft_steps}"
             if not start.is_dir():
-                raise SystemExit(f"{method} starts from the sft run: run --methods sft first ({start} is missing)")
+                raise SystemExit(f"{method} starts from the sft run: run --methods sft first, with the same --sft_steps "
+                                 f"and with --variant {args.sft_variant!r} ({start} is missing)")
             over["init_from"] = str(start)
         if method == "gfn_rlm":
             rlm = run_dir(args, "reward_lm") / f"checkpoint-{args.reward_lm_steps}"
