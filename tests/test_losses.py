@@ -467,3 +467,39 @@ def test_perfect_policy_has_zero_loss_and_perturbation_breaks_it(min_len):
         blind = modified_subtb_loss(early, log_pterm, log_r, lengths, 1.0)
         anchored = modified_subtb_loss(early, log_pterm, log_r, lengths, 1.0, log_z)
         assert blind < 1e-20 and anchored > 1e-4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("use_z", [False, True])
+def test_contributing_rows_match_brute_force_and_the_losses(seed, use_z):
+    """``LossSpec.contributing``: the rows with at least one residual, by a double loop over the
+    pairs (transitions, groups) of each objective; exactly the rows whose per-row loss is not 0."""
+    log_pf, log_pterm, log_r, lengths, log_z = make_batch(seed)
+    z = log_z if use_z else None
+    group = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    pterm, lens = log_pterm.tolist(), lengths.tolist()
+    B = len(lens)
+    expected = {}
+    for name in ("modified_subtb", "modified_db", "tb", "vargrad"):
+        rows = []
+        for b in range(B):
+            pos = _valid_positions(pterm[b], lens[b])
+            if name == "modified_subtb" and z is not None and 0 not in pos:
+                pos = [0] + pos  # F_0 = log Z
+            if name == "modified_subtb":
+                rows.append(any(i < j for i in pos for j in pos))
+            elif name == "modified_db":
+                rows.append(any(t + 1 in pos for t in pos))
+            elif name == "tb":
+                rows.append(True)
+            else:
+                rows.append(sum(int(group[c]) == int(group[b]) for c in range(B)) >= 2)
+        expected[name] = rows
+        got = LOSSES[name].contributing(log_pterm, lengths, log_z=z, group=group)
+        assert got.dtype == torch.bool and got.tolist() == rows, name
+    assert not all(expected["modified_subtb"]) and any(expected["modified_subtb"])  # the batch has both kinds
+    per_row = {"modified_subtb": modified_subtb_loss(log_pf, log_pterm, log_r, lengths, 1.0, z, reduction="none"),
+               "modified_db": modified_db_loss(log_pf, log_pterm, log_r, lengths, reduction="none"),
+               "vargrad": vargrad_loss(log_pf, log_pterm, log_r, lengths, group, reduction="none")}
+    for name, rows in per_row.items():
+        assert (rows != 0).tolist() == expected[name], name

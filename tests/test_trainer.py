@@ -420,3 +420,25 @@ def test_rows_are_drawn_in_proportion_to_the_weight_column(tmp_path):
     missing = make_trainer(tmp_path / "m", dataset=["<s>"], row_weight_column="weight")
     with pytest.raises(DataError, match="every dataset row needs a number there"):
         missing.collector.draw_rows(1)
+
+
+def test_steps_whose_episodes_give_no_residual_are_counted_and_warned_once(tmp_path, capsys):
+    """Episodes that may stop only at their full length have one stoppable prefix each: modified
+    SubTB without log Z gets no pair, so the loss is 0. The history counts it at every step and the
+    run says so once, with the fix; anchored at a learned log Z, every episode contributes."""
+    tr = make_trainer(tmp_path / "none", min_new_tokens=3, log_z="none", max_steps=2)
+    tr.train()
+    assert [m["episodes/without_residual"] for m in tr.history] == [1.0, 1.0]
+    assert all(m["loss"] == 0.0 for m in tr.history)
+    out = capsys.readouterr().out
+    assert out.count("warning: step 1: no episode had two stoppable prefixes") == 1
+    assert "set log_z: scalar or prompt" in out and "\n" not in out.strip()
+
+    tr = make_trainer(tmp_path / "scalar", min_new_tokens=3, log_z="scalar", max_steps=2)
+    tr.train()
+    assert [m["episodes/without_residual"] for m in tr.history] == [0.0, 0.0]
+    assert all(m["loss"] > 0 for m in tr.history)
+    tr = make_trainer(tmp_path / "free", max_steps=2)  # stopping allowed at every prefix
+    tr.train()
+    assert all(m["episodes/without_residual"] < 1.0 for m in tr.history)
+    assert "warning" not in capsys.readouterr().out

@@ -197,6 +197,12 @@ def _reduce(per_row: Tensor, contributes: Tensor, reduction: str) -> Tensor:
     return per_row.sum() / count
 
 
+def _stoppable(log_pterm: Tensor, lengths: Tensor) -> Tensor:
+    """``[B, N + 1]`` bool: prefix ``t`` exists (``t <= n_b``) and may stop (finite ``log_pterm``)."""
+    lengths = lengths.to(device=log_pterm.device, dtype=torch.long)
+    return _prefix_mask(lengths, log_pterm.shape[1] - 1) & torch.isfinite(log_pterm)
+
+
 def _potentials(
     log_pf: Tensor,
     log_pterm: Tensor,
@@ -219,7 +225,7 @@ def _potentials(
     pf = torch.where(tok, log_pf.to(dtype), zero)
     cum = torch.cat([torch.zeros(B, 1, dtype=dtype, device=pf.device), pf.cumsum(dim=1)], dim=1)
     pterm = log_pterm.to(dtype)
-    valid = _prefix_mask(lengths, N) & torch.isfinite(pterm)
+    valid = _stoppable(log_pterm, lengths)
     raw = log_r.to(dtype) - cum - pterm
     F = torch.where(valid, raw, zero)
     if log_z is not None:
@@ -498,6 +504,25 @@ class LossSpec:
     log_z: str = "unused"
     adjacent_pairs_only: bool = False
     grouped: bool = False
+
+    def contributing(self, log_pterm: Tensor, lengths: Tensor, *, log_z: Tensor | None = None,
+                     group: Tensor | None = None) -> Tensor:
+        """``[B]`` bool: the episodes that give this objective at least one residual; the others add
+        nothing to the loss (modified SubTB without log Z: an episode with fewer than two stoppable
+        prefixes; modified DB: no two consecutive ones; VarGrad: a prompt with one episode). Arguments
+        as for :meth:`__call__` (``log_pterm`` [B, N + 1] log space, ``lengths`` [B])."""
+        B = log_pterm.shape[0]
+        if self.grouped:
+            _, inv = torch.unique(group.to(log_pterm.device), return_inverse=True)
+            return torch.bincount(inv)[inv] >= 2
+        if not self.prefix_rewards:
+            return torch.ones(B, dtype=torch.bool, device=log_pterm.device)
+        valid = _stoppable(log_pterm, lengths)
+        if self.adjacent_pairs_only:
+            return (valid[:, :-1] & valid[:, 1:]).any(dim=1)
+        if self.log_z == "anchor" and log_z is not None:
+            valid[:, 0] = True  # F_0 = log Z where the empty prefix cannot stop
+        return valid.sum(dim=1) >= 2
 
     def __call__(self, log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor, *,
                  log_z: Tensor | None = None, group: Tensor | None = None, lamda: float = 1.0) -> Tensor:

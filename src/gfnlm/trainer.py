@@ -248,6 +248,7 @@ class GFNTrainer:
         #: extra JSON-able entries written into every checkpoint's trainer_state.json (e.g. EM progress)
         self.extra_info: dict = {}
         self._trackers_started = False
+        self._warned_no_residual = False  # warned once that a whole step gave the loss nothing
 
     def _check_sharding(self) -> None:
         """Refuse the launches gfnlm cannot run correctly, with the fix: FSDP and DeepSpeed ZeRO-3 shard
@@ -358,7 +359,8 @@ class GFNTrainer:
                             "check allowed_tokens/forbidden_tokens against the buffer's completions")
         loss = self.loss(log_pf, log_pterm, tempered(ep.log_r.to(device), T), lengths, log_z=log_z,
                          group=prompt_index, lamda=self.args.subtb_lambda)
-        metrics = {"reward_temperature": T}
+        contributing = self.loss.contributing(log_pterm, lengths, log_z=log_z, group=prompt_index)
+        metrics = {"reward_temperature": T, "episodes/without_residual": 1.0 - contributing.float().mean().item()}
         if log_z is not None:
             metrics["log_z"] = log_z.detach().float().mean().item()
         return loss, metrics
@@ -389,7 +391,27 @@ class GFNTrainer:
         dt = time.perf_counter() - t0
         sums.update({"learning_rate": self.scheduler.get_last_lr()[0], "episodes_per_second": n_episodes / dt,
                      "buffer/size": float(len(self.buffer)), "step": self.step})
+        if sums["episodes/without_residual"] > 1.0 - 1e-6 and not self._warned_no_residual:
+            self._warn_no_residual()
         return sums
+
+    def _warn_no_residual(self) -> None:
+        """Say once per run that a step's loss was 0 because no episode gave it a residual
+        (``episodes/without_residual`` in the history counts them at every step)."""
+        from tqdm.auto import tqdm
+
+        self._warned_no_residual = True
+        if not self.accelerator.is_main_process:
+            return
+        a = self.args
+        why = {"modified_db": "no episode had two consecutive stoppable prefixes",
+               "vargrad": "no prompt had two episodes"}.get(a.loss_type, "no episode had two stoppable prefixes")
+        fix = ("set log_z: scalar or prompt, so that every episode is anchored at log Z"
+               if self.loss.log_z == "anchor" else "allow stopping at more prefixes or use loss_type tb")
+        if a.loss_type == "vargrad":
+            fix = "sample samples_per_prompt >= 2 episodes per prompt"
+        tqdm.write(f"warning: step {self.step}: {why}, so the {a.loss_type} loss was 0 and the step learned nothing "
+                   f"(episodes/without_residual in the history counts this at every step): {fix}")
 
     def clip_gradients(self) -> dict:
         """Clip the LM's gradient and log Z's gradient to ``max_grad_norm`` each, apart: log Z's
