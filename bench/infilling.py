@@ -136,8 +136,10 @@ def run_method(method: str, args) -> dict:
         if method in ("gfn_sft", "gfn_rlm"):
             start = run_dir(args, "sft", variant=args.sft_variant) / f"checkpoint-{args.sft_steps}"
             if not start.is_dir():
-                raise SystemExit(f"{method} starts from the sft run: run --methods sft first, with the same --sft_steps "
-                                 f"and with --variant {args.sft_variant!r} ({start} is missing)")
+                how = f"--variant {args.sft_variant!r}" if args.sft_variant else "no --variant"
+                seed = f" and --seed {args.seed}" if args.seed else ""
+                raise SystemExit(f"{method} starts from the sft run: run --methods sft first, with the same --sft_steps, "
+                                 f"{how}{seed} ({start} is missing)")
             over["init_from"] = str(start)
         if method == "gfn_rlm":
             rlm = run_dir(args, "reward_lm") / f"checkpoint-{args.reward_lm_steps}"

@@ -471,9 +471,11 @@ def test_perfect_policy_has_zero_loss_and_perturbation_breaks_it(min_len):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("use_z", [False, True])
-def test_contributing_rows_match_brute_force_and_the_losses(seed, use_z):
+@pytest.mark.parametrize("lamda", [1.0, 0.5, 0.0])
+def test_contributing_rows_match_brute_force_and_the_losses(seed, use_z, lamda):
     """``LossSpec.contributing``: the rows with at least one residual, by a double loop over the
-    pairs (transitions, groups) of each objective; exactly the rows whose per-row loss is not 0."""
+    pairs (transitions, groups) of each objective (modified SubTB with ``lamda == 0`` weighs only
+    pairs of consecutive prefixes); exactly the rows whose per-row loss is not 0."""
     log_pf, log_pterm, log_r, lengths, log_z = make_batch(seed)
     z = log_z if use_z else None
     group = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
@@ -487,7 +489,7 @@ def test_contributing_rows_match_brute_force_and_the_losses(seed, use_z):
             if name == "modified_subtb" and z is not None and 0 not in pos:
                 pos = [0] + pos  # F_0 = log Z
             if name == "modified_subtb":
-                rows.append(any(i < j for i in pos for j in pos))
+                rows.append(any(i < j and (lamda > 0 or j == i + 1) for i in pos for j in pos))
             elif name == "modified_db":
                 rows.append(any(t + 1 in pos for t in pos))
             elif name == "tb":
@@ -495,10 +497,12 @@ def test_contributing_rows_match_brute_force_and_the_losses(seed, use_z):
             else:
                 rows.append(sum(int(group[c]) == int(group[b]) for c in range(B)) >= 2)
         expected[name] = rows
-        got = LOSSES[name].contributing(log_pterm, lengths, log_z=z, group=group)
+        got = LOSSES[name].contributing(log_pterm, lengths, log_z=z, group=group, lamda=lamda)
         assert got.dtype == torch.bool and got.tolist() == rows, name
     assert not all(expected["modified_subtb"]) and any(expected["modified_subtb"])  # the batch has both kinds
-    per_row = {"modified_subtb": modified_subtb_loss(log_pf, log_pterm, log_r, lengths, 1.0, z, reduction="none"),
+    assert LOSSES["vargrad"].contributing(log_pterm, lengths).tolist() == [True] * B  # no group: one group
+    assert LOSSES["vargrad"].contributing(log_pterm[:1], lengths[:1]).tolist() == [False]
+    per_row = {"modified_subtb": modified_subtb_loss(log_pf, log_pterm, log_r, lengths, lamda, z, reduction="none"),
                "modified_db": modified_db_loss(log_pf, log_pterm, log_r, lengths, reduction="none"),
                "vargrad": vargrad_loss(log_pf, log_pterm, log_r, lengths, group, reduction="none")}
     for name, rows in per_row.items():

@@ -506,22 +506,25 @@ class LossSpec:
     grouped: bool = False
 
     def contributing(self, log_pterm: Tensor, lengths: Tensor, *, log_z: Tensor | None = None,
-                     group: Tensor | None = None) -> Tensor:
+                     group: Tensor | None = None, lamda: float = 1.0) -> Tensor:
         """``[B]`` bool: the episodes that give this objective at least one residual; the others add
         nothing to the loss (modified SubTB without log Z: an episode with fewer than two stoppable
-        prefixes; modified DB: no two consecutive ones; VarGrad: a prompt with one episode). Arguments
-        as for :meth:`__call__` (``log_pterm`` [B, N + 1] log space, ``lengths`` [B])."""
-        B = log_pterm.shape[0]
+        prefixes, or with ``lamda == 0`` no two consecutive ones; modified DB: no two consecutive ones;
+        VarGrad: a prompt with one episode). Arguments as for :meth:`__call__` (``log_pterm``
+        [B, N + 1] log space, ``lengths`` [B])."""
+        B, device = log_pterm.shape[0], log_pterm.device
         if self.grouped:
-            _, inv = torch.unique(group.to(log_pterm.device), return_inverse=True)
+            if group is None:  # one group
+                return torch.full((B,), B >= 2, dtype=torch.bool, device=device)
+            _, inv = torch.unique(group.to(device), return_inverse=True)
             return torch.bincount(inv)[inv] >= 2
         if not self.prefix_rewards:
-            return torch.ones(B, dtype=torch.bool, device=log_pterm.device)
+            return torch.ones(B, dtype=torch.bool, device=device)
         valid = _stoppable(log_pterm, lengths)
-        if self.adjacent_pairs_only:
-            return (valid[:, :-1] & valid[:, 1:]).any(dim=1)
         if self.log_z == "anchor" and log_z is not None:
             valid[:, 0] = True  # F_0 = log Z where the empty prefix cannot stop
+        if self.adjacent_pairs_only or float(lamda) == 0.0:  # only pairs of consecutive prefixes weigh
+            return (valid[:, :-1] & valid[:, 1:]).any(dim=1)
         return valid.sum(dim=1) >= 2
 
     def __call__(self, log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor, *,

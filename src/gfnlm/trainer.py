@@ -359,7 +359,8 @@ class GFNTrainer:
                             "check allowed_tokens/forbidden_tokens against the buffer's completions")
         loss = self.loss(log_pf, log_pterm, tempered(ep.log_r.to(device), T), lengths, log_z=log_z,
                          group=prompt_index, lamda=self.args.subtb_lambda)
-        contributing = self.loss.contributing(log_pterm, lengths, log_z=log_z, group=prompt_index)
+        contributing = self.loss.contributing(log_pterm, lengths, log_z=log_z, group=prompt_index,
+                                              lamda=self.args.subtb_lambda)
         metrics = {"reward_temperature": T, "episodes/without_residual": 1.0 - contributing.float().mean().item()}
         if log_z is not None:
             metrics["log_z"] = log_z.detach().float().mean().item()
@@ -391,8 +392,12 @@ class GFNTrainer:
         dt = time.perf_counter() - t0
         sums.update({"learning_rate": self.scheduler.get_last_lr()[0], "episodes_per_second": n_episodes / dt,
                      "buffer/size": float(len(self.buffer)), "step": self.step})
-        if sums["episodes/without_residual"] > 1.0 - 1e-6 and not self._warned_no_residual:
-            self._warn_no_residual()
+        if not self._warned_no_residual:
+            without = torch.tensor(sums["episodes/without_residual"], device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:  # a step learns nothing only if no process's batch did
+                without = self.accelerator.reduce(without, "mean")
+            if float(without) > 1.0 - 1e-6:
+                self._warn_no_residual()
         return sums
 
     def _warn_no_residual(self) -> None:
@@ -407,7 +412,8 @@ class GFNTrainer:
         why = {"modified_db": "no episode had two consecutive stoppable prefixes",
                "vargrad": "no prompt had two episodes"}.get(a.loss_type, "no episode had two stoppable prefixes")
         fix = ("set log_z: scalar or prompt, so that every episode is anchored at log Z"
-               if self.loss.log_z == "anchor" else "allow stopping at more prefixes or use loss_type tb")
+               if self.loss.log_z == "anchor" and self.log_z_kind() == "none"
+               else "allow stopping at more prefixes (min_new_tokens, stop rules) or use loss_type tb")
         if a.loss_type == "vargrad":
             fix = "sample samples_per_prompt >= 2 episodes per prompt"
         tqdm.write(f"warning: step {self.step}: {why}, so the {a.loss_type} loss was 0 and the step learned nothing "
