@@ -104,7 +104,7 @@ def evaluate(task, model, tok, config, cons, args) -> dict:
 def run_method(method: str, args) -> dict:
     from gfnlm.models import load_model
     from gfnlm.policy import base_model
-    from gfnlm.sft import sft_train
+    from gfnlm.sft import heldout_nll, sft_train
     from gfnlm.tasks import get_task_class, make_trainer
 
     t0 = time.perf_counter()
@@ -126,7 +126,9 @@ def run_method(method: str, args) -> dict:
                                       "output_dir": str(run_dir(args, method))})
         task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
         losses = sft_train(trainer, completions, batch_size=8)
+        held, _ = trainer.collector.writable(probe.heldout_completions(target))  # the validation stories
         info = {"target": target, "nll_first10": statistics.fmean(losses[:10]), "nll_last10": statistics.fmean(losses[-10:]),
+                "valid_nll": heldout_nll(trainer, held), "valid_examples": sum(map(len, held.values())),
                 "steps": len(losses), "batch": 8, "learning_rate": args.sft_lr, "examples": len(completions),
                 "train_seconds": round(time.perf_counter() - t0, 1)}
         if method == "sft":

@@ -327,3 +327,44 @@ def test_optional_llm_judge_through_an_openai_compatible_endpoint(stories, tmp_p
     assert out["T=0.9"]["judge"]["n"] + out["judge_unrated_T=0.9"] == 4 and out["judge_unrated_T=0.9"] == 2
     assert out["T=0.9"]["judge"]["mean"] == pytest.approx((2 + 5) / 2)  # "10 out of 10" is not a rating of 1
     assert "LLM judge (1-5)" in __import__("gfnlm.tasks.infilling", fromlist=["table2"]).table2({"GFN": out})
+
+
+@pytest.mark.parametrize("target", ["reward", "policy"])
+def test_sft_heldout_nll_matches_brute_force(stories, tmp_path, tiny_dir, capsys, target):
+    """``gfnlm sft`` reports the NLL of the validation stories (never trained on) under the trained
+    policy; brute force: one forward per prefix of the saved checkpoint, the constrained
+    distribution (allowed tokens, stop ids, length limits) renormalised by hand."""
+    from gfnlm.cli import main
+    from gfnlm.data import render_prompt
+    from gfnlm.trainer import load_trained
+
+    args = [f"--task_args.{k}={v}" for k, v in task_args(stories).items()]
+    out_dir = tmp_path / target
+    assert main(["sft", "--task", "infilling", "--target", target, "--max_steps", "2", "--learning_rate", "1e-2",
+                 "--model", str(tiny_dir), "--report_to", "[]", "--disable_tqdm", "true",
+                 "--output_dir", str(out_dir)] + args) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("held-out nll")]
+    assert len(line) == 1 and line[0].endswith("on 2 validation completions (never trained on)")
+    reported = float(line[0].split()[2])
+
+    model, tok, cfg, cons = load_trained(out_dir / "checkpoint-2")
+    task = InfillingTask(cfg.task_args)
+    held = task.heldout_completions(target)
+    valid = task.split()["valid"]
+    assert len(held) == 2 and not set(held) & {r["prompt"] for r in task.sft_data(target)[0] or task.dataset()}
+    assert set(held) == {r["beginning" if target == "reward" else "prompt"] for r in valid}
+    V = model.get_output_embeddings().weight.shape[0]
+    tok_mask, stop_mask = cons.token_mask(V, "cpu")
+    nlls = []
+    with torch.no_grad():
+        for prompt, (text,) in held.items():
+            p_ids = render_prompt(tok, prompt, cfg.chat_template)
+            z = tok.encode(text, add_special_tokens=False)
+            total = 0.0
+            for t in range(len(z) + 1):
+                x = model(input_ids=torch.tensor([p_ids + z[:t]])).logits[0, -1].double()
+                allowed = (tok_mask & (t < cons.max_new_tokens)) | (stop_mask & (t >= cons.min_new_tokens))
+                norm = torch.logsumexp(x[allowed], 0)
+                total += float((x[z[t]] if t < len(z) else torch.logsumexp(x[stop_mask], 0)) - norm)
+            nlls.append(-total)
+    assert reported == pytest.approx(sum(nlls) / len(nlls), abs=2e-3)

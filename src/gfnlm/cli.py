@@ -58,7 +58,7 @@ def cmd_sft(args, rest: list[str]) -> int:
     """Supervised fine-tuning baseline on the task's labelled completions; ``--target reward`` fine-tunes
     a task's reward LM instead (where the task has one)."""
     from .config import merge_overrides, parse_overrides, read_yaml
-    from .sft import sft_train
+    from .sft import heldout_nll, sft_train
     from .tasks import build_config, get_task_class
 
     data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
@@ -79,9 +79,14 @@ def cmd_sft(args, rest: list[str]) -> int:
         print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
               f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
     losses = sft_train(trainer, completions, batch_size=args.batch_size)
+    heldout, _ = trainer.collector.writable(task.heldout_completions(args.target) or {})
+    held = heldout_nll(trainer, heldout, batch_size=args.batch_size) if heldout else None
     if trainer.accelerator.is_main_process:
         print(f"sft ({args.target}): {len(losses)} steps on {len(completions)} labelled completions, "
               f"nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")
+        if held is not None:
+            print(f"held-out nll {held:.3f} nats per episode on {sum(map(len, heldout.values()))} validation "
+                  "completions (never trained on)")
         print(f"checkpoint: {Path(config.output_dir) / f'checkpoint-{trainer.step}'}")
     return 0
 

@@ -15,25 +15,56 @@ import torch
 from .errors import DataError
 
 
-def episodes_from_texts(trainer, completions: dict[str, list[str]]):
+def episodes_from_texts(trainer, completions: dict[str, list[str]], heldout: bool = False):
     """Tokenise labelled completions into episodes (tool output inserted as the sampler would).
+    ``heldout``: the prompts need not be training rows (they are rendered here).
 
-    Returns (row ids [K], tokens [K, N], lengths [K], action_mask [K, N])."""
+    Returns (prompts: P prompt id lists, prompt index [K], tokens [K, N], lengths [K], action_mask [K, N])."""
+    from .data import render_prompt
     from .rollout import cat_padded
 
     index = {r["prompt"]: i for i, r in enumerate(trainer.rows)}
-    rows, tokens, lengths, masks = [], [], [], []
+    prompts, rows, tokens, lengths, masks = [], [], [], [], []
     for prompt, texts in completions.items():
-        if prompt not in index:
+        if prompt in index:
+            prompts.append(trainer.prompt_ids[index[prompt]])
+        elif heldout:
+            prompts.append(render_prompt(trainer.tokenizer, prompt, trainer.args.chat_template))
+        else:
             raise DataError(f"sft: prompt {prompt[:40]!r} is not in the training dataset")
         t, n, m = trainer.encode_completions(texts, "sft")
-        rows += [index[prompt]] * len(texts)
+        rows += [len(prompts) - 1] * len(texts)
         tokens.append(t)
         lengths.append(n)
         masks.append(m)
     if not rows:
         raise DataError("sft: no labelled completions")
-    return (torch.tensor(rows), cat_padded(tokens, trainer.pad_id), torch.cat(lengths), cat_padded(masks, False))
+    return (prompts, torch.tensor(rows), cat_padded(tokens, trainer.pad_id), torch.cat(lengths),
+            cat_padded(masks, False))
+
+
+def episode_nll(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                action_mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood [b] (nats per episode) of the episodes ``pick`` [b] under the constrained
+    policy: ``-(Σ_t log q(z_t | z_<t) + log q(⊤ | z))``, from one teacher-forced pass."""
+    device = trainer.accelerator.device
+    row_ids = sorted(set(rows[pick].tolist()))
+    prompt_index = torch.tensor([row_ids.index(r) for r in rows[pick].tolist()], device=device)
+    width = int(lengths[pick].max())
+    n = lengths[pick].to(device)
+    log_pf, log_pterm, _ = trainer.policy([prompts[r] for r in row_ids], prompt_index, tokens[pick, :width].to(device),
+                                          n, trainer.constraints, trainer.pad_id, action_mask[pick, :width].to(device))
+    return -(log_pf.sum(1) + log_pterm.gather(1, n[:, None]).squeeze(1))
+
+
+@torch.no_grad()
+def heldout_nll(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> float:
+    """Mean negative log-likelihood (nats per episode) of labelled completions the policy was not
+    trained on (e.g. a validation split); the trainer's model is in eval mode throughout (dropout off)."""
+    prompts, rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions, heldout=True)
+    total = sum(float(episode_nll(trainer, prompts, rows, tokens, lengths, action_mask, pick).sum())
+                for pick in torch.arange(len(rows)).split(batch_size))
+    return total / len(rows)
 
 
 def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> list[float]:
@@ -41,22 +72,14 @@ def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -
     labelled completions (``{prompt: [completion, ...]}``), then write a checkpoint. Returns the
     per-step mean negative log-likelihood (nats per episode)."""
     a = trainer.args
-    rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions)
-    device = trainer.accelerator.device
+    prompts, rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions)
     losses = []
     from tqdm.auto import tqdm
 
     bar = tqdm(total=a.max_steps, initial=trainer.step, desc="SFT", disable=a.disable_tqdm or not trainer.accelerator.is_main_process)
     while trainer.step < a.max_steps:
         pick = torch.randint(len(rows), (min(batch_size, len(rows)),), generator=trainer.generator)
-        row_ids = sorted(set(rows[pick].tolist()))
-        prompt_index = torch.tensor([row_ids.index(r) for r in rows[pick].tolist()], device=device)
-        width = int(lengths[pick].max())
-        log_pf, log_pterm, _ = trainer.policy([trainer.prompt_ids[r] for r in row_ids], prompt_index,
-                                              tokens[pick, :width].to(device), lengths[pick].to(device),
-                                              trainer.constraints, trainer.pad_id,
-                                              action_mask[pick, :width].to(device))
-        nll = -(log_pf.sum(1) + log_pterm.gather(1, lengths[pick].to(device)[:, None]).squeeze(1)).mean()
+        nll = episode_nll(trainer, prompts, rows, tokens, lengths, action_mask, pick).mean()
         trainer.accelerator.backward(nll)
         trainer.clip_gradients()
         trainer.optimizer.step()

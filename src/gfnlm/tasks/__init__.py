@@ -94,6 +94,12 @@ class Task:
         """Labelled completions by prompt, for the supervised fine-tuning baseline (``gfnlm sft``)."""
         raise NotImplementedError(f"task {self.name} has no labelled completions")
 
+    def heldout_completions(self, target: str = "policy") -> dict[str, list[str]] | None:
+        """Labelled completions by prompt that training never sees (a validation split, never the test
+        set) in the form of :meth:`sft_data`'s, for the held-out NLL ``gfnlm sft`` reports; None where
+        the task has none."""
+        return None
+
     #: What ``gfnlm sft --target`` may fine-tune: the policy, and for some tasks a reward LM.
     sft_targets: tuple[str, ...] = ("policy",)
 

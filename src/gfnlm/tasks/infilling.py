@@ -261,11 +261,11 @@ class InfillingTask(Task):
                                    suffix=lambda row: END + " " + row["ending"], prefixes="stoppable",
                                    constraints=constraints, renormalise=False, name="middle_and_ending_likelihood")]
 
-    def supervised_completions(self) -> dict[str, list[str]]:
-        """The true middles of the training stories, without their final punctuation (the stop action
-        writes the full stop)."""
+    def supervised_completions(self, rows: list[dict] | None = None) -> dict[str, list[str]]:
+        """The true middles of the training stories (or of ``rows``), without their final punctuation
+        (the stop action writes the full stop)."""
         out = {}
-        for r in self.dataset():
+        for r in self.dataset() if rows is None else rows:
             body = r.get("middle", "").rstrip(" .!?")
             if body and not any(c in body for c in NOT_IN_A_SENTENCE):  # else the policy cannot write it
                 out[r["prompt"]] = [" " + body]
@@ -279,9 +279,18 @@ class InfillingTask(Task):
         if target != "reward":
             raise GFNLMError(f"infilling fine-tunes --target policy or reward, not {target!r}")
         rows = [{"prompt": r["beginning"]} for r in self.dataset() if r.get("middle")]
-        comps = {r["beginning"]: [f" {r['middle']} {r['ending']}"] for r in self.dataset() if r.get("middle")}
-        return rows, comps, {"task_args": {"one_sentence": False}, "stop_tokens": ["eos"], "min_new_tokens": 1,
+        return rows, self.reward_completions(self.dataset()), {"task_args": {"one_sentence": False}, "stop_tokens": ["eos"], "min_new_tokens": 1,
                              "max_new_tokens": 96, "output_dir": "runs/infilling-reward-lm"}
+
+    @staticmethod
+    def reward_completions(rows: list[dict]) -> dict[str, list[str]]:
+        """The reward LM's labelled text: " s4 s5" after the beginning alone, by beginning."""
+        return {r["beginning"]: [f" {r['middle']} {r['ending']}"] for r in rows if r.get("middle")}
+
+    def heldout_completions(self, target: str = "policy") -> dict[str, list[str]]:
+        """The validation stories' middles (``policy``) or middles and endings (``reward``)."""
+        rows = self.split()["valid"]
+        return self.reward_completions(rows) if target == "reward" else self.supervised_completions(rows)
 
     def prepare_trainer(self, trainer) -> None:
         if self.args.seed_buffer and trainer.args.max_steps > 0:
