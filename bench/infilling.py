@@ -64,6 +64,12 @@ def parse_args(argv=None):
                    "gfn_rlm start from the sft run named by --sft_variant)")
     p.add_argument("--sft_variant", default="", help="the --variant label of the sft run (its --sft_steps steps) that "
                    "gfn_sft and gfn_rlm start from; default: the default sft run")
+    p.add_argument("--eval_steps", type=int, default=0, help="sft and reward_lm: also measure the NLL of the "
+                   "validation stories every this many steps (always before the first and after the last), keeping "
+                   "the best step's checkpoint")
+    p.add_argument("--early_stop", default="", help="comma-separated subset of sft,reward_lm: the GFlowNet runs start "
+                   "from (sft) / score with (reward_lm) that run's best validation step's checkpoint (its heldout.json, "
+                   "written with --eval_steps), not its last")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "stories" / "stories.jsonl"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-infilling"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -93,6 +99,20 @@ def run_dir(args, method: str, variant: str | None = None) -> Path:
     return Path(args.run_dir) / (name if args.seed == 0 else f"{name}-seed{args.seed}")
 
 
+def trained(args, folder: Path, steps: int, method: str) -> Path:
+    """The checkpoint of an sft or reward_lm run (``method``) that GFlowNet runs use: its last
+    (``steps``), or where ``--early_stop`` names the method its best validation step's (heldout.json)."""
+    if method not in [m.strip() for m in args.early_stop.split(",")]:
+        return folder / f"checkpoint-{steps}"
+    h = json.loads((folder / "heldout.json").read_text()) if (folder / "heldout.json").is_file() else None
+    if h is None:
+        raise SystemExit(f"--early_stop: {folder} has no heldout.json: run it again (this version writes one)")
+    if h["checkpoint"] is None:
+        raise SystemExit(f"--early_stop: the best validation NLL of {folder} is before any fine-tuning: "
+                         "there is no fine-tuned checkpoint to use")
+    return Path(h["checkpoint"])
+
+
 def evaluate(task, model, tok, config, cons, args) -> dict:
     import torch
 
@@ -104,7 +124,7 @@ def evaluate(task, model, tok, config, cons, args) -> dict:
 def run_method(method: str, args) -> dict:
     from gfnlm.models import load_model
     from gfnlm.policy import base_model
-    from gfnlm.sft import heldout_nll, sft_train
+    from gfnlm.sft import sft_train
     from gfnlm.tasks import get_task_class, make_trainer
 
     t0 = time.perf_counter()
@@ -125,10 +145,12 @@ def run_method(method: str, args) -> dict:
                                       "task_args": {**build(args, method).task_args, **defaults.get("task_args", {})},
                                       "output_dir": str(run_dir(args, method))})
         task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
-        losses = sft_train(trainer, completions, batch_size=8)
         held, _ = trainer.collector.writable(probe.heldout_completions(target))  # the validation stories
+        losses = sft_train(trainer, completions, batch_size=8, heldout=held, eval_steps=args.eval_steps)
+        h = json.loads((run_dir(args, method) / "heldout.json").read_text())
         info = {"target": target, "nll_first10": statistics.fmean(losses[:10]), "nll_last10": statistics.fmean(losses[-10:]),
-                "valid_nll": heldout_nll(trainer, held), "valid_examples": sum(map(len, held.values())),
+                "valid_nll": h["curve"][-1][1], "valid_examples": sum(map(len, held.values())),
+                "valid_best_step": h["best_step"], "valid_curve": h["curve"],
                 "steps": len(losses), "batch": 8, "learning_rate": args.sft_lr, "examples": len(completions),
                 "train_seconds": round(time.perf_counter() - t0, 1)}
         if method == "sft":
@@ -136,7 +158,7 @@ def run_method(method: str, args) -> dict:
     elif method in ("gfn", "gfn_sft", "gfn_rlm"):
         over: dict = {}
         if method in ("gfn_sft", "gfn_rlm"):
-            start = run_dir(args, "sft", variant=args.sft_variant) / f"checkpoint-{args.sft_steps}"
+            start = trained(args, run_dir(args, "sft", variant=args.sft_variant), args.sft_steps, "sft")
             if not start.is_dir():
                 how = f"--variant {args.sft_variant!r}" if args.sft_variant else "no --variant"
                 seed = f" and --seed {args.seed}" if args.seed else ""
@@ -144,7 +166,7 @@ def run_method(method: str, args) -> dict:
                                  f"{how}{seed} ({start} is missing)")
             over["init_from"] = str(start)
         if method == "gfn_rlm":
-            rlm = run_dir(args, "reward_lm") / f"checkpoint-{args.reward_lm_steps}"
+            rlm = trained(args, run_dir(args, "reward_lm"), args.reward_lm_steps, "reward_lm")
             if not rlm.is_dir():
                 raise SystemExit(f"gfn_rlm needs the reward LM: run --methods reward_lm first ({rlm} is missing)")
             over["task_args"] = {**build(args, method).task_args, "reward_model": str(rlm)}
@@ -228,6 +250,8 @@ def report(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not set(m.strip() for m in args.early_stop.split(",") if m.strip()) <= {"sft", "reward_lm"}:
+        raise SystemExit(f"--early_stop {args.early_stop!r}: name sft, reward_lm or both (comma-separated)")
     if args.variant and not args.report and not all(m.strip() in VARIANTS for m in args.methods.split(",") if m.strip()):
         raise SystemExit(f"--variant labels SFT, GFlowNet and reward LM runs: use it with --methods among {', '.join(VARIANTS)}")
     from gfnlm.cli import _setup_runtime

@@ -329,42 +329,85 @@ def test_optional_llm_judge_through_an_openai_compatible_endpoint(stories, tmp_p
     assert "LLM judge (1-5)" in __import__("gfnlm.tasks.infilling", fromlist=["table2"]).table2({"GFN": out})
 
 
-@pytest.mark.parametrize("target", ["reward", "policy"])
-def test_sft_heldout_nll_matches_brute_force(stories, tmp_path, tiny_dir, capsys, target):
-    """``gfnlm sft`` reports the NLL of the validation stories (never trained on) under the trained
-    policy; brute force: one forward per prefix of the saved checkpoint, the constrained
+def brute_nll(checkpoint, completions) -> float:
+    """Mean NLL of ``completions`` under a saved policy: one forward per prefix, the constrained
     distribution (allowed tokens, stop ids, length limits) renormalised by hand."""
-    from gfnlm.cli import main
     from gfnlm.data import render_prompt
     from gfnlm.trainer import load_trained
 
-    args = [f"--task_args.{k}={v}" for k, v in task_args(stories).items()]
-    out_dir = tmp_path / target
-    assert main(["sft", "--task", "infilling", "--target", target, "--max_steps", "2", "--learning_rate", "1e-2",
-                 "--model", str(tiny_dir), "--report_to", "[]", "--disable_tqdm", "true",
-                 "--output_dir", str(out_dir)] + args) == 0
-    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("held-out nll")]
-    assert len(line) == 1 and line[0].endswith("on 2 validation completions (never trained on)")
-    reported = float(line[0].split()[2])
-
-    model, tok, cfg, cons = load_trained(out_dir / "checkpoint-2")
-    task = InfillingTask(cfg.task_args)
-    held = task.heldout_completions(target)
-    valid = task.split()["valid"]
-    assert len(held) == 2 and not set(held) & {r["prompt"] for r in task.sft_data(target)[0] or task.dataset()}
-    assert set(held) == {r["beginning" if target == "reward" else "prompt"] for r in valid}
+    model, tok, cfg, cons = load_trained(checkpoint)
     V = model.get_output_embeddings().weight.shape[0]
     tok_mask, stop_mask = cons.token_mask(V, "cpu")
     nlls = []
     with torch.no_grad():
-        for prompt, (text,) in held.items():
-            p_ids = render_prompt(tok, prompt, cfg.chat_template)
-            z = tok.encode(text, add_special_tokens=False)
-            total = 0.0
-            for t in range(len(z) + 1):
-                x = model(input_ids=torch.tensor([p_ids + z[:t]])).logits[0, -1].double()
-                allowed = (tok_mask & (t < cons.max_new_tokens)) | (stop_mask & (t >= cons.min_new_tokens))
-                norm = torch.logsumexp(x[allowed], 0)
-                total += float((x[z[t]] if t < len(z) else torch.logsumexp(x[stop_mask], 0)) - norm)
-            nlls.append(-total)
-    assert reported == pytest.approx(sum(nlls) / len(nlls), abs=2e-3)
+        for prompt, texts in completions.items():
+            for text in texts:
+                p_ids, z = render_prompt(tok, prompt, cfg.chat_template), tok.encode(text, add_special_tokens=False)
+                total = 0.0
+                for t in range(len(z) + 1):
+                    x = model(input_ids=torch.tensor([p_ids + z[:t]])).logits[0, -1].double()
+                    allowed = (tok_mask & (t < cons.max_new_tokens)) | (stop_mask & (t >= cons.min_new_tokens))
+                    norm = torch.logsumexp(x[allowed], 0)
+                    total += float((x[z[t]] if t < len(z) else torch.logsumexp(x[stop_mask], 0)) - norm)
+                nlls.append(-total)
+    return sum(nlls) / len(nlls)
+
+
+@pytest.mark.parametrize("target", ["reward", "policy"])
+def test_sft_heldout_nll_matches_brute_force(stories, tmp_path, tiny_dir, capsys, target):
+    """``gfnlm sft`` reports the NLL of the validation stories (never trained on) before and after
+    training, and with ``--eval_steps`` every k steps, keeping the best step's checkpoint; each figure
+    equals the brute force on the checkpoint of its step, and measuring it changes no weight."""
+    from gfnlm.cli import main
+    from safetensors.torch import load_file
+
+    args = [f"--task_args.{k}={v}" for k, v in task_args(stories).items()]
+    common = ["sft", "--task", "infilling", "--target", target, "--max_steps", "3", "--learning_rate", "3e-2",
+              "--model", str(tiny_dir), "--report_to", "[]", "--disable_tqdm", "true", "--save_total_limit", "1"] + args
+    assert main(common + ["--output_dir", str(tmp_path / "plain")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out nll on 2 validation completions (never trained on), by step: 0 " in out
+    assert main(common + ["--output_dir", str(tmp_path / "es"), "--eval_steps", "1"]) == 0
+    assert "by step: 0 " in capsys.readouterr().out
+    assert main(common + ["--eval_steps", "-1"]) == 2
+
+    task = InfillingTask(task_args(stories))
+    held = task.heldout_completions(target)
+    valid = task.split()["valid"]
+    assert set(held) == {r["beginning" if target == "reward" else "prompt"] for r in valid}
+    assert not set(held) & {r["prompt"] for r in task.sft_data(target)[0] or task.dataset()}  # never trained on
+    plain = json.loads((tmp_path / "plain" / "heldout.json").read_text())
+    es = json.loads((tmp_path / "es" / "heldout.json").read_text())
+    assert [s for s, _ in plain["curve"]] == [0, 3] and [s for s, _ in es["curve"]] == [0, 1, 2, 3]
+    assert es["curve"][0] == plain["curve"][0] and es["curve"][3][1] == pytest.approx(plain["curve"][1][1], abs=1e-9)
+    a, b = (load_file(tmp_path / d / "checkpoint-3" / "trainable.safetensors") for d in ("plain", "es"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # evaluating does not change training
+    assert plain["curve"][1][1] == pytest.approx(brute_nll(tmp_path / "plain" / "checkpoint-3", held), abs=1e-3)
+    best_step, best_nll = min(es["curve"], key=lambda c: c[1])
+    assert (es["best_step"], es["best_heldout_nll"]) == (best_step, best_nll)
+    kept = sorted(p.name for p in (tmp_path / "es").glob("checkpoint-*"))
+    if best_step in (0, 3):
+        assert kept == ["checkpoint-3"] and es["checkpoint"] == (None if best_step == 0 else str(tmp_path / "es" / "checkpoint-3"))
+    else:
+        assert kept == [f"checkpoint-{best_step}", "checkpoint-3"]
+        assert best_nll == pytest.approx(brute_nll(tmp_path / "es" / f"checkpoint-{best_step}", held), abs=1e-3)
+
+
+def test_sft_keeps_the_checkpoint_of_the_best_heldout_step(stories, tmp_path, monkeypatch):
+    """Early stopping's bookkeeping, on a scripted held-out curve: the best step's checkpoint is kept
+    (earlier bests removed), the last step's is always written, heldout.json names the best."""
+    import gfnlm.sft as sft
+
+    curve = iter([5.0, 4.0, 3.0, 3.5, 2.5, 4.5, 6.0])  # steps 0, 1, ..., 6: best at 4
+    monkeypatch.setattr(sft, "heldout_nll", lambda trainer, completions, batch_size=8: next(curve))
+    task = InfillingTask(task_args(stories))
+    rows, completions, defaults = task.sft_data("reward")
+    cfg = config(stories, tmp_path, **{**defaults, "max_steps": 6, "output_dir": str(tmp_path / "rlm"),
+                                       "save_total_limit": 1, "task_args": {**task_args(stories), **defaults["task_args"]}})
+    _, trainer = make_trainer(cfg, with_rewards=False, dataset=rows)
+    losses = sft.sft_train(trainer, completions, heldout=task.heldout_completions("reward"), eval_steps=1)
+    assert len(losses) == 6
+    h = json.loads((tmp_path / "rlm" / "heldout.json").read_text())
+    assert h["curve"] == [[0, 5.0], [1, 4.0], [2, 3.0], [3, 3.5], [4, 2.5], [5, 4.5], [6, 6.0]]
+    assert (h["best_step"], h["best_heldout_nll"], h["checkpoint"]) == (4, 2.5, str(tmp_path / "rlm" / "checkpoint-4"))
+    assert sorted(p.name for p in (tmp_path / "rlm").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]

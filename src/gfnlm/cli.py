@@ -58,7 +58,7 @@ def cmd_sft(args, rest: list[str]) -> int:
     """Supervised fine-tuning baseline on the task's labelled completions; ``--target reward`` fine-tunes
     a task's reward LM instead (where the task has one)."""
     from .config import merge_overrides, parse_overrides, read_yaml
-    from .sft import heldout_nll, sft_train
+    from .sft import sft_train
     from .tasks import build_config, get_task_class
 
     data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
@@ -78,15 +78,18 @@ def cmd_sft(args, rest: list[str]) -> int:
     if skipped and trainer.accelerator.is_main_process:
         print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
               f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
-    losses = sft_train(trainer, completions, batch_size=args.batch_size)
+    if args.eval_steps < 0:
+        raise GFNLMError(f"--eval_steps {args.eval_steps}: use 0 (validation NLL before and after training only) or more")
     heldout, _ = trainer.collector.writable(task.heldout_completions(args.target) or {})
-    held = heldout_nll(trainer, heldout, batch_size=args.batch_size) if heldout else None
+    losses = sft_train(trainer, completions, batch_size=args.batch_size, heldout=heldout, eval_steps=args.eval_steps)
     if trainer.accelerator.is_main_process:
         print(f"sft ({args.target}): {len(losses)} steps on {len(completions)} labelled completions, "
               f"nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")
-        if held is not None:
-            print(f"held-out nll {held:.3f} nats per episode on {sum(map(len, heldout.values()))} validation "
-                  "completions (never trained on)")
+        if heldout:
+            h = json.loads((Path(config.output_dir) / "heldout.json").read_text())
+            print(f"held-out nll on {sum(map(len, heldout.values()))} validation completions (never trained on), by step: "
+                  + ", ".join(f"{step} {nll:.3f}" for step, nll in h["curve"]))
+            print(f"best: step {h['best_step']} ({h['checkpoint'] or 'the model before fine-tuning'})")
         print(f"checkpoint: {Path(config.output_dir) / f'checkpoint-{trainer.step}'}")
     return 0
 
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default=None, help="YAML file of GFNConfig fields")
     f.add_argument("--task", default=None)
     f.add_argument("--batch_size", type=int, default=8)
+    f.add_argument("--eval_steps", type=int, default=0,
+                   help="measure the NLL of the task's validation split every this many steps too (before the first "
+                        "and after the last always), keeping the checkpoint of the best step (early stopping); 0: no others")
     f.add_argument("--target", default="policy",
                    help="policy (default), or reward: fine-tune the task's reward LM (infilling) by maximum likelihood")
 

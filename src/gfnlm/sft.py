@@ -8,6 +8,8 @@ the state but not of the likelihood (their ``log_pf`` is 0), exactly as in GFlow
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -67,15 +69,43 @@ def heldout_nll(trainer, completions: dict[str, list[str]], batch_size: int = 8)
     return total / len(rows)
 
 
-def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> list[float]:
+def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8,
+              heldout: dict[str, list[str]] | None = None, eval_steps: int = 0) -> list[float]:
     """Train ``trainer``'s policy by maximum likelihood for ``trainer.args.max_steps`` steps on the
     labelled completions (``{prompt: [completion, ...]}``), then write a checkpoint. Returns the
-    per-step mean negative log-likelihood (nats per episode)."""
-    a = trainer.args
-    prompts, rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions)
-    losses = []
+    per-step mean negative log-likelihood (nats per episode).
+
+    ``heldout``: labelled completions never trained on (e.g. the task's validation split). Their NLL
+    (:func:`heldout_nll`, which draws no random numbers: training is the same with or without it) is
+    measured before the first step, every ``eval_steps`` steps (0: no others) and after the last,
+    and logged as ``sft/heldout_nll``. Early stopping without a second run: the step with the lowest
+    one also gets its ``checkpoint-<step>`` (the previous best is removed; the last step's checkpoint
+    is always written), and ``<output_dir>/heldout.json`` gives that step, its checkpoint and the curve.
+    """
     from tqdm.auto import tqdm
 
+    a = trainer.args
+    out = Path(a.output_dir)
+    prompts, rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions)
+    losses: list[float] = []
+    curve: list[tuple[int, float]] = []
+    best: list = []  # [nll, step, checkpoint or None (step 0: the model before fine-tuning)]
+
+    def evaluate():
+        nll = heldout_nll(trainer, heldout, batch_size)
+        curve.append((trainer.step, nll))
+        if a.report_to:
+            trainer.accelerator.log({"sft/heldout_nll": nll}, step=trainer.step)
+        if not best or nll < best[0]:
+            path = None
+            if trainer.step > 0:  # every process takes part in a save; the held-out set is the same on each
+                path = trainer.save_checkpoint(out / f"checkpoint-{trainer.step}")
+            if best and best[2] is not None and trainer.accelerator.is_main_process:
+                shutil.rmtree(best[2], ignore_errors=True)
+            best[:] = [nll, trainer.step, path]
+
+    if heldout:
+        evaluate()
     bar = tqdm(total=a.max_steps, initial=trainer.step, desc="SFT", disable=a.disable_tqdm or not trainer.accelerator.is_main_process)
     while trainer.step < a.max_steps:
         pick = torch.randint(len(rows), (min(batch_size, len(rows)),), generator=trainer.generator)
@@ -88,7 +118,17 @@ def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8) -
         trainer.step += 1
         losses.append(float(nll.detach()))
         bar.update(1)
-        bar.set_postfix(nll=f"{losses[-1]:.3f}")
+        bar.set_postfix(nll=f"{losses[-1]:.3f}", **({"heldout": f"{curve[-1][1]:.3f}"} if curve else {}))
+        if heldout and eval_steps > 0 and trainer.step % eval_steps == 0 and trainer.step < a.max_steps:
+            evaluate()
     bar.close()
-    trainer.save_checkpoint(Path(a.output_dir) / f"checkpoint-{trainer.step}")
+    if heldout and (not curve or curve[-1][0] != trainer.step):
+        evaluate()
+    final = out / f"checkpoint-{trainer.step}"
+    if not (best and best[2] == final):
+        trainer.save_checkpoint(final)
+    if heldout and trainer.accelerator.is_main_process:
+        (out / "heldout.json").write_text(json.dumps(
+            {"best_step": best[1], "best_heldout_nll": best[0], "checkpoint": str(best[2]) if best[2] else None,
+             "curve": curve}, indent=1))
     return losses
