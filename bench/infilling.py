@@ -145,12 +145,13 @@ def run_method(method: str, args) -> dict:
                                       "task_args": {**build(args, method).task_args, **defaults.get("task_args", {})},
                                       "output_dir": str(run_dir(args, method))})
         task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
+        completions, skipped = trainer.collector.writable(completions)  # as gfnlm sft does
         held, _ = trainer.collector.writable(probe.heldout_completions(target))  # the validation stories
         losses = sft_train(trainer, completions, batch_size=8, heldout=held, eval_steps=args.eval_steps)
         h = json.loads((run_dir(args, method) / "heldout.json").read_text())
         info = {"target": target, "nll_first10": statistics.fmean(losses[:10]), "nll_last10": statistics.fmean(losses[-10:]),
                 "valid_nll": h["curve"][-1][1], "valid_examples": sum(map(len, held.values())),
-                "valid_best_step": h["best_step"], "valid_curve": h["curve"],
+                "valid_best_step": h["best_step"], "valid_curve": h["curve"], "skipped": skipped,
                 "steps": len(losses), "batch": 8, "learning_rate": args.sft_lr, "examples": len(completions),
                 "train_seconds": round(time.perf_counter() - t0, 1)}
         if method == "sft":

@@ -117,10 +117,10 @@ def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8,
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.step += 1
         losses.append(float(nll.detach()))
-        bar.update(1)
-        bar.set_postfix(nll=f"{losses[-1]:.3f}", **({"heldout": f"{curve[-1][1]:.3f}"} if curve else {}))
         if heldout and eval_steps > 0 and trainer.step % eval_steps == 0 and trainer.step < a.max_steps:
             evaluate()
+        bar.update(1)
+        bar.set_postfix(nll=f"{losses[-1]:.3f}", **({"heldout": f"{curve[-1][1]:.3f}"} if curve else {}))
     bar.close()
     if heldout and (not curve or curve[-1][0] != trainer.step):
         evaluate()
