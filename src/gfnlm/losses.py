@@ -203,6 +203,23 @@ def _stoppable(log_pterm: Tensor, lengths: Tensor) -> Tensor:
     return _prefix_mask(lengths, log_pterm.shape[1] - 1) & torch.isfinite(log_pterm)
 
 
+def _transitions(valid: Tensor) -> Tensor:
+    """``[B, N]`` bool: positions ``t`` and ``t + 1`` both valid (a transition ``t -> t+1``)."""
+    return valid[:, :-1] & valid[:, 1:]
+
+
+def _groups(group: Tensor | None, B: int, device) -> tuple[Tensor, Tensor]:
+    """``(inv [B], counts [G])``: each row's group index in ``0..G-1`` and the size of each group
+    (``group`` None: one group)."""
+    if group is None:
+        inv = torch.zeros(B, dtype=torch.long, device=device)
+    else:
+        if tuple(group.shape) != (B,):
+            raise ValueError(f"group must be [B] = ({B},), got shape {tuple(group.shape)}")
+        _, inv = torch.unique(group.to(device), return_inverse=True)
+    return inv, torch.bincount(inv, minlength=int(inv.max()) + 1 if B > 0 else 0)
+
+
 def _potentials(
     log_pf: Tensor,
     log_pterm: Tensor,
@@ -370,7 +387,7 @@ def modified_db_loss(
     _check_prefix_log_r(log_r, B, N)
     F, valid = _potentials(log_pf, log_pterm, log_r, lengths)
     zero = torch.zeros((), dtype=F.dtype, device=F.device)
-    trans = valid[:, :-1] & valid[:, 1:]  # [B, N]
+    trans = _transitions(valid)  # [B, N]
     res = torch.where(trans, F[:, :-1] - F[:, 1:], zero)
     count = trans.sum(dim=1)
     has = count > 0
@@ -470,15 +487,8 @@ def vargrad_loss(
     lr = _terminal_log_r(log_r, lengths, B, N, dtype)
     ratio = lr - log_q  # [B] log space: per-sample estimate of log Z
     zero = torch.zeros((), dtype=dtype, device=ratio.device)
-    if group is None:
-        inv = torch.zeros(B, dtype=torch.long, device=ratio.device)
-    else:
-        if tuple(group.shape) != (B,):
-            raise ValueError(f"group must be [B] = ({B},), got shape {tuple(group.shape)}")
-        _, inv = torch.unique(group.to(ratio.device), return_inverse=True)
-    G = int(inv.max()) + 1 if B > 0 else 0
-    counts = torch.bincount(inv, minlength=G)
-    sums = torch.zeros(G, dtype=dtype, device=ratio.device).index_add(0, inv, ratio)
+    inv, counts = _groups(group, B, ratio.device)
+    sums = torch.zeros(len(counts), dtype=dtype, device=ratio.device).index_add(0, inv, ratio)
     log_z_hat = sums / counts.clamp(min=1).to(dtype)
     in_group = counts[inv] >= 2
     per_row = torch.where(in_group, (log_z_hat[inv] - ratio).pow(2), zero)
@@ -514,17 +524,15 @@ class LossSpec:
         [B, N + 1] log space, ``lengths`` [B])."""
         B, device = log_pterm.shape[0], log_pterm.device
         if self.grouped:
-            if group is None:  # one group
-                return torch.full((B,), B >= 2, dtype=torch.bool, device=device)
-            _, inv = torch.unique(group.to(device), return_inverse=True)
-            return torch.bincount(inv)[inv] >= 2
+            inv, counts = _groups(group, B, device)
+            return counts[inv] >= 2
         if not self.prefix_rewards:
             return torch.ones(B, dtype=torch.bool, device=device)
         valid = _stoppable(log_pterm, lengths)
         if self.log_z == "anchor" and log_z is not None:
             valid[:, 0] = True  # F_0 = log Z where the empty prefix cannot stop
         if self.adjacent_pairs_only or float(lamda) == 0.0:  # only pairs of consecutive prefixes weigh
-            return (valid[:, :-1] & valid[:, 1:]).any(dim=1)
+            return _transitions(valid).any(dim=1)
         return valid.sum(dim=1) >= 2
 
     def __call__(self, log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor, *,
