@@ -73,7 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "stories" / "stories.jsonl"))
     p.add_argument("--run_dir", default=str(ROOT / "runs" / "bench-infilling"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.early_stop = sorted({m.strip() for m in args.early_stop.split(",") if m.strip()})
+    return args
 
 
 def build(args, method: str, overrides: dict | None = None):
@@ -102,11 +104,11 @@ def run_dir(args, method: str, variant: str | None = None) -> Path:
 def trained(args, folder: Path, steps: int, method: str) -> Path:
     """The checkpoint of an sft or reward_lm run (``method``) that GFlowNet runs use: its last
     (``steps``), or where ``--early_stop`` names the method its best validation step's (heldout.json)."""
-    if method not in [m.strip() for m in args.early_stop.split(",")]:
+    if method not in args.early_stop:
         return folder / f"checkpoint-{steps}"
-    h = json.loads((folder / "heldout.json").read_text()) if (folder / "heldout.json").is_file() else None
-    if h is None:
+    if not (folder / "heldout.json").is_file():
         raise SystemExit(f"--early_stop: {folder} has no heldout.json: run it again (this version writes one)")
+    h = json.loads((folder / "heldout.json").read_text())
     if h["checkpoint"] is None:
         raise SystemExit(f"--early_stop: the best validation NLL of {folder} is before any fine-tuning: "
                          "there is no fine-tuned checkpoint to use")
@@ -251,8 +253,8 @@ def report(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not set(m.strip() for m in args.early_stop.split(",") if m.strip()) <= {"sft", "reward_lm"}:
-        raise SystemExit(f"--early_stop {args.early_stop!r}: name sft, reward_lm or both (comma-separated)")
+    if not set(args.early_stop) <= {"sft", "reward_lm"}:
+        raise SystemExit(f"--early_stop {','.join(args.early_stop)!r}: name sft, reward_lm or both (comma-separated)")
     if args.variant and not args.report and not all(m.strip() in VARIANTS for m in args.methods.split(",") if m.strip()):
         raise SystemExit(f"--variant labels SFT, GFlowNet and reward LM runs: use it with --methods among {', '.join(VARIANTS)}")
     from gfnlm.cli import _setup_runtime

@@ -61,6 +61,8 @@ def cmd_sft(args, rest: list[str]) -> int:
     from .sft import sft_train
     from .tasks import build_config, get_task_class
 
+    if args.eval_steps < 0:
+        raise GFNLMError(f"--eval_steps {args.eval_steps}: use 0 (validation NLL before and after training only) or more")
     data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
     if args.task:
         data["task"] = args.task
@@ -78,8 +80,6 @@ def cmd_sft(args, rest: list[str]) -> int:
     if skipped and trainer.accelerator.is_main_process:
         print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
               f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
-    if args.eval_steps < 0:
-        raise GFNLMError(f"--eval_steps {args.eval_steps}: use 0 (validation NLL before and after training only) or more")
     heldout, _ = trainer.collector.writable(task.heldout_completions(args.target) or {})
     losses = sft_train(trainer, completions, batch_size=args.batch_size, heldout=heldout, eval_steps=args.eval_steps)
     if trainer.accelerator.is_main_process:

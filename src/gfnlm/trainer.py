@@ -411,11 +411,12 @@ class GFNTrainer:
         a = self.args
         why = {"modified_db": "no episode had two consecutive stoppable prefixes",
                "vargrad": "no prompt had two episodes"}.get(a.loss_type, "no episode had two stoppable prefixes")
-        fix = ("set log_z: scalar or prompt, so that every episode is anchored at log Z"
-               if self.loss.log_z == "anchor" and self.log_z_kind() == "none"
-               else "allow stopping at more prefixes (min_new_tokens, stop rules) or use loss_type tb")
         if a.loss_type == "vargrad":
             fix = "sample samples_per_prompt >= 2 episodes per prompt"
+        elif self.loss.log_z == "anchor" and self.log_z_kind() == "none":
+            fix = "set log_z: scalar or prompt, so that every episode is anchored at log Z"
+        else:
+            fix = "allow stopping at more prefixes (min_new_tokens, stop rules) or use loss_type tb"
         tqdm.write(f"warning: step {self.step}: {why}, so the {a.loss_type} loss was 0 and the step learned nothing "
                    f"(episodes/without_residual in the history counts this at every step): {fix}")
 
