@@ -27,7 +27,11 @@ p̃^(1/T_end) for every sampler with a tractable q.
   (classifier-free guidance, exact log q);
 * gfn: GFlowNet fine-tuning from the base model towards R;
 * smc: SMC with genlm-control on R (the reward's two terms), ``--smc_particles`` particles per prompt
-  (default n), n samples resampled, with its log Ẑ.
+  (default n), n samples resampled, with its log Ẑ;
+* distil: the token-level sampler distilled into the policy (LoRA, maximum likelihood of
+  ``--distil_samples`` of its samples for each of ``--distil_prompts`` training prompts, ``gfnlm sft
+  --from_proposal``), evaluated as a sampler; a GFlowNet run starts from its checkpoint with
+  ``--gfn_set init_from=runs/bench-contrastive/distil/checkpoint-<steps>``.
 
 Per method: mean log R, mean PMI, mean log p(Z|X), diversity, length, LM token evaluations per
 prompt, and the ELBO on R (with the IW bound, ESS, Var) for every sampler with a tractable q.
@@ -57,7 +61,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TASKS = ("continuation", "contrastive")
-METHODS = ["baselines", "diverse", "gfn", "smc"]
+METHODS = ["baselines", "diverse", "gfn", "smc", "distil"]
 SAMPLERS = ("nucleus", "sampling", "tempered")
 
 
@@ -79,6 +83,10 @@ def parse_args(argv=None):
                    "instead of training (its history.json is read from the run folder; e.g. after a crash in evaluation)")
     p.add_argument("--variant", default="", help="gfn: a label for a run with other settings (e.g. 'log_z none'): its "
                    "row is 'GFlowNet fine-tuning (<variant>)', its file gfn-<variant>.json, beside the default run's")
+    p.add_argument("--distil_prompts", type=int, default=800, help="contrastive distil: training prompts sampled")
+    p.add_argument("--distil_samples", type=int, default=1, help="contrastive distil: proposal samples per prompt")
+    p.add_argument("--distil_steps", type=int, default=200, help="contrastive distil: SFT steps of 16 episodes")
+    p.add_argument("--distil_lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smc_particles", type=int, default=0, help="contrastive smc: particles per prompt (0: n)")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "openwebtext" / "prompts.txt"))
@@ -113,6 +121,9 @@ def build(args, method: str):
         if method in ("baselines", "smc"):  # SMC is its own run
             data["task_args"]["baselines"] = "smc" if method == "smc" else "sampling,tempered,best_of,token_level"
             data["task_args"]["smc_particles"] = args.smc_particles
+    if method == "distil":
+        data.update({"max_steps": args.distil_steps, "learning_rate": args.distil_lr, "warmup_steps": 10,
+                     "lr_scheduler_type": "cosine"})
     if method == "gfn":
         data.update({"max_steps": args.steps, "learning_rate": args.gfn_lr, "warmup_steps": 10,
                      **({"reward_temperature_horizon": args.steps} if args.task == "continuation" else {}),
@@ -168,6 +179,26 @@ def run_method(method: str, args) -> dict:
                                    baselines=False)
         if args.variant:
             result["methods"] = {f"{k} ({args.variant})": v for k, v in result["methods"].items()}
+    elif method == "distil":  # the token-level sampler distilled into the policy: a warm start for gfn (init_from)
+        from gfnlm.sft import proposal_episodes, sft_train
+
+        if args.task != "contrastive":
+            raise SystemExit("distil: only --task contrastive has a proposal sampler (the token-level one)")
+        task, trainer = make_trainer(config, with_rewards=False)
+        episodes = proposal_episodes(trainer, task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config),
+                                     args.distil_samples, args.distil_prompts, seed=args.seed)
+        t1 = time.perf_counter()
+        losses = sft_train(trainer, episodes, batch_size=16)
+        info.update(sample_seconds=round(t1 - t0, 1), train_seconds=round(time.perf_counter() - t1, 1),
+                    episodes=len(episodes[1]), steps=len(losses), batch=16, learning_rate=config.learning_rate,
+                    nll_first=losses[0], nll_last=losses[-1],
+                    checkpoint=str(Path(config.output_dir) / f"checkpoint-{trainer.step}"))
+        model = trainer.model
+        model.eval()
+        with torch.no_grad():
+            result = task.evaluate(model, trainer.tokenizer, config, trainer.constraints, n=args.prompts,
+                                   seed=args.seed, progress=True, baselines=False)
+        result["methods"] = {"SFT on token-level samples": v for v in result["methods"].values()}
     else:
         raise SystemExit(f"unknown method {method!r}: choose from {METHODS}")
     return {"method": method, "result": result, "info": info, "seconds": round(time.perf_counter() - t0, 1),

@@ -362,3 +362,52 @@ def test_commands_end_to_end(prompts, tmp_path, tiny_dir, capsys):
                      "the cat sat"]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 2 and all(json.loads(x).endswith(".") for x in lines)
+
+
+def test_distilling_the_token_level_proposal_python_and_cli_paths(prompts, tmp_path, tiny_dir, capsys):
+    """``gfnlm sft --from_proposal K``: K samples of the task's proposal (the token-level sampler on
+    the base model) per training prompt, kept as token ids, trained on by maximum likelihood; the
+    checkpoint starts a GFlowNet run (``init_from``). Tasks without labels or a proposal: one-line errors."""
+    from transformers import AutoModelForCausalLM
+
+    from gfnlm.sft import _mean_nll, proposal_episodes, sft_train
+
+    cfg = config("contrastive", prompts, tmp_path, model=str(tiny_dir), max_steps=8, learning_rate=2e-2,
+                 warmup_steps=0)
+    task, trainer = make_trainer(cfg, with_rewards=False)
+    tok = trainer.tokenizer
+    state = torch.get_rng_state()
+    prompt_ids, rows, tokens, lengths, mask = proposal_episodes(
+        trainer, task.proposal(trainer.model, tok, trainer.constraints, cfg), 2, 3, seed=7, chunk=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert prompt_ids == trainer.prompt_ids[:3] and rows.tolist() == [0, 0, 1, 1, 2, 2]
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)  # never wrapped: the token-level sampler's own draws
+    want = []
+    for c, chunk in enumerate([prompt_ids[:2], prompt_ids[2:]]):  # chunk c seeded 7 + c; 2 episodes: + 2
+        want += [z for d in decode(base, tok, chunk, trainer.constraints, "token_level", 2, weights=(1.5, -0.5),
+                                   negative_prompt=task.unconditional_ids(tok), seed=7 + c + 2) for z in d.completions]
+    got = [tokens[b, : int(lengths[b])].tolist() for b in range(len(rows))]
+    assert got == want and bool(mask[:, :1].all())
+    episodes = (prompt_ids, rows, tokens, lengths, mask)
+    before = _mean_nll(trainer, episodes, 4)
+    losses = sft_train(trainer, episodes, batch_size=4)
+    assert len(losses) == 8 and _mean_nll(trainer, episodes, 4) < before - 0.5  # the policy moved towards them
+
+    common = ["--task", "contrastive", "--model", str(tiny_dir), "--task_args.data_file", str(prompts),
+              "--task_args.valid_prompts", "3", "--max_new_tokens", "5", "--report_to", "[]"]
+    out = tmp_path / "distil"
+    capsys.readouterr()
+    assert main(["sft", *common, "--from_proposal", "2", "--proposal_prompts", "3", "--max_steps", "2",
+                 "--output_dir", str(out)]) == 0
+    assert "2 steps on 6 proposal samples" in capsys.readouterr().out
+    assert main(["train", *common, "--max_steps", "1", "--samples_per_prompt", "4", "--output_dir",
+                 str(tmp_path / "gfn"), "--init_from", str(out / "checkpoint-2")]) == 0
+
+    for argv, msg in [([], "has no labelled completions: distil its proposal sampler with --from_proposal K"),
+                      (["--from_proposal", "0"], "draw at least 1 proposal sample"),
+                      (["--from_proposal", "1", "--target", "reward"], "fine-tunes --target policy")]:
+        assert main(["sft", *common, "--output_dir", str(tmp_path / "bad"), *argv]) == 2
+        assert msg in capsys.readouterr().err
+    cont = [a if a != "contrastive" else "continuation" for a in common]
+    assert main(["sft", *cont, "--from_proposal", "1", "--output_dir", str(tmp_path / "bad")]) == 2
+    assert "has no proposal sampler to distil" in capsys.readouterr().err

@@ -58,11 +58,13 @@ def cmd_sft(args, rest: list[str]) -> int:
     """Supervised fine-tuning baseline on the task's labelled completions; ``--target reward`` fine-tunes
     a task's reward LM instead (where the task has one)."""
     from .config import merge_overrides, parse_overrides, read_yaml
-    from .sft import sft_train
+    from .sft import proposal_episodes, sft_train
     from .tasks import build_config, get_task_class
 
     if args.eval_steps < 0:
         raise GFNLMError(f"--eval_steps {args.eval_steps}: use 0 (validation NLL before and after training only) or more")
+    if args.from_proposal is not None and args.from_proposal < 1:
+        raise GFNLMError(f"--from_proposal {args.from_proposal}: draw at least 1 proposal sample per training prompt")
     data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
     if args.task:
         data["task"] = args.task
@@ -71,19 +73,36 @@ def cmd_sft(args, rest: list[str]) -> int:
     cls = get_task_class(data["task"])
     if args.target not in cls.sft_targets:
         raise GFNLMError(f"task {data['task']} fine-tunes --target {' or '.join(cls.sft_targets)}, not {args.target!r}")
-    rows, completions, defaults = cls(data.get("task_args")).sft_data(args.target)
+    if args.from_proposal is not None:  # distil the task's proposal sampler: no labelled completions needed
+        if args.target != "policy":
+            raise GFNLMError("--from_proposal trains the policy: leave out --target")
+        rows, completions, defaults = None, None, {}
+    else:
+        try:
+            rows, completions, defaults = cls(data.get("task_args")).sft_data(args.target)
+        except NotImplementedError:
+            raise GFNLMError(f"task {data['task']} has no labelled completions: distil its proposal sampler with "
+                             "--from_proposal K (K samples per training prompt) where it has one") from None
     data = merge_overrides(defaults, data)  # the user's values win over the target's defaults
     data.setdefault("output_dir", f"runs/{data['task']}-sft")
     config = build_config(data["task"], data)
     task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
-    completions, skipped = trainer.collector.writable(completions)
-    if skipped and trainer.accelerator.is_main_process:
-        print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
-              f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
+    if completions is None:
+        proposal = task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config)
+        if proposal is None:
+            raise GFNLMError(f"task {task.name} has no proposal sampler to distil: drop --from_proposal")
+        completions = proposal_episodes(trainer, proposal, args.from_proposal, args.proposal_prompts, config.seed)
+        what = f"{len(completions[1])} proposal samples"
+    else:
+        completions, skipped = trainer.collector.writable(completions)
+        if skipped and trainer.accelerator.is_main_process:
+            print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
+                  f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
+        what = f"{sum(map(len, completions.values()))} labelled completions"
     heldout, _ = trainer.collector.writable(task.heldout_completions(args.target) or {})
     losses = sft_train(trainer, completions, batch_size=args.batch_size, heldout=heldout, eval_steps=args.eval_steps)
     if trainer.accelerator.is_main_process:
-        print(f"sft ({args.target}): {len(losses)} steps on {len(completions)} labelled completions, "
+        print(f"sft ({args.target}): {len(losses)} steps on {what}, "
               f"nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")
         if heldout:
             h = json.loads((Path(config.output_dir) / "heldout.json").read_text())
@@ -257,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval_steps", type=int, default=0,
                    help="measure the NLL of the task's validation split every this many steps too (before the first "
                         "and after the last always), keeping the checkpoint of the best step (early stopping); 0: no others")
+    f.add_argument("--from_proposal", type=int, default=None, metavar="K",
+                   help="distil the task's proposal sampler (contrastive: the token-level sampler on the base model) "
+                        "instead of labelled completions: K samples per training prompt; a warm start for "
+                        "`gfnlm train ... init_from=<checkpoint>`")
+    f.add_argument("--proposal_prompts", type=int, default=None, metavar="P",
+                   help="with --from_proposal: only the first P training prompts (default: all)")
     f.add_argument("--target", default="policy",
                    help="policy (default), or reward: fine-tune the task's reward LM (infilling) by maximum likelihood")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 def episodes_from_texts(trainer, completions: dict[str, list[str]], heldout: bool = False):
@@ -45,6 +45,39 @@ def episodes_from_texts(trainer, completions: dict[str, list[str]], heldout: boo
             cat_padded(masks, False))
 
 
+def proposal_episodes(trainer, proposal, per_prompt: int, prompts: int | None = None, seed: int = 0,
+                      chunk: int = 16):
+    """Episodes drawn from a proposal sampler (:data:`gfnlm.rollout.Proposal`, e.g. the contrastive task's
+    token-level sampler), ``per_prompt`` for each of the first ``prompts`` training rows (None: all):
+    the data of :func:`sft_train` when distilling that sampler into the policy, a warm start for
+    GFlowNet fine-tuning (``gfnlm sft --from_proposal K``). The proposal's token ids are kept as they
+    are (no decode / re-encode round trip). Torch's global random state is left as it was.
+
+    Returns what :func:`episodes_from_texts` returns."""
+    from tqdm.auto import tqdm
+
+    from .rollout import cat_padded
+
+    if per_prompt < 1:
+        raise ConfigError(f"per_prompt {per_prompt}: draw at least 1 proposal sample per training prompt")
+    ids = trainer.prompt_ids[:prompts] if prompts else trainer.prompt_ids
+    device = trainer.accelerator.device
+    cuda = [device] if torch.device(device).type == "cuda" else []
+    parts = []
+    bar = tqdm(total=len(ids), desc="proposal samples", disable=trainer.args.disable_tqdm
+               or not trainer.accelerator.is_main_process)
+    with torch.random.fork_rng(devices=cuda):
+        for c, start in enumerate(range(0, len(ids), chunk)):
+            batch = ids[start:start + chunk]
+            got = proposal(batch, [per_prompt] * len(batch), seed + c)
+            parts.append(trainer.collector.encode_actions([e for eps in got for e in eps], "the proposal"))
+            bar.update(len(batch))
+    bar.close()
+    rows = torch.arange(len(ids)).repeat_interleave(per_prompt)
+    return (list(ids), rows, cat_padded([t for t, _, _ in parts], trainer.pad_id), torch.cat([n for _, n, _ in parts]),
+            cat_padded([m for _, _, m in parts], False))
+
+
 def episode_nll(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                 action_mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood [b] (nats per episode) of the episodes ``pick`` [b] under the constrained
@@ -59,20 +92,26 @@ def episode_nll(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, leng
     return -(log_pf.sum(1) + log_pterm.gather(1, n[:, None]).squeeze(1))
 
 
-@torch.no_grad()
 def heldout_nll(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> float:
     """Mean negative log-likelihood (nats per episode) of labelled completions the policy was not
     trained on (e.g. a validation split); the trainer's model is in eval mode throughout (dropout off)."""
-    prompts, rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions, heldout=True)
+    return _mean_nll(trainer, episodes_from_texts(trainer, completions, heldout=True), batch_size)
+
+
+@torch.no_grad()
+def _mean_nll(trainer, episodes, batch_size: int) -> float:
+    """Mean NLL (nats per episode) of the tokenised ``episodes`` (:func:`episodes_from_texts`), in batches."""
+    prompts, rows, tokens, lengths, action_mask = episodes
     total = sum(float(episode_nll(trainer, prompts, rows, tokens, lengths, action_mask, pick).sum())
                 for pick in torch.arange(len(rows)).split(batch_size))
     return total / len(rows)
 
 
-def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8,
+def sft_train(trainer, completions: dict[str, list[str]] | tuple, batch_size: int = 8,
               heldout: dict[str, list[str]] | None = None, eval_steps: int = 0) -> list[float]:
     """Train ``trainer``'s policy by maximum likelihood for ``trainer.args.max_steps`` steps on the
-    labelled completions (``{prompt: [completion, ...]}``), then write a checkpoint. Returns the
+    labelled completions (``{prompt: [completion, ...]}``, or episodes already tokenised: the tuple of
+    :func:`episodes_from_texts` or :func:`proposal_episodes`), then write a checkpoint. Returns the
     per-step mean negative log-likelihood (nats per episode).
 
     ``heldout``: labelled completions never trained on (e.g. the task's validation split). Their NLL
@@ -86,13 +125,15 @@ def sft_train(trainer, completions: dict[str, list[str]], batch_size: int = 8,
 
     a = trainer.args
     out = Path(a.output_dir)
-    prompts, rows, tokens, lengths, action_mask = episodes_from_texts(trainer, completions)
+    episodes = completions if isinstance(completions, tuple) else episodes_from_texts(trainer, completions)
+    prompts, rows, tokens, lengths, action_mask = episodes
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
     best: list = []  # [nll, step, checkpoint or None (step 0: the model before fine-tuning)]
+    held = episodes_from_texts(trainer, heldout, heldout=True) if heldout else None  # tokenised once
 
     def evaluate():
-        nll = heldout_nll(trainer, heldout, batch_size)
+        nll = _mean_nll(trainer, held, batch_size)
         curve.append((trainer.step, nll))
         if a.report_to:
             trainer.accelerator.log({"sft/heldout_nll": nll}, step=trainer.step)
