@@ -185,11 +185,12 @@ def run_method(method: str, args) -> dict:
         if args.task != "contrastive":
             raise SystemExit("distil: only --task contrastive has a proposal sampler (the token-level one)")
         task, trainer = make_trainer(config, with_rewards=False)
+        t_sample = time.perf_counter()  # sampling time without the set-up
         episodes = proposal_episodes(trainer, task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config),
                                      args.distil_samples, args.distil_prompts, seed=args.seed)
         t1 = time.perf_counter()
         losses = sft_train(trainer, episodes, batch_size=16)
-        info.update(sample_seconds=round(t1 - t0, 1), train_seconds=round(time.perf_counter() - t1, 1),
+        info.update(sample_seconds=round(t1 - t_sample, 1), train_seconds=round(time.perf_counter() - t1, 1),
                     episodes=len(episodes[1]), steps=len(losses), batch=16, learning_rate=config.learning_rate,
                     nll_first=losses[0], nll_last=losses[-1],
                     checkpoint=str(Path(config.output_dir) / f"checkpoint-{trainer.step}"))

@@ -387,7 +387,7 @@ def test_distilling_the_token_level_proposal_python_and_cli_paths(prompts, tmp_p
         want += [z for d in decode(base, tok, chunk, trainer.constraints, "token_level", 2, weights=(1.5, -0.5),
                                    negative_prompt=task.unconditional_ids(tok), seed=7 + c + 2) for z in d.completions]
     got = [tokens[b, : int(lengths[b])].tolist() for b in range(len(rows))]
-    assert got == want and bool(mask[:, :1].all())
+    assert got == want and torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None])  # no tool: all actions
     episodes = (prompt_ids, rows, tokens, lengths, mask)
     before = _mean_nll(trainer, episodes, 4)
     losses = sft_train(trainer, episodes, batch_size=4)
@@ -403,11 +403,16 @@ def test_distilling_the_token_level_proposal_python_and_cli_paths(prompts, tmp_p
     assert main(["train", *common, "--max_steps", "1", "--samples_per_prompt", "4", "--output_dir",
                  str(tmp_path / "gfn"), "--init_from", str(out / "checkpoint-2")]) == 0
 
-    for argv, msg in [([], "has no labelled completions: distil its proposal sampler with --from_proposal K"),
-                      (["--from_proposal", "0"], "draw at least 1 proposal sample"),
-                      (["--from_proposal", "1", "--target", "reward"], "fine-tunes --target policy")]:
-        assert main(["sft", *common, "--output_dir", str(tmp_path / "bad"), *argv]) == 2
-        assert msg in capsys.readouterr().err
     cont = [a if a != "contrastive" else "continuation" for a in common]
-    assert main(["sft", *cont, "--from_proposal", "1", "--output_dir", str(tmp_path / "bad")]) == 2
-    assert "has no proposal sampler to distil" in capsys.readouterr().err
+    for args, msg in [(common, "has no labelled completions: distil its proposal sampler with --from_proposal K"),
+                      ([*common, "--from_proposal", "0"], "draw at least 1 proposal sample"),
+                      ([*common, "--proposal_prompts", "3"], "with --from_proposal K"),
+                      ([*common, "--from_proposal", "1", "--proposal_prompts", "0"], "give a positive number"),
+                      ([*common, "--from_proposal", "1", "--eval_steps", "2"], "drop --eval_steps"),
+                      ([*common, "--from_proposal", "1", "--target", "reward"], "fine-tunes --target policy"),
+                      ([*common, "--from_proposal", "1", "--use_peft", "false"], "no --from_proposal"),
+                      (cont, "has no labelled completions: train it with `gfnlm train` instead"),
+                      ([*cont, "--from_proposal", "1"], "has no proposal sampler to distil")]:
+        assert main(["sft", *args, "--output_dir", str(tmp_path / "bad")]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars of loading the model
+        assert last.startswith("error: ") and msg in last

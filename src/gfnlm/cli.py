@@ -59,12 +59,14 @@ def cmd_sft(args, rest: list[str]) -> int:
     a task's reward LM instead (where the task has one)."""
     from .config import merge_overrides, parse_overrides, read_yaml
     from .sft import proposal_episodes, sft_train
-    from .tasks import build_config, get_task_class
+    from .tasks import Task, build_config, get_task_class
 
     if args.eval_steps < 0:
         raise GFNLMError(f"--eval_steps {args.eval_steps}: use 0 (validation NLL before and after training only) or more")
     if args.from_proposal is not None and args.from_proposal < 1:
         raise GFNLMError(f"--from_proposal {args.from_proposal}: draw at least 1 proposal sample per training prompt")
+    if args.proposal_prompts is not None and (args.from_proposal is None or args.proposal_prompts < 1):
+        raise GFNLMError(f"--proposal_prompts {args.proposal_prompts}: give a positive number, with --from_proposal K")
     data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
     if args.task:
         data["task"] = args.task
@@ -73,24 +75,29 @@ def cmd_sft(args, rest: list[str]) -> int:
     cls = get_task_class(data["task"])
     if args.target not in cls.sft_targets:
         raise GFNLMError(f"task {data['task']} fine-tunes --target {' or '.join(cls.sft_targets)}, not {args.target!r}")
+    has_proposal = cls.proposal is not Task.proposal
     if args.from_proposal is not None:  # distil the task's proposal sampler: no labelled completions needed
+        if not has_proposal:
+            raise GFNLMError(f"task {data['task']} has no proposal sampler to distil: drop --from_proposal")
         if args.target != "policy":
             raise GFNLMError("--from_proposal trains the policy: leave out --target")
+        if args.eval_steps:
+            raise GFNLMError("--eval_steps measures labelled held-out completions, which a distilled proposal has "
+                             "none of: drop --eval_steps")
         rows, completions, defaults = None, None, {}
     else:
         try:
             rows, completions, defaults = cls(data.get("task_args")).sft_data(args.target)
         except NotImplementedError:
-            raise GFNLMError(f"task {data['task']} has no labelled completions: distil its proposal sampler with "
-                             "--from_proposal K (K samples per training prompt) where it has one") from None
+            fix = ("distil its proposal sampler with --from_proposal K (K samples per training prompt)" if has_proposal
+                   else "train it with `gfnlm train` instead")
+            raise GFNLMError(f"task {data['task']} has no labelled completions: {fix}") from None
     data = merge_overrides(defaults, data)  # the user's values win over the target's defaults
     data.setdefault("output_dir", f"runs/{data['task']}-sft")
     config = build_config(data["task"], data)
     task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
-    if completions is None:
+    if completions is None:  # every process draws the same samples, as each reads the same labelled data
         proposal = task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config)
-        if proposal is None:
-            raise GFNLMError(f"task {task.name} has no proposal sampler to distil: drop --from_proposal")
         completions = proposal_episodes(trainer, proposal, args.from_proposal, args.proposal_prompts, config.seed)
         what = f"{len(completions[1])} proposal samples"
     else:
@@ -99,7 +106,7 @@ def cmd_sft(args, rest: list[str]) -> int:
             print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
                   f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
         what = f"{sum(map(len, completions.values()))} labelled completions"
-    heldout, _ = trainer.collector.writable(task.heldout_completions(args.target) or {})
+    heldout, _ = trainer.collector.writable((args.from_proposal is None and task.heldout_completions(args.target)) or {})
     losses = sft_train(trainer, completions, batch_size=args.batch_size, heldout=heldout, eval_steps=args.eval_steps)
     if trainer.accelerator.is_main_process:
         print(f"sft ({args.target}): {len(losses)} steps on {what}, "

@@ -341,15 +341,17 @@ class Collector:
         ep.metrics = self.episode_metrics(ep, fresh_batch)
         return ep
 
-    def propose(self, prompts: list[list[int]], counts: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
-        """``counts[p]`` episodes of each prompt from the proposal: tokens [K, N], lengths [K] and
-        action_mask [K, N] (CPU), with tool output inserted as the sampler would. The proposal's seed
-        comes from the run's random stream, and torch's global random state is left as it was (a
-        resumed run draws the same proposals)."""
-        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+    def propose(self, prompts: list[list[int]], counts: list[int], device, seed: int | None = None,
+                proposal: Proposal | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``counts[p]`` episodes of each prompt from the proposal (default: the run's): tokens [K, N],
+        lengths [K] and action_mask [K, N] (CPU), with tool output inserted as the sampler would. The
+        proposal's seed (unless given) comes from the run's random stream, and torch's global random
+        state is left as it was (a resumed run draws the same proposals)."""
+        if seed is None:
+            seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
         cuda = [device] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            got = self.proposal(prompts, list(counts), seed)
+            got = (proposal or self.proposal)(prompts, list(counts), seed)
         if len(got) != len(prompts) or any(len(e) != n for e, n in zip(got, counts)):
             raise DataError(f"the proposal returned {[len(e) for e in got]} episodes per prompt, not {list(counts)}")
         return self.encode_actions([ids for episodes in got for ids in episodes], "the proposal")

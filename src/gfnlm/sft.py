@@ -48,30 +48,29 @@ def episodes_from_texts(trainer, completions: dict[str, list[str]], heldout: boo
 def proposal_episodes(trainer, proposal, per_prompt: int, prompts: int | None = None, seed: int = 0,
                       chunk: int = 16):
     """Episodes drawn from a proposal sampler (:data:`gfnlm.rollout.Proposal`, e.g. the contrastive task's
-    token-level sampler), ``per_prompt`` for each of the first ``prompts`` training rows (None: all):
-    the data of :func:`sft_train` when distilling that sampler into the policy, a warm start for
-    GFlowNet fine-tuning (``gfnlm sft --from_proposal K``). The proposal's token ids are kept as they
-    are (no decode / re-encode round trip). Torch's global random state is left as it was.
+    token-level sampler), ``per_prompt`` for each of the first ``prompts`` training rows (None: all),
+    ``chunk`` prompts a call seeded ``seed + c`` for the c-th call: the data of :func:`sft_train` when
+    distilling that sampler into the policy, a warm start for GFlowNet fine-tuning (``gfnlm sft
+    --from_proposal K``). The proposal's token ids are kept as they are (no decode / re-encode round
+    trip); torch's global random state is left as it was. Every process draws the same episodes.
 
     Returns what :func:`episodes_from_texts` returns."""
     from tqdm.auto import tqdm
 
     from .rollout import cat_padded
 
-    if per_prompt < 1:
-        raise ConfigError(f"per_prompt {per_prompt}: draw at least 1 proposal sample per training prompt")
-    ids = trainer.prompt_ids[:prompts] if prompts else trainer.prompt_ids
-    device = trainer.accelerator.device
-    cuda = [device] if torch.device(device).type == "cuda" else []
+    if per_prompt < 1 or (prompts is not None and prompts < 1):
+        raise ConfigError(f"per_prompt {per_prompt}, prompts {prompts}: draw at least 1 proposal sample for at least "
+                          "1 training prompt")
+    ids = trainer.prompt_ids[:prompts] if prompts is not None else trainer.prompt_ids
     parts = []
     bar = tqdm(total=len(ids), desc="proposal samples", disable=trainer.args.disable_tqdm
                or not trainer.accelerator.is_main_process)
-    with torch.random.fork_rng(devices=cuda):
-        for c, start in enumerate(range(0, len(ids), chunk)):
-            batch = ids[start:start + chunk]
-            got = proposal(batch, [per_prompt] * len(batch), seed + c)
-            parts.append(trainer.collector.encode_actions([e for eps in got for e in eps], "the proposal"))
-            bar.update(len(batch))
+    for c, start in enumerate(range(0, len(ids), chunk)):
+        batch = ids[start:start + chunk]
+        parts.append(trainer.collector.propose(batch, [per_prompt] * len(batch), trainer.accelerator.device,
+                                               seed=seed + c, proposal=proposal))
+        bar.update(len(batch))
     bar.close()
     rows = torch.arange(len(ids)).repeat_interleave(per_prompt)
     return (list(ids), rows, cat_padded([t for t, _, _ in parts], trainer.pad_id), torch.cat([n for _, n, _ in parts]),

@@ -85,7 +85,7 @@ class ContrastiveTask(ContinuationTask):
 
         if not adapter_layers(model):
             raise ConfigError("the contrastive proposal samples the base model with the adapters off: train LoRA "
-                              "(use_peft true) or set proposal_fraction 0")
+                              "(use_peft true), or do without it (proposal_fraction 0; no --from_proposal)")
         lm, u_ids, weights = BaseLM(model), self.unconditional_ids(tokenizer), (self.args.a, self.args.b)
 
         def propose(prompt_ids: list[list[int]], counts: list[int], seed: int) -> list[list[list[int]]]:
