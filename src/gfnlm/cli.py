@@ -56,7 +56,8 @@ def cmd_train(args, rest: list[str]) -> int:
 
 def cmd_sft(args, rest: list[str]) -> int:
     """Supervised fine-tuning baseline on the task's labelled completions; ``--target reward`` fine-tunes
-    a task's reward LM instead (where the task has one)."""
+    a task's reward LM instead (where the task has one); ``--from_proposal K`` distils the task's proposal
+    sampler (K of its samples per training prompt) into the policy, a warm start for ``init_from``."""
     from .config import merge_overrides, parse_overrides, read_yaml
     from .sft import proposal_episodes, sft_train
     from .tasks import Task, build_config, get_task_class
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--diagnostics", type=int, default=16,
                    help="sampler diagnostics (ELBO, IW bound, ESS, Var(log R - log q)) on this many samples per prompt; 0: off")
 
-    f = sub.add_parser("sft", help="supervised fine-tuning baseline on the task's labelled completions")
+    f = sub.add_parser("sft", help="supervised fine-tuning on the task's labelled completions, or on its proposal sampler's samples (--from_proposal)")
     f.add_argument("--config", default=None, help="YAML file of GFNConfig fields")
     f.add_argument("--task", default=None)
     f.add_argument("--batch_size", type=int, default=8)
