@@ -399,7 +399,7 @@ def test_sft_keeps_the_checkpoint_of_the_best_heldout_step(stories, tmp_path, mo
     import gfnlm.sft as sft
 
     curve = iter([5.0, 4.0, 3.0, 3.5, 2.5, 4.5, 6.0])  # steps 0, 1, ..., 6: best at 4
-    monkeypatch.setattr(sft, "_mean_nll", lambda trainer, episodes, batch_size: next(curve))
+    monkeypatch.setattr(sft, "heldout_nll", lambda trainer, completions, batch_size=8: next(curve))
     task = InfillingTask(task_args(stories))
     rows, completions, defaults = task.sft_data("reward")
     cfg = config(stories, tmp_path, **{**defaults, "max_steps": 6, "output_dir": str(tmp_path / "rlm"),

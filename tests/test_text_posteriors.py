@@ -370,7 +370,7 @@ def test_distilling_the_token_level_proposal_python_and_cli_paths(prompts, tmp_p
     checkpoint starts a GFlowNet run (``init_from``). Tasks without labels or a proposal: one-line errors."""
     from transformers import AutoModelForCausalLM
 
-    from gfnlm.sft import _mean_nll, proposal_episodes, sft_train
+    from gfnlm.sft import heldout_nll, proposal_episodes, sft_train
 
     cfg = config("contrastive", prompts, tmp_path, model=str(tiny_dir), max_steps=8, learning_rate=2e-2,
                  warmup_steps=0)
@@ -389,9 +389,9 @@ def test_distilling_the_token_level_proposal_python_and_cli_paths(prompts, tmp_p
     got = [tokens[b, : int(lengths[b])].tolist() for b in range(len(rows))]
     assert got == want and torch.equal(mask, torch.arange(mask.shape[1])[None] < lengths[:, None])  # no tool: all actions
     episodes = (prompt_ids, rows, tokens, lengths, mask)
-    before = _mean_nll(trainer, episodes, 4)
+    before = heldout_nll(trainer, episodes, 4)
     losses = sft_train(trainer, episodes, batch_size=4)
-    assert len(losses) == 8 and _mean_nll(trainer, episodes, 4) < before - 0.5  # the policy moved towards them
+    assert len(losses) == 8 and heldout_nll(trainer, episodes, 4) < before - 0.5  # the policy moved towards them
 
     common = ["--task", "contrastive", "--model", str(tiny_dir), "--task_args.data_file", str(prompts),
               "--task_args.valid_prompts", "3", "--max_new_tokens", "5", "--report_to", "[]"]

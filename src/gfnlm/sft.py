@@ -91,15 +91,13 @@ def episode_nll(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, leng
     return -(log_pf.sum(1) + log_pterm.gather(1, n[:, None]).squeeze(1))
 
 
-def heldout_nll(trainer, completions: dict[str, list[str]], batch_size: int = 8) -> float:
-    """Mean negative log-likelihood (nats per episode) of labelled completions the policy was not
-    trained on (e.g. a validation split); the trainer's model is in eval mode throughout (dropout off)."""
-    return _mean_nll(trainer, episodes_from_texts(trainer, completions, heldout=True), batch_size)
-
-
 @torch.no_grad()
-def _mean_nll(trainer, episodes, batch_size: int) -> float:
-    """Mean NLL (nats per episode) of the tokenised ``episodes`` (:func:`episodes_from_texts`), in batches."""
+def heldout_nll(trainer, completions: dict[str, list[str]] | tuple, batch_size: int = 8) -> float:
+    """Mean negative log-likelihood (nats per episode) of labelled completions the policy was not
+    trained on (e.g. a validation split), or of episodes already tokenised (the tuple of
+    :func:`episodes_from_texts`, e.g. tokenised once by :func:`sft_train`); the trainer's model is in
+    eval mode throughout (dropout off)."""
+    episodes = completions if isinstance(completions, tuple) else episodes_from_texts(trainer, completions, heldout=True)
     prompts, rows, tokens, lengths, action_mask = episodes
     total = sum(float(episode_nll(trainer, prompts, rows, tokens, lengths, action_mask, pick).sum())
                 for pick in torch.arange(len(rows)).split(batch_size))
@@ -132,7 +130,7 @@ def sft_train(trainer, completions: dict[str, list[str]] | tuple, batch_size: in
     held = episodes_from_texts(trainer, heldout, heldout=True) if heldout else None  # tokenised once
 
     def evaluate():
-        nll = _mean_nll(trainer, held, batch_size)
+        nll = heldout_nll(trainer, held, batch_size)
         curve.append((trainer.step, nll))
         if a.report_to:
             trainer.accelerator.log({"sft/heldout_nll": nll}, step=trainer.step)
