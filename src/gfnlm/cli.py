@@ -100,14 +100,14 @@ def cmd_sft(args, rest: list[str]) -> int:
     if completions is None:  # every process draws the same samples, as each reads the same labelled data
         proposal = task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config)
         completions = proposal_episodes(trainer, proposal, args.from_proposal, args.proposal_prompts, config.seed)
-        what = f"{len(completions[1])} proposal samples"
+        what, heldout = f"{len(completions[1])} proposal samples", {}  # no labels to hold out
     else:
         completions, skipped = trainer.collector.writable(completions)
         if skipped and trainer.accelerator.is_main_process:
             print(f"sft: {skipped} labelled completions the policy cannot write (length outside "
                   f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
         what = f"{sum(map(len, completions.values()))} labelled completions"
-    heldout, _ = trainer.collector.writable((args.from_proposal is None and task.heldout_completions(args.target)) or {})
+        heldout, _ = trainer.collector.writable(task.heldout_completions(args.target) or {})
     losses = sft_train(trainer, completions, batch_size=args.batch_size, heldout=heldout, eval_steps=args.eval_steps)
     if trainer.accelerator.is_main_process:
         print(f"sft ({args.target}): {len(losses)} steps on {what}, "
