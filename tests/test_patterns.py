@@ -216,3 +216,27 @@ def test_constrained_commands_end_to_end(prompt_file, tmp_path, capsys):
                  str(tmp_path / "bad"), "--report_to", "[]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: regex '(' cannot be compiled") and "Traceback" not in "".join(err)
+
+
+def test_a_rule_that_rejects_the_empty_text_needs_a_learned_log_z_like_min_new_tokens(tmp_path):
+    """Modified SubTB is anchored by the empty prefix only where it may stop: a prefix rule that
+    rejects the empty text removes that anchor just as ``min_new_tokens > 0`` does, so ``log_z: auto``
+    picks a per-prompt log Z and modified DB (adjacent pairs only) is refused."""
+    from gfnlm.config import GFNConfig
+    from gfnlm.errors import ConfigError
+    from gfnlm.rewards import PrefixRuleReward
+    from gfnlm.trainer import GFNTrainer
+
+    def trainer(pattern, loss_type, name):
+        args = GFNConfig(use_peft=True, lora_r=2, lora_alpha=4, max_new_tokens=4, chat_template="never",
+                         report_to=[], disable_tqdm=True, output_dir=str(tmp_path / name), loss_type=loss_type,
+                         samples_per_prompt=2)
+        return GFNTrainer(tiny_model(), PrefixRuleReward(lambda p, t: 0.0), args=args, train_dataset=["p", "q"],
+                          processing_class=TOK, constraints=constraints(pattern=pattern))
+
+    assert trainer(PATTERN, "modified_subtb", "rejects").log_z_kind() == "prompt"  # "" does not match a[ab]*(-1)?
+    assert trainer("[ab]*", "modified_subtb", "accepts").log_z_kind() == "none"  # "" matches: the anchor is there
+    trainer("[ab]*", "modified_db", "db-ok")
+    with pytest.raises(ConfigError, match="modified_db.*prefix_rule") as e:
+        trainer(PATTERN, "modified_db", "db")
+    assert "\n" not in str(e.value)

@@ -66,6 +66,19 @@ class Constraints:
             )
         self._masks: dict = {}
 
+    def why_empty_cannot_stop(self) -> str | None:
+        """Why an episode cannot stop before its first action (None when it can): ``min_new_tokens > 0``,
+        ``stop_after_tool``, or a ``prefix_rule`` that does not accept the empty text. Without that
+        terminal state, modified SubTB has no anchor and needs a learned log Z."""
+        rule = self.prefix_rule
+        if self.min_new_tokens > 0:
+            return "min_new_tokens > 0"
+        if self.stop_after_tool:
+            return "stop_after_tool"
+        if rule is not None and not rule.accepting(rule.walk([])[0]):
+            return "a prefix_rule that rejects the empty text"
+        return None
+
     def token_mask(self, vocab_size: int, device) -> Tensor:
         """Bool [V]: True for the non-stop tokens the policy may emit."""
         key = (vocab_size, str(device))

@@ -210,10 +210,10 @@ class GFNTrainer:
         constraints = constraints or constraints_from_config(args, self.tokenizer)
         if constraints.stop_after_tool and tool is None:
             raise ConfigError("stop_after_tool is set but there is no tool: pass tool=... or set stop_after_tool false")
-        if self.loss.adjacent_pairs_only and (constraints.stop_after_tool or constraints.min_new_tokens > 0):
+        if self.loss.adjacent_pairs_only and constraints.why_empty_cannot_stop():
             raise ConfigError(f"loss_type {args.loss_type} compares only adjacent stoppable prefixes, and with "
-                              f"{'stop_after_tool' if constraints.stop_after_tool else 'min_new_tokens > 0'} the first tokens "
-                              "(or every pair) have none: use loss_type modified_subtb")
+                              f"{constraints.why_empty_cannot_stop()} the first tokens (or every pair) have none: "
+                              "use loss_type modified_subtb")
         require_proposal(args, proposal)
         rank = self.accelerator.process_index
         seed = args.seed + 1_000_003 * rank
@@ -270,14 +270,15 @@ class GFNTrainer:
 
     def log_z_kind(self) -> str:
         """The learned log Z: ``args.log_z``, or with ``auto``: none when the loss needs none (or the
-        empty prefix can stop, anchoring modified SubTB), else one per prompt when the dataset has
-        several prompts (Z depends on the prompt) and a scalar for a single prompt."""
+        empty prefix can stop, anchoring modified SubTB: see ``Constraints.why_empty_cannot_stop``),
+        else one per prompt when the dataset has several prompts (Z depends on the prompt) and a scalar
+        for a single prompt."""
         a, c = self.args, self.collector.constraints
         if a.log_z != "auto":
             kind = a.log_z
         else:
             needed = self.loss.log_z == "required" or (
-                self.loss.log_z == "anchor" and (c.min_new_tokens > 0 or c.stop_after_tool))
+                self.loss.log_z == "anchor" and c.why_empty_cannot_stop() is not None)
             several = len({tuple(p) for p in self.collector.prompt_ids}) > 1
             kind = ("prompt" if several else "scalar") if needed else "none"
         if self.loss.log_z == "required" and kind == "none":
