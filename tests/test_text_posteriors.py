@@ -381,6 +381,8 @@ def test_distilling_the_token_level_proposal_python_and_cli_paths(prompts, tmp_p
         trainer, task.proposal(trainer.model, tok, trainer.constraints, cfg), 2, 3, seed=7, chunk=2)
     assert torch.equal(torch.get_rng_state(), state)
     assert prompt_ids == trainer.prompt_ids[:3] and rows.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ConfigError, match="no proposal sampler.*drop --from_proposal"):  # proposal() gave None
+        proposal_episodes(trainer, None, 2)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)  # never wrapped: the token-level sampler's own draws
     want = []
     for c, chunk in enumerate([prompt_ids[:2], prompt_ids[2:]]):  # chunk c seeded 7 + c; 2 episodes: + 2

@@ -59,6 +59,9 @@ def proposal_episodes(trainer, proposal, per_prompt: int, prompts: int | None = 
 
     from .rollout import cat_padded
 
+    if proposal is None:
+        raise ConfigError("the task gave no proposal sampler for this configuration (its proposal() returned None): "
+                          "nothing to distil, drop --from_proposal")
     if per_prompt < 1 or (prompts is not None and prompts < 1):
         raise ConfigError(f"per_prompt {per_prompt}, prompts {prompts}: draw at least 1 proposal sample for at least "
                           "1 training prompt")
