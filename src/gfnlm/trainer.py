@@ -210,10 +210,9 @@ class GFNTrainer:
         constraints = constraints or constraints_from_config(args, self.tokenizer)
         if constraints.stop_after_tool and tool is None:
             raise ConfigError("stop_after_tool is set but there is no tool: pass tool=... or set stop_after_tool false")
-        if self.loss.adjacent_pairs_only and constraints.why_empty_cannot_stop():
+        if self.loss.adjacent_pairs_only and (why := constraints.why_empty_cannot_stop()):
             raise ConfigError(f"loss_type {args.loss_type} compares only adjacent stoppable prefixes, and with "
-                              f"{constraints.why_empty_cannot_stop()} the first tokens (or every pair) have none: "
-                              "use loss_type modified_subtb")
+                              f"{why} the first tokens (or every pair) have none: use loss_type modified_subtb")
         require_proposal(args, proposal)
         rank = self.accelerator.process_index
         seed = args.seed + 1_000_003 * rank
