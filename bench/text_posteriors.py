@@ -44,6 +44,14 @@ the plot ``<task>.png``.
     .venv/bin/python bench/text_posteriors.py --task continuation --report
     .venv/bin/python bench/text_posteriors.py --task contrastive --methods gfn --variant "log_z none" \
         --gfn_set log_z=none     # another GFlowNet row beside the default one
+    .venv/bin/python bench/text_posteriors.py --task contrastive --methods baselines --baselines token_level \
+        --samples 32 --variant "token-level, 32 samples"   # one baseline with more samples: a tighter ELBO
+    .venv/bin/python bench/text_posteriors.py --task contrastive --methods gfn --samples 32 \
+        --eval_checkpoint runs/bench-contrastive/gfn/checkpoint-100 --variant "32 samples"   # the same, trained run
+
+Every ELBO is reported with its standard error from the evaluation's sampling (``elbo_se`` of
+:func:`gfnlm.diagnostics.sampler_diagnostics`); a target "higher ELBO" is met only by a difference of
+more than two standard errors (:func:`gfnlm.diagnostics.elbo_difference`).
 """
 
 from __future__ import annotations
@@ -81,8 +89,12 @@ def parse_args(argv=None):
     p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for the GFlowNet run, name=value")
     p.add_argument("--eval_checkpoint", default=None, help="gfn: evaluate this finished run's checkpoint-<step> folder "
                    "instead of training (its history.json is read from the run folder; e.g. after a crash in evaluation)")
-    p.add_argument("--variant", default="", help="gfn: a label for a run with other settings (e.g. 'log_z none'): its "
-                   "row is 'GFlowNet fine-tuning (<variant>)', its file gfn-<variant>.json, beside the default run's")
+    p.add_argument("--variant", default="", help="a label for a run with other settings (e.g. 'log_z none'), with one "
+                   "method: its file is <method>-<variant>.json, beside the default run's; a gfn row is 'GFlowNet "
+                   "fine-tuning (<variant>)' (baseline rows keep their names, which carry n)")
+    p.add_argument("--baselines", default=None, help="the baselines method's samplers, comma-separated (default: "
+                   "contrastive sampling,tempered,best_of,token_level; continuation the task's default set); with a "
+                   "subset, give a --variant so the run does not replace the full baselines file")
     p.add_argument("--distil_prompts", type=int, default=800, help="contrastive distil: training prompts sampled")
     p.add_argument("--distil_samples", type=int, default=1, help="contrastive distil: proposal samples per prompt")
     p.add_argument("--distil_steps", type=int, default=200, help="contrastive distil: SFT steps of 16 episodes")
@@ -93,8 +105,10 @@ def parse_args(argv=None):
     p.add_argument("--run_dir", default=None, help="default: runs/bench-<task>")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
-    if args.variant and not args.report and [m.strip() for m in args.methods.split(",") if m.strip()] != ["gfn"]:
-        p.error("--variant labels a GFlowNet run: use it with --methods gfn alone")
+    if args.variant and not args.report and len([m for m in args.methods.split(",") if m.strip()]) != 1:
+        p.error("--variant labels one run: use it with one method (--methods gfn, or --methods baselines)")
+    if args.eval_checkpoint and args.samples != 8 and not args.variant:
+        p.error("--eval_checkpoint with --samples other than 8: give a --variant so its row and file are its own")
     args.steps = args.steps or {"continuation": 120, "contrastive": 100}[args.task]
     args.run_dir = args.run_dir or str(ROOT / "runs" / f"bench-{args.task}")
     if args.variant:
@@ -116,10 +130,13 @@ def build(args, method: str):
         data["reward_temperature_end"] = args.t_end
         if method == "diverse":
             data["task_args"]["baselines"] = "diverse_beam"
+        elif method == "baselines" and args.baselines:
+            data["task_args"]["baselines"] = args.baselines
     else:
         data["task_args"].update(a=args.a, b=args.b)
         if method in ("baselines", "smc"):  # SMC is its own run
-            data["task_args"]["baselines"] = "smc" if method == "smc" else "sampling,tempered,best_of,token_level"
+            data["task_args"]["baselines"] = ("smc" if method == "smc" else
+                                              args.baselines or "sampling,tempered,best_of,token_level")
             data["task_args"]["smc_particles"] = args.smc_particles
     if method == "distil":
         data.update({"max_steps": args.distil_steps, "learning_rate": args.distil_lr, "warmup_steps": 10,
@@ -156,7 +173,7 @@ def run_method(method: str, args) -> dict:
 
             ckpt = Path(args.eval_checkpoint)
             model, tok, config, cons = load_trained(ckpt)
-            task = get_task_class(args.task)(config.task_args)
+            task = get_task_class(args.task)({**config.task_args, "eval_samples": args.samples})  # n of this evaluation
             info["history"] = json.loads((ckpt.parent / "history.json").read_text())
             info["evaluated_checkpoint"] = str(ckpt)
             step = read_checkpoint_json(ckpt)["step"]
@@ -231,7 +248,13 @@ def continuation_targets(methods: dict) -> dict:
 
 def contrastive_targets(methods: dict) -> dict:
     """The issue's targets, each (measured, met): the GFlowNet sampler has the highest ELBO of the
-    samplers with a tractable q, and a higher mean log R than every best-of-n row."""
+    samplers with a tractable q, and a higher mean log R than every best-of-n row. "Higher ELBO" is
+    met only where the difference exceeds two standard errors of the evaluation's sampling noise
+    (``gfnlm.diagnostics.elbo_difference``, the two samplers' samples being independent on the same
+    prompts): a difference inside that is not shown to be one. Rows of different seeds are compared
+    alike (a GFlowNet seed against a baseline of another seed: same prompts, independent samples)."""
+    from gfnlm.diagnostics import elbo_difference, elbo_text
+
     out = {}
     for g, gr in methods.items():
         if not g.startswith("GFlowNet") or "diagnostics" not in gr:
@@ -240,8 +263,10 @@ def contrastive_targets(methods: dict) -> dict:
             if b.startswith("GFlowNet"):
                 continue
             if "diagnostics" in br:
-                out[f"{g} ELBO > {b} ELBO"] = (f"{gr['diagnostics']['elbo']:.2f} vs {br['diagnostics']['elbo']:.2f}",
-                                               gr["diagnostics"]["elbo"] > br["diagnostics"]["elbo"])
+                diff, se = elbo_difference(gr["diagnostics"], br["diagnostics"])
+                out[f"{g} ELBO > {b} ELBO"] = (
+                    f"{elbo_text(gr['diagnostics'])} vs {elbo_text(br['diagnostics'])}: difference {diff:.2f} ± "
+                    f"{se:.2f} ({diff / se:+.1f} standard errors)", diff > 2 * se)
             if b.startswith("best-of"):
                 out[f"{g} mean log R > {b}"] = (
                     f"{gr['mean_log_r']:.2f} vs {br['mean_log_r']:.2f} (LM token evaluations per prompt "

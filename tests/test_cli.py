@@ -52,6 +52,8 @@ def test_train_sample_eval_roundtrip(tmp_path, tiny_model_dir, capsys):
     m = json.loads(metrics.read_text())
     d = m["diagnostics"]  # on the policy's own samples; the ELBO is a lower bound on log Z, the IW bound between
     assert d["elbo"] <= d["iw_bound"] + 1e-9 <= d["log_z_is"] + 2e-9 and 0 < d["ess"] <= 1 and d["log_w_var"] >= 0
+    assert d["elbo_se"] == pytest.approx(math.sqrt(d["log_w_var"] / 16))  # one prompt, 16 samples
+    assert f"= {d['elbo']:.4f} ± {d['elbo_se']:.4f} (± one standard error)" in printed
     assert m["n"] == n and sum(m["counts"]) + m["invalid"] == n
     # the TVs are those of the run's own samples and exact probabilities (target: uniform on 0..100)
     u = 1.0 / 101

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
 import torch
 
-from gfnlm.diagnostics import exact_diagnostics, sampler_diagnostics
+from gfnlm.diagnostics import elbo_difference, elbo_standard_error, exact_diagnostics, sampler_diagnostics
 
 INF = float("inf")
 
@@ -32,6 +33,7 @@ def brute_sampler(log_r, log_q, iw_k=None):
     P, K = len(lr), len(lr[0])
     k = K if iw_k is None else iw_k
     per = {"elbo": [], "log_z_is": [], "iw_bound": [], "ess": [], "log_w_var": [], "log_w_std": []}
+    elbo_var = 0.0  # variance of the mean over prompts of the per-prompt sample means
     for i in range(P):
         lw = [lr[i][j] - lq[i][j] for j in range(K)]
         mean = sum(lw) / K
@@ -45,8 +47,9 @@ def brute_sampler(log_r, log_q, iw_k=None):
         per["ess"].append(sum(w) ** 2 / (K * sum(x * x for x in w)))
         per["log_w_var"].append(var)
         per["log_w_std"].append(math.sqrt(var))
+        elbo_var += var / K / P ** 2
     out = {key: sum(v) / P for key, v in per.items()}
-    out.update(n_samples=K, n_prompts=P)
+    out.update(n_samples=K, n_prompts=P, elbo_se=math.sqrt(elbo_var) if K > 1 else math.nan)
     return out
 
 
@@ -83,7 +86,7 @@ def _brute_exact(lr, lq):
 def assert_close(got: dict, want: dict, rel=1e-9, abs=1e-9):
     assert set(got) == set(want)
     for key in want:
-        assert got[key] == pytest.approx(want[key], rel=rel, abs=abs), key
+        assert got[key] == pytest.approx(want[key], rel=rel, abs=abs, nan_ok=True), key
 
 
 def random_logits(M, seed, scale=1.5):
@@ -296,3 +299,37 @@ def test_sampler_converges_to_exact():
     assert abs(est["log_z_is"] - exact["log_z"]) < 5 * math.sqrt((b - a * a) / n) / a
     # and the estimates are not trivially equal to the exact values: the test has teeth
     assert exact["log_w_var"] > 0.1 and exact["ess"] < 0.95
+
+
+def test_elbo_se_is_the_spread_of_the_elbo_over_repeated_evaluations():
+    """Evaluate two samplers of the same 3 prompts 4000 times (K = 8 draws each): the standard
+    deviation of each ELBO estimate, and of their difference, matches the standard error that
+    sampler_diagnostics and elbo_difference report, and the exact difference lies within 2 reported
+    standard errors about 95 % of the time."""
+    M, P, K, reps = 6, 3, 8, 4000
+    log_r = torch.stack([random_logits(M, 20 + i) for i in range(P)])  # [P, M]
+    log_qs = [torch.stack([torch.log_softmax(random_logits(M, s + i, scale=0.8), 0) for i in range(P)])
+              for s in (30, 50)]
+    exact = [statistics.fmean(exact_diagnostics(log_r[i], lq[i])["elbo"] for i in range(P)) for lq in log_qs]
+    g = torch.Generator().manual_seed(40)
+    elbo, se, diff, diff_se = [], [], [], []
+    for _ in range(reps):
+        ds = []
+        for lq in log_qs:
+            idx = torch.multinomial(lq.exp(), K, replacement=True, generator=g)  # [P, K]
+            ds.append(sampler_diagnostics(log_r.gather(1, idx), lq.gather(1, idx)))
+        elbo.append(ds[0]["elbo"])
+        se.append(ds[0]["elbo_se"])
+        assert ds[0]["elbo_se"] == elbo_standard_error(ds[0])
+        d, s = elbo_difference(ds[0], ds[1])
+        diff.append(d)
+        diff_se.append(s)
+    assert statistics.fmean(se) == pytest.approx(statistics.stdev(elbo), rel=0.05)
+    assert statistics.fmean(diff_se) == pytest.approx(statistics.stdev(diff), rel=0.05)
+    covered = statistics.fmean(abs(d - (exact[0] - exact[1])) < 2 * s for d, s in zip(diff, diff_se))
+    assert 0.92 < covered < 0.97
+    assert statistics.stdev(elbo) > 0.1 and abs(exact[0] - exact[1]) > 0.1  # the test has teeth
+
+
+def test_elbo_se_needs_two_samples_a_prompt():
+    assert math.isnan(sampler_diagnostics(torch.zeros(3, 1), -torch.ones(3, 1))["elbo_se"])

@@ -21,7 +21,7 @@ import operator
 import torch
 from torch import Tensor
 
-__all__ = ["exact_diagnostics", "sampler_diagnostics"]
+__all__ = ["elbo_difference", "elbo_standard_error", "elbo_text", "exact_diagnostics", "sampler_diagnostics"]
 
 NEG_INF = float("-inf")
 
@@ -100,6 +100,9 @@ def sampler_diagnostics(log_r, log_q, iw_k: int | None = None) -> dict[str, floa
     samples, then averaged (mean over ``P``):
 
     * ``elbo``: ``mean log_w``, an unbiased estimate of ``E_q[log R - log q] <= log Z``;
+    * ``elbo_se``: the standard error of ``elbo`` from the sampling of ``Z`` on these prompts
+      (:func:`elbo_standard_error`; ``nan`` when ``K = 1``); compare two samplers with
+      :func:`elbo_difference`;
     * ``log_z_is``: ``log mean exp(log_w)``, the importance-sampling estimate of ``log Z``
       (a lower bound on ``log Z`` in expectation, by Jensen);
     * ``iw_bound``: the IWAE bound with ``iw_k`` samples: the ``K`` samples are split into
@@ -122,7 +125,7 @@ def sampler_diagnostics(log_r, log_q, iw_k: int | None = None) -> dict[str, floa
     log_w = log_r - log_q  # [P, K]
     groups = log_w[:, : (K // k) * k].reshape(P, K // k, k)  # [P, G, k]
     var = log_w.var(dim=1, correction=1) if K > 1 else torch.zeros(P, dtype=log_w.dtype)
-    return {
+    out = {
         "elbo": log_w.mean(1).mean().item(),
         "log_z_is": _log_mean_exp(log_w).mean().item(),
         "iw_bound": _log_mean_exp(groups).mean(1).mean().item(),
@@ -132,6 +135,32 @@ def sampler_diagnostics(log_r, log_q, iw_k: int | None = None) -> dict[str, floa
         "n_samples": K,
         "n_prompts": P,
     }
+    out["elbo_se"] = elbo_standard_error(out)
+    return out
+
+
+def elbo_standard_error(diag: dict) -> float:
+    """The standard error of ``diag["elbo"]`` from the sampling of ``Z`` on its fixed prompts:
+    ``sqrt(log_w_var / (K P))``, with ``log_w_var`` the mean over the ``P`` prompts of each prompt's
+    unbiased variance of ``log_w`` over its ``K`` samples (``nan`` when ``K = 1``). Reads only the
+    fields of a :func:`sampler_diagnostics` dict, so it also serves results saved before
+    ``elbo_se`` was one of them."""
+    K, P = diag["n_samples"], diag["n_prompts"]
+    return math.sqrt(diag["log_w_var"] / (K * P)) if K > 1 else float("nan")
+
+
+def elbo_difference(a: dict, b: dict) -> tuple[float, float]:
+    """``(elbo_a - elbo_b, its standard error)`` for two :func:`sampler_diagnostics` dicts computed
+    from independent samples on the same prompts: the prompts' own spread cancels, and the error
+    is ``sqrt(se_a^2 + se_b^2)``. A difference within about two standard errors is not shown to be
+    one."""
+    return a["elbo"] - b["elbo"], math.hypot(elbo_standard_error(a), elbo_standard_error(b))
+
+
+def elbo_text(diag: dict, digits: int = 2) -> str:
+    """``"<elbo> ± <standard error>"`` for a table cell (the error left out when ``K = 1``)."""
+    se = elbo_standard_error(diag)
+    return f"{diag['elbo']:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
 
 
 # ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 from ..config import GFNConfig, _coerce, printable
+from ..diagnostics import elbo_text
 from ..errors import ConfigError
 
 REGISTRY: dict[str, str] = {
@@ -218,7 +219,7 @@ def format_diagnostics(d: dict) -> str:
         return "sampler diagnostics: no evaluation rows"
     return (f"sampler diagnostics ({d['n_prompts']} prompts x {d['n_samples']} samples, target R^(1/T), "
             f"T = {d['reward_temperature']:.3g}; log space):\n"
-            f"  ELBO E_q[log R - log q] = {d['elbo']:.4f}   IW bound = {d['iw_bound']:.4f}   "
+            f"  ELBO E_q[log R - log q] = {elbo_text(d, 4)} (± one standard error)   IW bound = {d['iw_bound']:.4f}   "
             f"log Z (IS) = {d['log_z_is']:.4f}\n"
             f"  ESS of R/q = {d['ess']:.4f} of the samples   Var(log R - log q) = {d['log_w_var']:.4f} "
             "(0 at the optimum)")

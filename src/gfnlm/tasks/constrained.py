@@ -39,6 +39,7 @@ import re
 import statistics
 from dataclasses import dataclass
 
+from ..diagnostics import elbo_text
 from ..errors import ConfigError
 from ..rewards import LMLikelihoodReward, PrefixRuleReward
 from ..sampling import Constraints
@@ -270,7 +271,7 @@ def constrained_table(results: dict) -> str:
     for name, r in results["methods"].items():
         d = r.get("diagnostics")
         z = f"{r['smc_log_z']:.2f}" if "smc_log_z" in r else "n/a"
-        diag = (f"{d['elbo']:.2f} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
+        diag = (f"{elbo_text(d)} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
                 else f"n/a | {z} | n/a | n/a")
         acc = f"{r['acceptance_rate']:.3f}" if "acceptance_rate" in r else "—"
         lines.append(f"| {name} | {r['satisfaction']:.3f} | {r['mean_log_p']:.2f} | {r['diversity']:.3f} | "

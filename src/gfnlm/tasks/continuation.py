@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from ..data import read_utf8, render_prompt
+from ..diagnostics import elbo_text
 from ..errors import DataError
 from ..rewards import LMLikelihoodReward
 from ..sampling import Constraints
@@ -344,7 +345,7 @@ def figure3_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
         d = r.get("diagnostics")
-        diag = (f"{d['elbo']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d else "n/a | n/a | n/a")
+        diag = (f"{elbo_text(d)} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d else "n/a | n/a | n/a")
         lines.append(f"| {name} | {r['samples_per_prompt']} | {r['max_log_p']:.2f} | {r['mean_log_p']:.2f} | "
                      f"{r['diversity']:.3f} | {r['length_tokens']:.1f} | {diag} |")
     lines.append(f"\n{results['prompts']} validation prompts; log p = log p̃_LM(Z \".\" | X) renormalised over the legal "

@@ -30,6 +30,7 @@ import statistics
 from dataclasses import dataclass
 
 
+from ..diagnostics import elbo_text
 from ..errors import ConfigError
 from ..rewards import LMLikelihoodReward
 from .continuation import ContinuationArgs, ContinuationTask
@@ -202,7 +203,7 @@ def contrastive_table(results: dict) -> str:
     for name, r in results["methods"].items():
         d = r.get("diagnostics")
         z = f"{r['smc_log_z']:.2f}" if "smc_log_z" in r else "n/a"
-        diag = (f"{d['elbo']:.2f} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
+        diag = (f"{elbo_text(d)} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
                 else f"n/a | {z} | n/a | n/a")
         lines.append(f"| {name} | {r['samples_per_prompt']} | {r['mean_log_r']:.2f} | {r['mean_pmi']:.2f} | "
                      f"{r['mean_log_p']:.2f} | {r['diversity']:.3f} | {r['length_tokens']:.1f} | "
