@@ -107,8 +107,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.variant and not args.report and len([m for m in args.methods.split(",") if m.strip()]) != 1:
         p.error("--variant labels one run: use it with one method (--methods gfn, or --methods baselines)")
-    if args.eval_checkpoint and args.samples != 8 and not args.variant:
-        p.error("--eval_checkpoint with --samples other than 8: give a --variant so its row and file are its own")
+    if args.eval_checkpoint and args.samples != p.get_default("samples") and not args.variant:
+        p.error(f"--eval_checkpoint with --samples other than {p.get_default('samples')}: give a --variant so its "
+                "row and file are its own")
     args.steps = args.steps or {"continuation": 120, "contrastive": 100}[args.task]
     args.run_dir = args.run_dir or str(ROOT / "runs" / f"bench-{args.task}")
     if args.variant:
@@ -130,14 +131,13 @@ def build(args, method: str):
         data["reward_temperature_end"] = args.t_end
         if method == "diverse":
             data["task_args"]["baselines"] = "diverse_beam"
-        elif method == "baselines" and args.baselines:
-            data["task_args"]["baselines"] = args.baselines
     else:
         data["task_args"].update(a=args.a, b=args.b)
         if method in ("baselines", "smc"):  # SMC is its own run
-            data["task_args"]["baselines"] = ("smc" if method == "smc" else
-                                              args.baselines or "sampling,tempered,best_of,token_level")
+            data["task_args"]["baselines"] = "smc" if method == "smc" else "sampling,tempered,best_of,token_level"
             data["task_args"]["smc_particles"] = args.smc_particles
+    if method == "baselines" and args.baselines:  # a chosen subset, either task
+        data["task_args"]["baselines"] = args.baselines
     if method == "distil":
         data.update({"max_steps": args.distil_steps, "learning_rate": args.distil_lr, "warmup_steps": 10,
                      "lr_scheduler_type": "cosine"})
