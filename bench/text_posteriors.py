@@ -99,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--distil_samples", type=int, default=1, help="contrastive distil: proposal samples per prompt")
     p.add_argument("--distil_steps", type=int, default=200, help="contrastive distil: SFT steps of 16 episodes")
     p.add_argument("--distil_lr", type=float, default=5e-4)
+    p.add_argument("--distil_soft", action="store_true",
+                   help="contrastive distil: soft labels (KL from the token-level sampler's next-action distribution "
+                        "at every state of its samples, `gfnlm sft --from_proposal K --soft`) instead of their likelihood")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smc_particles", type=int, default=0, help="contrastive smc: particles per prompt (0: n)")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "openwebtext" / "prompts.txt"))
@@ -203,20 +206,23 @@ def run_method(method: str, args) -> dict:
             raise SystemExit("distil: only --task contrastive has a proposal sampler (the token-level one)")
         task, trainer = make_trainer(config, with_rewards=False)
         t_sample = time.perf_counter()  # sampling time without the set-up
-        episodes = proposal_episodes(trainer, task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config),
-                                     args.distil_samples, args.distil_prompts, seed=args.seed)
+        proposal = task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config)
+        episodes = proposal_episodes(trainer, proposal, args.distil_samples, args.distil_prompts, seed=args.seed)
         t1 = time.perf_counter()
-        losses = sft_train(trainer, episodes, batch_size=16)
+        losses = sft_train(trainer, episodes, batch_size=16, teacher=proposal if args.distil_soft else None)
+        loss_name = "kl" if args.distil_soft else "nll"
         info.update(sample_seconds=round(t1 - t_sample, 1), train_seconds=round(time.perf_counter() - t1, 1),
                     episodes=len(episodes[1]), steps=len(losses), batch=16, learning_rate=config.learning_rate,
-                    nll_first=losses[0], nll_last=losses[-1],
+                    soft_labels=args.distil_soft, **{f"{loss_name}_first": losses[0], f"{loss_name}_last": losses[-1]},
                     checkpoint=str(Path(config.output_dir) / f"checkpoint-{trainer.step}"))
         model = trainer.model
         model.eval()
         with torch.no_grad():
             result = task.evaluate(model, trainer.tokenizer, config, trainer.constraints, n=args.prompts,
                                    seed=args.seed, progress=True, baselines=False)
-        result["methods"] = {"SFT on token-level samples": v for v in result["methods"].values()}
+        label = "KL distillation of the token-level sampler" if args.distil_soft else "SFT on token-level samples"
+        result["methods"] = {label + (f" ({args.variant})" if args.variant else ""): v
+                             for v in result["methods"].values()}
     else:
         raise SystemExit(f"unknown method {method!r}: choose from {METHODS}")
     return {"method": method, "result": result, "info": info, "seconds": round(time.perf_counter() - t0, 1),

@@ -507,3 +507,50 @@ def test_contributing_rows_match_brute_force_and_the_losses(seed, use_z, lamda):
                "vargrad": vargrad_loss(log_pf, log_pterm, log_r, lengths, group, reduction="none")}
     for name, rows in per_row.items():
         assert (rows != 0).tolist() == expected[name], name
+
+
+# ----------------------------------------------------------------------------
+# soft-label distillation: sum over visited states of KL(p || q)
+# ----------------------------------------------------------------------------
+
+
+def _random_distributions(B, T, A, seed, zeros):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, A, generator=g, dtype=torch.float64) * 2
+    x = x.masked_fill(zeros, NEG_INF)
+    return x.log_softmax(-1)
+
+
+def test_stepwise_kl_matches_brute_force_and_is_zero_only_at_a_match():
+    B, T, A = 4, 5, 7
+    g = torch.Generator().manual_seed(0)
+    zeros = torch.rand(B, T, A, generator=g) < 0.3  # actions the constraints forbid: no mass for either
+    zeros[..., 0] = False
+    p, q = _random_distributions(B, T, A, 1, zeros), _random_distributions(B, T, A, 2, zeros)
+    q[0, 4] = float("nan")  # beyond row 0's length: never read
+    lengths = torch.tensor([3, 4, 0, 2])
+    got = L.stepwise_kl(p, q, lengths)
+    for b in range(B):
+        want = 0.0
+        for t in range(int(lengths[b]) + 1):
+            for a in range(A):
+                pa = math.exp(p[b, t, a].item())
+                if pa > 0:
+                    want += pa * (p[b, t, a].item() - q[b, t, a].item())
+        assert got[b].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+        assert want > 0
+    assert torch.equal(L.stepwise_kl(p, p.clone(), lengths), torch.zeros(B, dtype=torch.float64))
+
+    qq = q.clone().requires_grad_(True)
+    L.stepwise_kl(p, qq, lengths).sum().backward()
+    assert torch.isfinite(qq.grad).all()  # -inf entries and padding get exact zero gradient
+    assert (qq.grad[zeros] == 0).all() and (qq.grad[0, 4:] == 0).all()
+    assert torch.allclose(qq.grad[1, 0], -p[1, 0].exp())  # d/dq of -sum_a p_a log q_a
+
+    q_missing = q.clone()
+    q_missing[1, 2, 0] = NEG_INF  # the teacher gives the action mass, the policy none
+    assert math.isinf(L.stepwise_kl(p, q_missing, lengths)[1].item())
+    with pytest.raises(ValueError, match=r"must both be \[B, N\+1, A\]"):
+        L.stepwise_kl(p, q[:, :, :3], lengths)
+    with pytest.raises(ValueError, match="lengths must be"):
+        L.stepwise_kl(p, q, lengths[:2])

@@ -2,6 +2,7 @@
 constraint in the policy, the reward and every generate baseline, the rewards and the baselines' log q
 against brute force, the diversity metric on known inputs, and the commands end to end on a tiny model."""
 
+import contextlib
 import itertools
 import json
 from pathlib import Path
@@ -312,6 +313,99 @@ def test_contrastive_proposal_is_the_token_level_sampler_on_the_base_model(promp
         assert token_level(trainer.model) != got
     with pytest.raises(ConfigError, match="no proposal sampler"):
         make_trainer(config("continuation", prompts, tmp_path, model=str(tiny_dir), proposal_fraction=0.25))
+
+
+def test_token_level_proposal_step_distributions_are_its_sampler_and_the_policy_actions_its_scores(
+        prompts, tmp_path, tiny_dir):
+    """``TokenLevelProposal.step_logits`` through :func:`action_log_probs` is the distribution the
+    token-level sampler draws from: along its own samples it sums to their log q. The policy's whole
+    action distribution (``actions=True``) gathered along an episode is its score."""
+    from transformers import AutoModelForCausalLM
+
+    from gfnlm.rollout import cat_padded
+    from gfnlm.scoring import action_log_probs
+    from gfnlm.tasks.contrastive import TokenLevelProposal
+
+    cfg = config("contrastive", prompts, tmp_path, model=str(tiny_dir))
+    task, trainer = make_trainer(cfg)  # the CLI path
+    with torch.no_grad():  # adapters that change the policy: the teacher must not read through them
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    tok, cons = trainer.tokenizer, trainer.constraints
+    proposal = task.proposal(trainer.model, tok, cons, cfg)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)  # never wrapped
+    prompt_ids = trainer.prompt_ids[:2]
+    decoded = decode(base, tok, prompt_ids, cons, "token_level", 3, weights=(1.5, -0.5),
+                     negative_prompt=task.unconditional_ids(tok), seed=5)
+    z = [c for d in decoded for c in d.completions]
+    log_q = torch.tensor([x for d in decoded for x in d.log_q])
+    index = torch.tensor([0, 0, 0, 1, 1, 1])
+    lengths = torch.tensor([len(c) for c in z])
+    tokens = cat_padded([torch.tensor([c]) for c in z], trainer.pad_id)
+    steps = torch.cat([tokens, tokens.new_full((6, 1), 0)], 1)
+    V = trainer.model.get_output_embeddings().weight.shape[0]
+
+    def along(dist):  # [B, N+1, V+1] -> sum over each episode's actions, stop included
+        col = torch.where(torch.arange(steps.shape[1])[None] < lengths[:, None], steps, torch.full_like(steps, V))
+        picked = dist.gather(2, col[..., None]).squeeze(2)
+        return torch.where(torch.arange(steps.shape[1])[None] <= lengths[:, None], picked, 0.0).sum(1)
+
+    teacher = action_log_probs(proposal.step_logits(prompt_ids, index, tokens, lengths, trainer.pad_id), cons)
+    assert teacher.shape == (6, tokens.shape[1] + 1, V + 1)
+    assert torch.allclose(along(teacher), log_q, atol=2e-4)
+    visited = torch.arange(steps.shape[1])[None] <= lengths[:, None]
+    assert torch.allclose(teacher.logsumexp(-1)[visited], torch.zeros(int(visited.sum())), atol=1e-5)
+    adapted = TokenLevelProposal(trainer.model, tok, cons, proposal.u_ids, (1.5, -0.5))
+    adapted.lm = lambda: contextlib.nullcontext(trainer.model)  # read through the adapters: another distribution
+    wrong = action_log_probs(adapted.step_logits(prompt_ids, index, tokens, lengths, trainer.pad_id), cons)
+    assert not torch.allclose(along(wrong), log_q, atol=1e-2)
+
+    with torch.no_grad():
+        actions = trainer.policy(prompt_ids, index, tokens, lengths, cons, trainer.pad_id, actions=True)
+        log_pf, log_pterm, _ = trainer.policy(prompt_ids, index, tokens, lengths, cons, trainer.pad_id)
+    want = log_pf.sum(1) + log_pterm.gather(1, lengths[:, None]).squeeze(1)
+    assert torch.allclose(along(actions), want, atol=1e-5)
+    legal = torch.zeros(V + 1, dtype=torch.bool)
+    legal[cons.token_ids(V, "cpu")] = True
+    assert torch.isinf(actions[:, :, :V][:, :, ~legal[:V]]).all()  # forbidden tokens and the stop id itself
+    assert torch.isinf(actions[:, 0, V]).all() and torch.isinf(actions[:, 1, V]).all()  # min_new_tokens 2
+
+
+def test_soft_label_distillation_python_and_cli_paths(prompts, tmp_path, tiny_dir, capsys):
+    """``gfnlm sft --from_proposal K --soft``: the loss is the KL from the token-level sampler's
+    next-action distribution at every state of its samples. A teacher equal to the untrained policy
+    (weights (1, 0): the base model itself) gives 0; training on the real teacher lowers it."""
+    from gfnlm.sft import episode_kl, proposal_episodes, sft_train
+    from gfnlm.tasks.contrastive import TokenLevelProposal
+
+    cfg = config("contrastive", prompts, tmp_path, model=str(tiny_dir), max_steps=16, learning_rate=2e-3,
+                 warmup_steps=0)
+    task, trainer = make_trainer(cfg, with_rewards=False)
+    tok, cons = trainer.tokenizer, trainer.constraints
+    proposal = task.proposal(trainer.model, tok, cons, cfg)
+    episodes = proposal_episodes(trainer, proposal, 2, 3, seed=7, chunk=2)
+    everything = torch.arange(len(episodes[1]))
+    itself = TokenLevelProposal(trainer.model, tok, cons, proposal.u_ids, (1.0, 0.0))  # LoRA starts at the base model
+    with torch.no_grad():
+        assert episode_kl(trainer, itself, *episodes, everything).abs().max() < 1e-4
+        before = episode_kl(trainer, proposal, *episodes, everything)
+    assert (before > 1e-3).all()  # a tiny random LM: near-uniform distributions, small but real KLs
+    losses = sft_train(trainer, episodes, batch_size=4, teacher=proposal)
+    with torch.no_grad():
+        after = episode_kl(trainer, proposal, *episodes, everything)
+    assert len(losses) == 16 and after.mean() < 0.8 * before.mean()  # measured: about 0.6
+
+    common = ["--task", "contrastive", "--model", str(tiny_dir), "--task_args.data_file", str(prompts),
+              "--task_args.valid_prompts", "3", "--max_new_tokens", "5", "--report_to", "[]"]
+    capsys.readouterr()
+    assert main(["sft", *common, "--from_proposal", "2", "--proposal_prompts", "3", "--max_steps", "2", "--soft",
+                 "--output_dir", str(tmp_path / "soft")]) == 0
+    out = capsys.readouterr().out
+    assert "2 steps on 6 proposal samples (soft labels" in out and " kl " in out
+    assert (tmp_path / "soft" / "checkpoint-2").is_dir()
+    assert main(["sft", *common, "--soft", "--output_dir", str(tmp_path / "bad")]) == 2
+    assert "give --from_proposal K too" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # --- metrics --------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def cmd_sft(args, rest: list[str]) -> int:
         raise GFNLMError(f"--eval_steps {args.eval_steps}: use 0 (validation NLL before and after training only) or more")
     if args.from_proposal is not None and args.from_proposal < 1:
         raise GFNLMError(f"--from_proposal {args.from_proposal}: draw at least 1 proposal sample per training prompt")
+    if args.soft and args.from_proposal is None:
+        raise GFNLMError("--soft distils a proposal sampler's per-step distributions: give --from_proposal K too")
     if args.proposal_prompts is not None and (args.from_proposal is None or args.proposal_prompts < 1):
         raise GFNLMError(f"--proposal_prompts {args.proposal_prompts}: give a positive number, with --from_proposal K")
     data = merge_overrides(read_yaml(args.config) if args.config else {}, parse_overrides(rest))
@@ -99,8 +101,12 @@ def cmd_sft(args, rest: list[str]) -> int:
     task, trainer = make_trainer(config, with_rewards=False, dataset=rows)
     if completions is None:  # every process draws the same samples, as each reads the same labelled data
         proposal = task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config)
+        if args.soft and not hasattr(proposal, "step_logits"):
+            raise GFNLMError(f"task {data['task']}'s proposal sampler gives no per-step distributions: drop --soft")
         completions = proposal_episodes(trainer, proposal, args.from_proposal, args.proposal_prompts, config.seed)
         what, heldout = f"{len(completions[1])} proposal samples", {}  # no labels to hold out
+        if args.soft:
+            what += " (soft labels: KL from the proposal's next-action distribution at every state)"
     else:
         completions, skipped = trainer.collector.writable(completions)
         if skipped and trainer.accelerator.is_main_process:
@@ -108,10 +114,12 @@ def cmd_sft(args, rest: list[str]) -> int:
                   f"{config.min_new_tokens}..{config.max_new_tokens} tokens, or a token that is not an action) left out")
         what = f"{sum(map(len, completions.values()))} labelled completions"
         heldout, _ = trainer.collector.writable(task.heldout_completions(args.target) or {})
-    losses = sft_train(trainer, completions, batch_size=args.batch_size, heldout=heldout, eval_steps=args.eval_steps)
+    losses = sft_train(trainer, completions, batch_size=args.batch_size, heldout=heldout, eval_steps=args.eval_steps,
+                       teacher=proposal if args.soft else None)
     if trainer.accelerator.is_main_process:
         print(f"sft ({args.target}): {len(losses)} steps on {what}, "
-              f"nll {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode" if losses else "sft: 0 steps")
+              f"{'kl' if args.soft else 'nll'} {losses[0]:.3f} -> {losses[-1]:.3f} nats per episode"
+              if losses else "sft: 0 steps")
         if heldout:
             h = json.loads((Path(config.output_dir) / "heldout.json").read_text())
             print(f"held-out nll on {sum(map(len, heldout.values()))} validation completions (never trained on), by step: "
@@ -288,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distil the task's proposal sampler (contrastive: the token-level sampler on the base model) "
                         "instead of labelled completions: K samples per training prompt; a warm start for "
                         "`gfnlm train ... init_from=<checkpoint>`")
+    f.add_argument("--soft", action="store_true",
+                   help="with --from_proposal: soft labels, the KL from the proposal's next-action distribution at "
+                        "every state of its samples instead of their likelihood (contrastive: the token-level sampler's)")
     f.add_argument("--proposal_prompts", type=int, default=None, metavar="P",
                    help="with --from_proposal: only the first P training prompts (default: all)")
     f.add_argument("--target", default="policy",

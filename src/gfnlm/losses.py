@@ -495,6 +495,38 @@ def vargrad_loss(
     return _reduce(per_row, in_group, reduction)
 
 
+def stepwise_kl(target_logp: Tensor, policy_logp: Tensor, lengths: Tensor) -> Tensor:
+    """Sum over the visited states of KL(p(. | s_t) || q(. | s_t)), per episode: the soft-label
+    distillation loss of a teacher sampler p into the policy q.
+
+    Args:
+        target_logp: [B, N+1, A] the teacher's log-probabilities of the A actions at every prefix
+            t = 0..N (each row normalised; -inf where the teacher gives no mass). No gradient is
+            taken through it.
+        policy_logp: [B, N+1, A] the policy's, on the same actions (-inf where it gives no mass).
+        lengths: [B] integer n_b: states 0..n_b were visited; the rest is padding.
+
+    Returns:
+        [B] float, nats: sum_{t <= n_b} sum_a p(a | s_t) (log p(a | s_t) - log q(a | s_t)). Actions the
+        teacher gives no mass contribute 0; one it gives mass and the policy none, +inf. Along episodes
+        drawn from p this is an unbiased estimate of the sequence-level KL(p(Z) || q(Z)) (the chain
+        rule) with far less variance than the likelihood of the sampled actions alone.
+    """
+    if target_logp.shape != policy_logp.shape or target_logp.dim() != 3:
+        raise ValueError(f"target_logp {tuple(target_logp.shape)} and policy_logp {tuple(policy_logp.shape)} "
+                         "must both be [B, N+1, A]")
+    B, T, _ = target_logp.shape
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be [B] = [{B}], got {tuple(lengths.shape)}")
+    dtype = _float_dtype(target_logp, policy_logp)
+    t_lp = target_logp.detach().to(dtype)
+    p = t_lp.exp()
+    diff = torch.where(p > 0, t_lp - policy_logp.to(dtype), torch.zeros((), dtype=dtype, device=p.device))
+    per_state = (p * diff).sum(-1)  # [B, N+1]
+    visited = torch.arange(T, device=lengths.device)[None, :] <= lengths[:, None]
+    return torch.where(visited.to(per_state.device), per_state, torch.zeros_like(per_state)).sum(1)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """What an objective needs from the trainer.

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .sampling import (NEG_INF, Constraints, EpisodeStates, PrefixCache, cache_kwargs, check_fits, encode_prompts,
                        output_cache, pad_prompts)
 
@@ -123,6 +124,29 @@ def score(
     log_pterm = torch.where(st.policy_acts, stop_lp, torch.full_like(stop_lp, NEG_INF))
     log_pf = torch.where(st.acts, tok[:, :-1], torch.zeros_like(tok[:, :-1]))
     return PolicyScores(log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden)
+
+
+def action_log_probs(logits: Tensor, constraints: Constraints) -> Tensor:
+    """The whole constrained distribution of the next action at every prefix, from the logits of
+    :func:`completion_logits` (episodes without tool output, constraints without a prefix rule).
+
+    Args:
+        logits: [B, N+1, V] next-token logits (or any log-weights) at prefixes t = 0..N.
+        constraints: the action space.
+
+    Returns:
+        [B, N+1, V+1] log space, in fp32: column v < V the token v (-inf where the constraints forbid it
+        at t, and for every stop id), column V the stop action ⊤ (the summed mass of the stop ids).
+        Each row sums to 1. Rows beyond an episode's length are states it never visited.
+    """
+    if constraints.stop_after_tool or constraints.prefix_rule is not None:
+        raise ConfigError("the whole action distribution is computed for constraints without a tool "
+                          "(stop_after_tool) and without a prefix rule: distil with labels instead")
+    B, T, V = logits.shape
+    steps = torch.arange(T, device=logits.device).expand(B, T)
+    logp, stop = constraints.log_probs(logits, steps)
+    _, stop_mask = constraints.token_mask(V, logits.device)
+    return torch.cat([logp.masked_fill(stop_mask, NEG_INF), stop[..., None]], dim=-1)
 
 
 def continuation_log_probs(model, contexts: Sequence[Sequence[int]], context_index: Sequence[int],

@@ -4,6 +4,10 @@ The same policy, constraints, tool and checkpoints as GFlowNet training (a :clas
 supplies them), but the loss is the negative log-likelihood of each labelled episode under the
 constrained policy: ``-(Σ_t log q(z_t | z_<t) + log q(⊤ | z))``.  Tool-written tokens are part of
 the state but not of the likelihood (their ``log_pf`` is 0), exactly as in GFlowNet training.
+
+Distilling a sampler that gives its per-step distributions (a proposal with ``step_logits``) can use
+soft labels instead: the loss is then the KL from its next-action distribution at every state of its
+episodes (:func:`episode_kl`), the sequence-level KL(p || q) by the chain rule, with far less variance.
 """
 
 from __future__ import annotations
@@ -94,6 +98,30 @@ def episode_nll(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, leng
     return -(log_pf.sum(1) + log_pterm.gather(1, n[:, None]).squeeze(1))
 
 
+def episode_kl(trainer, teacher, prompts, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+               action_mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """Soft-label distillation loss [b] (nats per episode) of the episodes ``pick`` [b]:
+    ``sum_t KL(p(. | s_t) || q(. | s_t))`` over the states each visited (:func:`gfnlm.losses.stepwise_kl`),
+    where p is the teacher's constrained distribution of the next action (``teacher.step_logits``, e.g.
+    :class:`gfnlm.tasks.contrastive.TokenLevelProposal`) and q the policy's, from one teacher-forced pass
+    of each (the teacher's without gradient)."""
+    from .losses import stepwise_kl
+    from .scoring import action_log_probs
+
+    if not bool(action_mask[pick].eq(torch.arange(action_mask.shape[1])[None] < lengths[pick, None]).all()):
+        raise ConfigError("soft-label distillation needs episodes without tool output: distil with labels instead")
+    device = trainer.accelerator.device
+    row_ids = sorted(set(rows[pick].tolist()))
+    prompt_index = torch.tensor([row_ids.index(r) for r in rows[pick].tolist()], device=device)
+    width = int(lengths[pick].max())
+    tok, n = tokens[pick, :width].to(device), lengths[pick].to(device)
+    ps = [prompts[r] for r in row_ids]
+    with torch.no_grad():
+        target = action_log_probs(teacher.step_logits(ps, prompt_index, tok, n, trainer.pad_id), trainer.constraints)
+    policy = trainer.policy(ps, prompt_index, tok, n, trainer.constraints, trainer.pad_id, actions=True)
+    return stepwise_kl(target, policy, n)
+
+
 @torch.no_grad()
 def heldout_nll(trainer, completions: dict[str, list[str]] | tuple, batch_size: int = 8) -> float:
     """Mean negative log-likelihood (nats per episode) of labelled completions the policy was not
@@ -108,11 +136,15 @@ def heldout_nll(trainer, completions: dict[str, list[str]] | tuple, batch_size: 
 
 
 def sft_train(trainer, completions: dict[str, list[str]] | tuple, batch_size: int = 8,
-              heldout: dict[str, list[str]] | None = None, eval_steps: int = 0) -> list[float]:
+              heldout: dict[str, list[str]] | None = None, eval_steps: int = 0, teacher=None) -> list[float]:
     """Train ``trainer``'s policy by maximum likelihood for ``trainer.args.max_steps`` steps on the
     labelled completions (``{prompt: [completion, ...]}``, or episodes already tokenised: the tuple of
     :func:`episodes_from_texts` or :func:`proposal_episodes`), then write a checkpoint. Returns the
     per-step mean negative log-likelihood (nats per episode).
+
+    ``teacher``: a sampler with ``step_logits`` (e.g. the proposal the episodes came from): soft labels,
+    the loss is then :func:`episode_kl`, the KL from the teacher's next-action distribution at every
+    visited state (nats per episode), and that is what is returned.
 
     ``heldout``: labelled completions never trained on (e.g. the task's validation split). Their NLL
     (:func:`heldout_nll`, which draws no random numbers: training is the same with or without it) is
@@ -150,7 +182,11 @@ def sft_train(trainer, completions: dict[str, list[str]] | tuple, batch_size: in
     bar = tqdm(total=a.max_steps, initial=trainer.step, desc="SFT", disable=a.disable_tqdm or not trainer.accelerator.is_main_process)
     while trainer.step < a.max_steps:
         pick = torch.randint(len(rows), (min(batch_size, len(rows)),), generator=trainer.generator)
-        nll = episode_nll(trainer, prompts, rows, tokens, lengths, action_mask, pick).mean()
+        if teacher is not None:
+            per_episode = episode_kl(trainer, teacher, prompts, rows, tokens, lengths, action_mask, pick)
+        else:
+            per_episode = episode_nll(trainer, prompts, rows, tokens, lengths, action_mask, pick)
+        nll = per_episode.mean()
         trainer.accelerator.backward(nll)
         trainer.clip_gradients()
         trainer.optimizer.step()
@@ -161,7 +197,8 @@ def sft_train(trainer, completions: dict[str, list[str]] | tuple, batch_size: in
         if heldout and eval_steps > 0 and trainer.step % eval_steps == 0 and trainer.step < a.max_steps:
             evaluate()
         bar.update(1)
-        bar.set_postfix(nll=f"{losses[-1]:.3f}", **({"heldout": f"{curve[-1][1]:.3f}"} if curve else {}))
+        shown = {"kl" if teacher is not None else "nll": f"{losses[-1]:.3f}"}
+        bar.set_postfix(**shown, **({"heldout": f"{curve[-1][1]:.3f}"} if curve else {}))
     bar.close()
     if heldout and (not curve or curve[-1][0] != trainer.step):
         evaluate()

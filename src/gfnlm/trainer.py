@@ -38,8 +38,8 @@ from .losses import LOSSES, tempered
 from .policy import bind_base_models, fp32_logits, wrap_policy
 from .rewards import Reward, RewardBatch, as_reward
 from .rollout import Collector, Episodes, Proposal, require_proposal
-from .sampling import Constraints, device_generator, sample
-from .scoring import score
+from .sampling import Constraints, check_fits, device_generator, sample
+from .scoring import action_log_probs, completion_logits, score
 
 
 class GFNPolicy(nn.Module):
@@ -62,8 +62,15 @@ class GFNPolicy(nn.Module):
             nn.init.zeros_(self.log_z_head.bias)
 
     def forward(self, prompts, prompt_index: Tensor, tokens: Tensor, lengths: Tensor, constraints: Constraints,
-                pad_id: int = 0, action_mask: Tensor | None = None):
-        """Returns log_pf [B, N], log_pterm [B, N+1] and log_z [B] (or None), all log space."""
+                pad_id: int = 0, action_mask: Tensor | None = None, actions: bool = False):
+        """Returns log_pf [B, N], log_pterm [B, N+1] and log_z [B] (or None), all log space.
+
+        ``actions=True`` (soft-label distillation): the whole constrained distribution of the next
+        action at every prefix instead, [B, N+1, V+1] log space (:func:`gfnlm.scoring.action_log_probs`)."""
+        if actions:
+            check_fits(self.lm, prompts, max(tokens.shape[1], 1))
+            logits, _ = completion_logits(self.lm, prompts, prompt_index, tokens, lengths, pad_id)
+            return action_log_probs(logits, constraints)
         sc = score(self.lm, prompts, prompt_index, tokens, lengths, constraints, pad_id=pad_id,
                    return_prompt_hidden=self.log_z_kind == "prompt", action_mask=action_mask)
         log_z = None

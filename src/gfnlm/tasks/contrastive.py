@@ -80,27 +80,15 @@ class ContrastiveTask(ContinuationTask):
         ``proposal_fraction`` episodes: each token from p(z_t | X, z_<t)^a p(z_t | U, z_<t)^b renormalised,
         the local form of the posterior (the ``token_level`` baseline). Training on its episodes as well
         as the policy's own moves the policy towards the regions of high R sooner; the target and the
-        loss are unchanged (GFlowNet losses are off-policy)."""
-        from ..baselines import decode
-        from ..policy import BaseLM, adapter_layers
+        loss are unchanged (GFlowNet losses are off-policy). Its per-step distributions
+        (:meth:`TokenLevelProposal.step_logits`) are the soft labels of ``gfnlm sft --from_proposal K --soft``."""
+        from ..policy import adapter_layers
 
         if not adapter_layers(model):
             raise ConfigError("the contrastive proposal samples the base model with the adapters off: train LoRA "
                               "(use_peft true), or do without it (proposal_fraction 0; no --from_proposal)")
-        lm, u_ids, weights = BaseLM(model), self.unconditional_ids(tokenizer), (self.args.a, self.args.b)
-
-        def propose(prompt_ids: list[list[int]], counts: list[int], seed: int) -> list[list[list[int]]]:
-            out: list[list[list[int]]] = [[] for _ in prompt_ids]
-            with lm() as base:
-                for k in sorted(set(counts) - {0}):  # the prompts that need k episodes: one decode, seeded seed + k
-                    rows = [i for i, c in enumerate(counts) if c == k]
-                    got = decode(base, tokenizer, [prompt_ids[i] for i in rows], constraints, "token_level", k,
-                                 weights=weights, negative_prompt=u_ids, seed=seed + k)
-                    for i, d in zip(rows, got):
-                        out[i] = d.completions
-            return out
-
-        return propose
+        return TokenLevelProposal(model, tokenizer, constraints, self.unconditional_ids(tokenizer),
+                                  (self.args.a, self.args.b))
 
     def terms(self, model, tokenizer, constraints, weights=None) -> list:
         """The two LM terms: log p̃(z_1:t "." | X) with weight a and log p̃(z_1:t "." | U) with weight b."""
@@ -226,3 +214,49 @@ def contrastive_plot(results: dict, path) -> None:
                  ylabel="mean log R = a log p(Z.|X) + b log p(Z.)",
                  title=f"Contrastive posterior, a = {results['a']:g}, b = {results['b']:g}, "
                        f"{results['prompts']} validation prompts")
+
+
+class TokenLevelProposal:
+    """The token-level contrastive sampler on the base model (adapters off): a
+    :data:`gfnlm.rollout.Proposal` that also gives its per-step distributions.
+
+    ``model``: the policy's LM (its adapters are switched off here); ``u_ids``: the token ids of the
+    unconditional context U; ``weights``: (a, b)."""
+
+    def __init__(self, model, tokenizer, constraints, u_ids: list[int], weights: tuple[float, float]):
+        from ..policy import BaseLM
+
+        self.lm, self.tokenizer, self.constraints = BaseLM(model), tokenizer, constraints
+        self.u_ids, self.weights = list(u_ids), weights
+
+    def __call__(self, prompt_ids: list[list[int]], counts: list[int], seed: int) -> list[list[list[int]]]:
+        """``counts[p]`` episodes of prompt p (token ids, no stop), through transformers' ``generate``
+        with classifier-free guidance (:func:`gfnlm.baselines.decode`)."""
+        from ..baselines import decode
+
+        out: list[list[list[int]]] = [[] for _ in prompt_ids]
+        with self.lm() as base:
+            for k in sorted(set(counts) - {0}):  # the prompts that need k episodes: one decode, seeded seed + k
+                rows = [i for i, c in enumerate(counts) if c == k]
+                got = decode(base, self.tokenizer, [prompt_ids[i] for i in rows], self.constraints, "token_level", k,
+                             weights=self.weights, negative_prompt=self.u_ids, seed=seed + k)
+                for i, d in zip(rows, got):
+                    out[i] = d.completions
+        return out
+
+    def step_logits(self, prompts: list[list[int]], prompt_index, tokens, lengths, pad_id: int = 0):
+        """The sampler's log-weights of the next token at every prefix t = 0..N of each episode,
+        a·log p(. | X, z_<t) + b·log p(. | U, z_<t) (each a full-vocabulary log-softmax in fp32, as the
+        guidance of ``generate`` combines them): [B, N+1, V], log space up to a constant per state.
+        :func:`gfnlm.scoring.action_log_probs` of it is the sampler's constrained distribution.
+
+        ``prompts``: P prompts (token ids); ``prompt_index`` [B]; ``tokens`` [B, N]; ``lengths`` [B]."""
+        import torch
+
+        from ..scoring import completion_logits
+
+        a, b = self.weights
+        with self.lm() as base, torch.no_grad():
+            lx, _ = completion_logits(base, prompts, prompt_index, tokens, lengths, pad_id)
+            lu, _ = completion_logits(base, [self.u_ids], torch.zeros_like(prompt_index), tokens, lengths, pad_id)
+        return a * lx.float().log_softmax(-1) + b * lu.float().log_softmax(-1)
