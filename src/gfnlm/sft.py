@@ -84,17 +84,24 @@ def proposal_episodes(trainer, proposal, per_prompt: int, prompts: int | None = 
             cat_padded([m for _, _, m in parts], False))
 
 
-def episode_nll(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                action_mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood [b] (nats per episode) of the episodes ``pick`` [b] under the constrained
-    policy: ``-(Σ_t log q(z_t | z_<t) + log q(⊤ | z))``, from one teacher-forced pass."""
+def _picked(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+            action_mask: torch.Tensor, pick: torch.Tensor):
+    """The episodes ``pick`` [b] as the policy reads them, on its device: (their distinct prompts,
+    prompt index [b], tokens [b, n_max], lengths [b], action mask [b, n_max])."""
     device = trainer.accelerator.device
     row_ids = sorted(set(rows[pick].tolist()))
     prompt_index = torch.tensor([row_ids.index(r) for r in rows[pick].tolist()], device=device)
     width = int(lengths[pick].max())
-    n = lengths[pick].to(device)
-    log_pf, log_pterm, _ = trainer.policy([prompts[r] for r in row_ids], prompt_index, tokens[pick, :width].to(device),
-                                          n, trainer.constraints, trainer.pad_id, action_mask[pick, :width].to(device))
+    return ([prompts[r] for r in row_ids], prompt_index, tokens[pick, :width].to(device), lengths[pick].to(device),
+            action_mask[pick, :width].to(device))
+
+
+def episode_nll(trainer, prompts, rows: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                action_mask: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood [b] (nats per episode) of the episodes ``pick`` [b] under the constrained
+    policy: ``-(Σ_t log q(z_t | z_<t) + log q(⊤ | z))``, from one teacher-forced pass."""
+    ps, prompt_index, tok, n, mask = _picked(trainer, prompts, rows, tokens, lengths, action_mask, pick)
+    log_pf, log_pterm, _ = trainer.policy(ps, prompt_index, tok, n, trainer.constraints, trainer.pad_id, mask)
     return -(log_pf.sum(1) + log_pterm.gather(1, n[:, None]).squeeze(1))
 
 
@@ -108,14 +115,9 @@ def episode_kl(trainer, teacher, prompts, rows: torch.Tensor, tokens: torch.Tens
     from .losses import stepwise_kl
     from .scoring import action_log_probs
 
-    if not bool(action_mask[pick].eq(torch.arange(action_mask.shape[1])[None] < lengths[pick, None]).all()):
+    ps, prompt_index, tok, n, mask = _picked(trainer, prompts, rows, tokens, lengths, action_mask, pick)
+    if not bool(mask.eq(torch.arange(mask.shape[1], device=mask.device)[None] < n[:, None]).all()):
         raise ConfigError("soft-label distillation needs episodes without tool output: distil with labels instead")
-    device = trainer.accelerator.device
-    row_ids = sorted(set(rows[pick].tolist()))
-    prompt_index = torch.tensor([row_ids.index(r) for r in rows[pick].tolist()], device=device)
-    width = int(lengths[pick].max())
-    tok, n = tokens[pick, :width].to(device), lengths[pick].to(device)
-    ps = [prompts[r] for r in row_ids]
     with torch.no_grad():
         target = action_log_probs(teacher.step_logits(ps, prompt_index, tok, n, trainer.pad_id), trainer.constraints)
     policy = trainer.policy(ps, prompt_index, tok, n, trainer.constraints, trainer.pad_id, actions=True)
