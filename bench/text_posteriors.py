@@ -30,8 +30,9 @@ p̃^(1/T_end) for every sampler with a tractable q.
   (default n), n samples resampled, with its log Ẑ;
 * distil: the token-level sampler distilled into the policy (LoRA, maximum likelihood of
   ``--distil_samples`` of its samples for each of ``--distil_prompts`` training prompts, ``gfnlm sft
-  --from_proposal``), evaluated as a sampler; a GFlowNet run starts from its checkpoint with
-  ``--gfn_set init_from=runs/bench-contrastive/distil/checkpoint-<steps>``.
+  --from_proposal``), or with ``--distil_soft`` the KL from its next-action distribution at every state of
+  those samples (soft labels, ``gfnlm sft --from_proposal K --soft``), evaluated as a sampler; a GFlowNet
+  run starts from its checkpoint with ``--gfn_set init_from=runs/bench-contrastive/distil/checkpoint-<steps>``.
 
 Per method: mean log R, mean PMI, mean log p(Z|X), diversity, length, LM token evaluations per
 prompt, and the ELBO on R (with the IW bound, ESS, Var) for every sampler with a tractable q.
