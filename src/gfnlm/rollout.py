@@ -69,7 +69,10 @@ KIND_NAMES = {ON_POLICY: "on_policy", TEMPERED: "tempered", REPLAYED: "replayed"
 #: (token id lists, as the policy reads them), ``counts`` [P] how many episodes each needs, and the result
 #: holds, for each prompt, ``counts[p]`` episodes as lists of action token ids (no stop token). Each
 #: episode must be one the policy could write (lengths and tokens of the constraints). ``seed`` is drawn
-#: from the run's random stream; torch's global random state is restored after the call.
+#: from the run's random stream; torch's global random state is restored after the call. A proposal may
+#: also give ``step_logits(prompts, prompt_index, tokens, lengths, pad_id) -> [B, N+1, V]``, its
+#: log-weights of the next token at every prefix (e.g. :class:`gfnlm.tasks.contrastive.TokenLevelProposal`):
+#: then ``gfnlm sft --from_proposal K --soft`` distils its per-step distributions (soft labels).
 Proposal = Callable[[list[list[int]], list[int], int], list[list[list[int]]]]
 
 
