@@ -53,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the LoRA adapters (SFT and RL)")
     p.add_argument("--gfn_lr", type=float, default=None,
                    help="learning rate of GFlowNet fine-tuning from the base model (default: the task's, 1e-4 with warm-up)")
-    p.add_argument("--gfn_set", action="append", default=[],
-                   help="extra GFNConfig field for the gfn method, as name=value (e.g. reward_temperature_end=1.0)")
+    p.add_argument("--gfn_set", action="extend", nargs="+", default=[],
+                   help="extra GFNConfig fields for the gfn method, as name=value (e.g. reward_temperature_end=1.0; "
+                        "one or more, flag repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seeds other than 0 write <method>-seed<k>.json; --report "
                    "shows a method's seeds as mean ± std")
     p.add_argument("--labelled", type=int, default=0,

@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--reward_lm_steps", type=int, default=200)
     p.add_argument("--steps", type=int, default=60, help="GFlowNet optimiser steps")
     p.add_argument("--gfn_lr", type=float, default=1e-4)
-    p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for GFlowNet runs, name=value")
+    p.add_argument("--gfn_set", action="extend", nargs="+", default=[],
+                   help="extra GFNConfig fields for GFlowNet runs, name=value (one or more, flag repeatable)")
     p.add_argument("--seed", type=int, default=0, help="training seed; seeds other than 0 write <method>-seed<k>.json")
     p.add_argument("--variant", default="", help="label of a run with other settings (--steps, --gfn_set, "
                    "--reward_lm_steps, --sft_steps): written to <method>-<label>.json and its own table row; only with sft, "

@@ -31,8 +31,9 @@ p̃^(1/T_end) for every sampler with a tractable q.
 * distil: the token-level sampler distilled into the policy (LoRA, maximum likelihood of
   ``--distil_samples`` of its samples for each of ``--distil_prompts`` training prompts, ``gfnlm sft
   --from_proposal``), or with ``--distil_soft`` the KL from its next-action distribution at every state of
-  those samples (soft labels, ``gfnlm sft --from_proposal K --soft``), evaluated as a sampler; a GFlowNet
-  run starts from its checkpoint with ``--gfn_set init_from=runs/bench-contrastive/distil/checkpoint-<steps>``.
+  those samples (soft labels, ``gfnlm sft --from_proposal K --soft``), evaluated as a sampler;
+  ``--distil_init`` continues an earlier distillation from its checkpoint, on fresh samples drawn with
+  ``--distil_seed``; a GFlowNet run starts from its checkpoint with ``--gfn_set init_from=runs/bench-contrastive/distil/checkpoint-<steps>``.
 
 Per method: mean log R, mean PMI, mean log p(Z|X), diversity, length, LM token evaluations per
 prompt, and the ELBO on R (with the IW bound, ESS, Var) for every sampler with a tractable q.
@@ -87,7 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--t_end", type=float, default=0.8, help="continuation: final reward temperature")
     p.add_argument("--a", type=float, default=1.5, help="contrastive: exponent of p(Z|X)")
     p.add_argument("--b", type=float, default=-0.5, help="contrastive: exponent of p(Z)")
-    p.add_argument("--gfn_set", action="append", default=[], help="extra GFNConfig field for the GFlowNet run, name=value")
+    p.add_argument("--gfn_set", action="extend", nargs="+", default=[],
+                   help="extra GFNConfig fields for the GFlowNet run, name=value (one or more, flag repeatable)")
     p.add_argument("--eval_checkpoint", default=None, help="gfn: evaluate this finished run's checkpoint-<step> folder "
                    "instead of training (its history.json is read from the run folder; e.g. after a crash in evaluation)")
     p.add_argument("--variant", default="", help="a label for a run with other settings (e.g. 'log_z none'), with one "
@@ -103,6 +105,11 @@ def parse_args(argv=None):
     p.add_argument("--distil_soft", action="store_true",
                    help="contrastive distil: soft labels (KL from the token-level sampler's next-action distribution "
                         "at every state of its samples, `gfnlm sft --from_proposal K --soft`) instead of their likelihood")
+    p.add_argument("--distil_init", default=None,
+                   help="contrastive distil: start from this checkpoint (an earlier distillation, `init_from`)")
+    p.add_argument("--distil_seed", type=int, default=None,
+                   help="contrastive distil: seed of the proposal samples (default --seed); a continued "
+                        "distillation draws fresh ones with another")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smc_particles", type=int, default=0, help="contrastive smc: particles per prompt (0: n)")
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "openwebtext" / "prompts.txt"))
@@ -144,7 +151,7 @@ def build(args, method: str):
         data["task_args"]["baselines"] = args.baselines
     if method == "distil":
         data.update({"max_steps": args.distil_steps, "learning_rate": args.distil_lr, "warmup_steps": 10,
-                     "lr_scheduler_type": "cosine"})
+                     "lr_scheduler_type": "cosine", **({"init_from": args.distil_init} if args.distil_init else {})})
     if method == "gfn":
         data.update({"max_steps": args.steps, "learning_rate": args.gfn_lr, "warmup_steps": 10,
                      **({"reward_temperature_horizon": args.steps} if args.task == "continuation" else {}),
@@ -208,13 +215,14 @@ def run_method(method: str, args) -> dict:
         task, trainer = make_trainer(config, with_rewards=False)
         t_sample = time.perf_counter()  # sampling time without the set-up
         proposal = task.proposal(trainer.model, trainer.tokenizer, trainer.constraints, config)
-        episodes = proposal_episodes(trainer, proposal, args.distil_samples, args.distil_prompts, seed=args.seed)
+        sample_seed = args.seed if args.distil_seed is None else args.distil_seed
+        episodes = proposal_episodes(trainer, proposal, args.distil_samples, args.distil_prompts, seed=sample_seed)
         t1 = time.perf_counter()
         losses = sft_train(trainer, episodes, batch_size=16, teacher=proposal if args.distil_soft else None)
         loss_name = "kl" if args.distil_soft else "nll"
         info.update(sample_seconds=round(t1 - t_sample, 1), train_seconds=round(time.perf_counter() - t1, 1),
                     episodes=len(episodes[1]), steps=len(losses), batch=16, learning_rate=config.learning_rate,
-                    soft_labels=args.distil_soft, **{f"{loss_name}_first": losses[0], f"{loss_name}_last": losses[-1]},
+                    soft_labels=args.distil_soft, sample_seed=sample_seed, init_from=config.init_from, **{f"{loss_name}_first": losses[0], f"{loss_name}_last": losses[-1]},
                     checkpoint=str(Path(config.output_dir) / f"checkpoint-{trainer.step}"))
         model = trainer.model
         model.eval()
