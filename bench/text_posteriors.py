@@ -33,7 +33,8 @@ p̃^(1/T_end) for every sampler with a tractable q.
   --from_proposal``), or with ``--distil_soft`` the KL from its next-action distribution at every state of
   those samples (soft labels, ``gfnlm sft --from_proposal K --soft``), evaluated as a sampler;
   ``--distil_init`` continues an earlier distillation from its checkpoint, on fresh samples drawn with
-  ``--distil_seed``; a GFlowNet run starts from its checkpoint with ``--gfn_set init_from=runs/bench-contrastive/distil/checkpoint-<steps>``.
+  ``--distil_seed``; a GFlowNet run starts from its checkpoint with
+  ``--gfn_set init_from=runs/bench-contrastive/distil/checkpoint-<steps>``.
 
 Per method: mean log R, mean PMI, mean log p(Z|X), diversity, length, LM token evaluations per
 prompt, and the ELBO on R (with the IW bound, ESS, Var) for every sampler with a tractable q.
@@ -222,7 +223,8 @@ def run_method(method: str, args) -> dict:
         loss_name = "kl" if args.distil_soft else "nll"
         info.update(sample_seconds=round(t1 - t_sample, 1), train_seconds=round(time.perf_counter() - t1, 1),
                     episodes=len(episodes[1]), steps=len(losses), batch=16, learning_rate=config.learning_rate,
-                    soft_labels=args.distil_soft, sample_seed=sample_seed, init_from=config.init_from, **{f"{loss_name}_first": losses[0], f"{loss_name}_last": losses[-1]},
+                    soft_labels=args.distil_soft, sample_seed=sample_seed, init_from=config.init_from,
+                    **{f"{loss_name}_first": losses[0], f"{loss_name}_last": losses[-1]},
                     checkpoint=str(Path(config.output_dir) / f"checkpoint-{trainer.step}"))
         model = trainer.model
         model.eval()
