@@ -71,29 +71,36 @@ def base_model(model: nn.Module):
         model.train(was_training)
 
 
-def _lora_merge_plan(model: nn.Module) -> list[tuple[nn.Module, str]] | None:
-    """The (LoRA layer, adapter) pairs whose update can be folded into a copy of the base weight, or
-    None when the adapters cannot all be merged that way (another tuner, DoRA or another LoRA variant,
-    several active adapters, an adapter already merged or switched off, a quantised or sharded base
-    weight under FSDP / DeepSpeed ZeRO-3). No adapters: an empty list."""
-    layers = adapter_layers(model)
-    if not layers:
-        return []
+def plain_lora(m: nn.Module) -> str | None:
+    """The adapter name if ``m`` is a PEFT LoRA ``Linear`` whose output is exactly base(x) + scale *
+    B(A(x)) with one active adapter (no DoRA or other LoRA variant, no LoRA bias, not merged, not
+    switched off) over a plain 2-D floating-point weight (not quantised, not sharded under FSDP /
+    DeepSpeed ZeRO-3); else None."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:
         return None
+    if type(m) is not LoraLinear or m.merged or m.disable_adapters or len(m.active_adapters) != 1:
+        return None
+    name = m.active_adapters[0]
+    if name not in m.lora_A or m.use_dora.get(name, False) or name in getattr(m, "lora_variant", {}) \
+            or getattr(m, "lora_bias", {}).get(name, False):  # get_delta_weight leaves out a LoRA bias
+        return None
+    w = m.get_base_layer().weight
+    if type(w) is not nn.Parameter or type(w.data) is not torch.Tensor or w.dim() != 2 \
+            or tuple(w.shape) != (m.out_features, m.in_features) or not w.is_floating_point():
+        return None
+    return name
+
+
+def _lora_merge_plan(model: nn.Module) -> list[tuple[nn.Module, str]] | None:
+    """The (LoRA layer, adapter) pairs whose update can be folded into a copy of the base weight, or
+    None when the adapters cannot all be merged that way (a layer :func:`plain_lora` rejects). No
+    adapters: an empty list."""
     plan = []
-    for m in layers:
-        if type(m) is not LoraLinear or m.merged or m.disable_adapters or len(m.active_adapters) != 1:
-            return None
-        name = m.active_adapters[0]
-        if name not in m.lora_A or m.use_dora.get(name, False) or name in getattr(m, "lora_variant", {}) \
-                or getattr(m, "lora_bias", {}).get(name, False):  # get_delta_weight leaves out a LoRA bias
-            return None
-        w = m.get_base_layer().weight
-        if type(w) is not nn.Parameter or type(w.data) is not torch.Tensor or w.dim() != 2 \
-                or tuple(w.shape) != (m.out_features, m.in_features) or not w.is_floating_point():
+    for m in adapter_layers(model):
+        name = plain_lora(m)
+        if name is None:
             return None
         plan.append((m, name))
     return plan

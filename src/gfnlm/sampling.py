@@ -443,13 +443,14 @@ def episode_uniforms(generator: torch.Generator | None, steps: int, rows: int, d
 def draw(probs: Tensor, u: Tensor) -> Tensor:
     """Inverse-CDF draw of one column per row of ``probs`` [B, C] (non-negative, rows need not sum
     to 1) with uniforms ``u`` [B] in [0, 1): the first column whose cumulative mass exceeds
-    u * total, so zero-mass columns are never drawn (rounding at the very top falls back to the last
-    column with mass). Returns [B] long."""
+    u * total, so zero-mass columns are never drawn (rounding at the very top falls back to the column
+    where the cumulative mass reaches its total, which has mass). Returns [B] long."""
     cdf = probs.double().cumsum(-1)  # float64: tail actions below fp32's resolution keep their mass
-    idx = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
+    total = cdf[:, -1:].contiguous()
+    idx = torch.searchsorted(cdf, u.double().unsqueeze(1) * total, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
     ok = probs.gather(1, idx[:, None]).squeeze(1) > 0
-    last = probs.shape[1] - 1 - (probs > 0).flip(1).int().argmax(1)
-    return torch.where(ok, idx, last)
+    top = torch.searchsorted(cdf, total).squeeze(1)  # first column with cdf = total: cdf rose there, so it has mass
+    return torch.where(ok, idx, top)
 
 
 @dataclass
@@ -531,6 +532,7 @@ def sample(
     max_tool_tokens: int = 0,
     prefix: PrefixCache | None = None,
     merge_adapters: bool = True,
+    fast_decode: bool = True,
 ) -> Samples:
     """Sample one episode for each entry of ``prompt_index``.
 
@@ -554,11 +556,16 @@ def sample(
         merge_adapters: decode with LoRA updates folded into temporary weights
             (:func:`gfnlm.policy.merged_adapters`: the same policy, up to float rounding, at the cost of
             the plain model); False runs the adapter layers as they are.
+        fast_decode: decode a Llama-architecture model with :class:`gfnlm.decoding.LlamaDecoder` (static
+            KV cache, weights packed for the CPU's small-batch products, LoRA read from the adapters:
+            the same policy up to float rounding, without merging); other models, or False, run the
+            model's own forward (with ``merge_adapters``).
 
     Tensors are created on the model's device; only a tool's text round-trips through the CPU. The
     returned ``log_pf``/``log_pterm`` are always those of the policy itself (temperature 1, ε = 0),
     whatever behaviour policy drew the sample.
     """
+    from .decoding import LlamaDecoder
     from .policy import merged_adapters
 
     device = next(model.parameters()).device
@@ -574,14 +581,16 @@ def sample(
     B = prompt_index.numel()
     temp = torch.as_tensor(temperature, dtype=torch.float32).to(device)
     temp = (temp.expand(B) if temp.ndim == 0 else temp)[:, None]
-    with merged_adapters(model, merge_adapters) as lm:
+    decoder = LlamaDecoder.for_model(model, B) if fast_decode else None
+    with merged_adapters(model, merge_adapters and decoder is None) as lm:
         return _decode(lm, prompts, prompt_index, constraints, temp, epsilon, pad_id, generator, tool, tokenizer,
-                       max_tool_tokens if tool is not None else 0, prefix)
+                       max_tool_tokens if tool is not None else 0, prefix, decoder)
 
 
 def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp: Tensor, epsilon: float, pad_id: int,
-            generator, tool, tokenizer, max_tool_tokens: int, prefix) -> Samples:
-    """The decode loop of :func:`sample` (arguments checked and on the model's device; ``temp`` [B, 1])."""
+            generator, tool, tokenizer, max_tool_tokens: int, prefix, decoder) -> Samples:
+    """The decode loop of :func:`sample` (arguments checked and on the model's device; ``temp`` [B, 1];
+    ``decoder`` a :class:`gfnlm.decoding.LlamaDecoder` or None for the model's forward)."""
     device = prompt_index.device
     B, N = prompt_index.numel(), constraints.max_new_tokens
     p_ids, p_mask = pad_prompts(prompts, pad_id, device)
@@ -593,6 +602,8 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
     space = _ActionSpace(constraints, logits.shape[-1], device)
 
     S = N + max_tool_tokens  # room for actions and tool output
+    if decoder is not None:
+        decoder.begin(cache, attn, S)
     u = episode_uniforms(generator, S, B, device)
     tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
     action = torch.zeros((B, S), dtype=torch.bool, device=device)
@@ -649,6 +660,10 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
             break
         # advance the cache by one token for every row (finished rows feed padding, ignored)
         step_ids = torch.where(alive, choice, torch.full_like(choice, pad_id))
+        if decoder is not None:
+            logits = decoder.step(step_ids, next_pos)
+            next_pos = next_pos + 1
+            continue
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         out = model(input_ids=step_ids[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True,
                     **cache_kwargs(model, cache))
