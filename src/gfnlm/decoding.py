@@ -109,9 +109,9 @@ class _Linears:
 class LlamaDecoder:
     """One decode step of a ``LlamaForCausalLM`` (with or without LoRA) over a static KV cache.
 
-    Use: ``dec = LlamaDecoder.for_model(model)`` (None if it does not apply), then per batch of
+    Use: ``dec = LlamaDecoder.for_model(model, rows)`` (None if it does not apply), then per batch of
     episodes ``dec.begin(cache, attention_mask, steps)`` with the model's own KV cache of the prompts,
-    and per token ``logits = dec.step(ids, positions)``.
+    and per token ``logits = dec.step(ids, positions)``; ``dec.end()`` frees the cache.
     """
 
     def __init__(self, lm: nn.Module, pack_rows: int | None):
@@ -176,6 +176,10 @@ class LlamaDecoder:
         self.mask = torch.zeros((B, 1, 1, L + steps), dtype=torch.bool, device=attention_mask.device)
         self.mask[:, 0, 0, :L] = attention_mask.bool()
         self.filled = L
+
+    def end(self) -> None:
+        """Free the static cache (the decoder itself, with its packed weights, stays with the model)."""
+        self.keys = self.values = self.mask = None
 
     def step(self, ids: Tensor, positions: Tensor) -> Tensor:
         """Append tokens ``ids`` [B] at position ids ``positions`` [B]; returns next-token logits [B, V]."""
@@ -252,7 +256,9 @@ def _supported(lm: nn.Module) -> bool:
         a, f = layer.self_attn, layer.mlp
         for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj):
             base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
-            if type(base) is not nn.Linear or base.bias is not None or type(base.weight.data) is not torch.Tensor:
+            w = base.weight
+            if type(base) is not nn.Linear or base.bias is not None or type(w.data) is not torch.Tensor \
+                    or tuple(w.shape) != (base.out_features, base.in_features):  # e.g. a ZeRO-3 placeholder
                 return False
             handled.add(id(m))
     if any(id(m) not in handled for m in lora):

@@ -671,6 +671,8 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
 
+    if decoder is not None:
+        decoder.end()
     width = int(lengths.max().item()) if B else 0
     return Samples(
         prompt_index=prompt_index,
