@@ -17,14 +17,14 @@ V = 24
 PROMPTS = [[1, 3], [1, 4, 5, 6], [1]]
 
 
-def gqa_llama(seed=0):
+def gqa_llama(seed=0, **kw):
     """A tiny Llama with grouped-query attention (4 query heads over 2 key/value heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(**{**dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False), **kw})
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -52,11 +52,11 @@ def decode_and_check(model, rows: torch.Tensor, steps: int, prefix: list[int] | 
         _, cache, mask = encode_prompts(model, p_ids, p_mask, prefix=PrefixCache(model, prefix) if prefix else None)
     cache.batch_select_indices(rows)
     attn = mask[rows]
-    dec.begin(cache, attn, steps)
+    kv = dec.begin(cache, attn, steps)
     tokens = torch.randint(3, V, (len(rows), steps), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         for t in range(steps):
-            logits = dec.step(tokens[:, t], attn.sum(-1) + t)
+            logits = dec.step(kv, tokens[:, t], attn.sum(-1) + t)
             for b, r in enumerate(rows.tolist()):
                 ids = (prefix or []) + PROMPTS[r] + tokens[b, : t + 1].tolist()
                 torch.testing.assert_close(logits[b], one_row_logits(model, ids), atol=1e-5, rtol=1e-5)
@@ -131,3 +131,75 @@ def test_decoder_steps_aside_where_it_cannot_reproduce_the_model():
     s = sample(model, PROMPTS, [0, 1, 2, 0], c, generator=torch.Generator().manual_seed(0))
     sc = score(model, PROMPTS, s.prompt_index, s.tokens, s.lengths, c)
     torch.testing.assert_close(s.log_pf, sc.log_pf.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_follows_the_adapters_as_they_train_and_switch():
+    model = with_lora(gqa_llama(seed=7))
+    rows = torch.tensor([0, 1, 2])
+    decode_and_check(model, rows, steps=2)
+    with torch.no_grad():  # an optimiser step on the adapters after the decoder was built
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    decode_and_check(model, rows, steps=2)
+    from peft import LoraConfig
+
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False))
+    model.set_adapter("other")  # a second adapter on some layers only: empty blocks in the fused update
+    decode_and_check(model, rows, steps=2)
+
+
+def test_decoder_reproduces_llama_variants():
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    model = gqa_llama(seed=8, head_dim=16, rope_parameters=rope, attn_implementation="eager")
+    assert model.model.layers[0].self_attn.head_dim == 16  # not hidden / heads (8)
+    decode_and_check(with_lora(model, use_rslora=True, rank_pattern={"q_proj": 2}), torch.tensor([1, 2]), steps=3)
+
+
+def test_sampling_inside_merged_adapters_after_a_sample_sees_the_folded_weights():
+    from gfnlm.policy import merged_adapters
+
+    model = with_lora(gqa_llama(seed=9))
+    c = Constraints(stop_token_ids=[2], max_new_tokens=5)
+    idx = torch.tensor([0, 1, 2, 0])
+    ref = sample(model, PROMPTS, idx, c, generator=torch.Generator().manual_seed(3))
+    with merged_adapters(model) as m:  # base weights swapped for W + scale B A, adapters off
+        got = sample(m, PROMPTS, idx, c, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ref.tokens, got.tokens)
+    torch.testing.assert_close(ref.log_pf, got.log_pf, atol=1e-5, rtol=1e-5)
+
+
+def test_two_batches_decode_at_once_on_one_model():
+    model = with_lora(gqa_llama(seed=10))
+    dec = LlamaDecoder.for_model(model, 2)
+    p_ids, p_mask = pad_prompts(PROMPTS, 0)
+    with torch.no_grad():
+        _, c1, m1 = encode_prompts(model, p_ids, p_mask)
+        _, c2, m2 = encode_prompts(model, p_ids, p_mask)
+    r1, r2 = torch.tensor([0, 1]), torch.tensor([2, 1])
+    c1.batch_select_indices(r1)
+    c2.batch_select_indices(r2)
+    kv1, kv2 = dec.begin(c1, m1[r1], 2), dec.begin(c2, m2[r2], 2)
+    with torch.no_grad():
+        for t, tok in enumerate([5, 6]):
+            ids = torch.tensor([tok, tok])
+            for kv, rows, m in ((kv1, r1, m1), (kv2, r2, m2)):  # interleaved: each keeps its own cache
+                logits = dec.step(kv, ids, m[rows].sum(-1) + t)
+                for b, r in enumerate(rows.tolist()):
+                    ref = one_row_logits(model, PROMPTS[r] + [5, 6][: t + 1])
+                    torch.testing.assert_close(logits[b], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_or_hooked_models_keep_their_own_forward():
+    model = with_lora(gqa_llama(seed=11))
+    model.merge_adapter()
+    assert LlamaDecoder.for_model(model, 2) is None
+    with model.disable_adapter():  # merged and switched off: still the model's forward
+        assert LlamaDecoder.for_model(model, 2) is None
+    plain = gqa_llama(seed=12)
+    handle = plain.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: out * 2)
+    assert LlamaDecoder.for_model(plain, 2) is None
+    handle.remove()
+    assert LlamaDecoder.for_model(plain, 2) is not None

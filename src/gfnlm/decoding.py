@@ -16,13 +16,17 @@ from the model's own modules and weights with
   with the adapters reading the same input (q, k, v; gate, up) fused into one product.
 
 Its logits equal the model's own forward to float rounding (tested against it). Everything else (other
-architectures, an adapter PEFT cannot express as base + scale * B A, dropout active, autocast, a
-sharded model) is left to the model's forward: :meth:`LlamaDecoder.for_model` returns None.
+architectures or replaced Llama modules, forward hooks, an adapter PEFT cannot express as base + scale * B A
+or one that is merged, dropout active, autocast, weights on the meta device, on several devices or sharded)
+is left to the model's forward: :meth:`LlamaDecoder.for_model` returns None. The packed copies are checked
+against the model's current weight tensors and their version counters at every call; a write through
+``.data`` bypasses the version counter and is not seen (sample with ``fast_decode=False`` after one).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,32 +57,34 @@ def unwrap(model: nn.Module) -> nn.Module:
 class _Linears:
     """Linear layers that read the same input, as one product [B, in] -> [B, sum of outs] split into
     their outputs. With ``pack_rows`` (frozen fp32 weights on a CPU with MKL) the base weights are
-    concatenated once and packed for MKL's product on ``pack_rows`` rows; else the layers' own weight
-    tensors are read at every step (no copy, so a trained weight is always current). The LoRA updates
-    of the layers that carry one run as one low-rank product (their A matrices stacked, their B
+    concatenated once and packed for MKL's product on ``pack_rows`` rows; else the layers' current weight
+    tensors are read at every step (no copy, so a trained or swapped weight is always current). The LoRA
+    updates of the layers that carry one run as one low-rank product (their A matrices stacked, their B
     matrices block-diagonal with the scale folded in)."""
 
     def __init__(self, layers: list[nn.Module], pack_rows: int | None):
         self.layers = layers
-        self.bases = [(m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight for m in layers]
-        self.sizes = [w.shape[0] for w in self.bases]
+        self.bases = [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in layers]
+        self.sizes = [b.weight.shape[0] for b in self.bases]
         self.pack_rows = pack_rows
-        self.weight = self.packed = None
+        self.weight = self.packed = self.source = None
         if pack_rows:
+            ws = [b.weight for b in self.bases]
             with torch.no_grad():
-                self.weight = self.bases[0].detach() if len(layers) == 1 else torch.cat([w.detach() for w in self.bases])
+                self.weight = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
                 self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, pack_rows)
-        self.versions = [(w._version, w.data_ptr()) for w in self.bases]
+            self.source = [(w, w._version) for w in ws]  # the tensors packed, and their versions then
         self.lora_a = self.lora_b = None
 
     def still_valid(self) -> bool:
-        """True unless packed copies were made and a base weight was since replaced or written in place."""
-        return self.packed is None or [(w._version, w.data_ptr()) for w in self.bases] == self.versions
+        """False if packed copies were made and a layer's weight is since another tensor, or was written
+        in place."""
+        return self.source is None or all(b.weight is w and w._version == v for b, (w, v) in zip(self.bases, self.source))
 
     @torch.no_grad()
     def load_adapters(self) -> None:
         """Read the adapters' current A, B and scale (they change every optimiser step)."""
-        names = [plain_lora(m) if adapter_layers(m) else None for m in self.layers]
+        names = [_lora_name(m) for m in self.layers]
         self.lora_a = self.lora_b = None
         if all(n is None for n in names):
             return
@@ -97,21 +103,38 @@ class _Linears:
         if self.packed is not None:
             y = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.pack_rows)
         elif len(self.bases) == 1:
-            y = F.linear(x, self.bases[0])
+            y = F.linear(x, self.bases[0].weight)
         else:
-            y = torch.cat([F.linear(x, w) for w in self.bases], dim=-1)
+            y = torch.cat([F.linear(x, b.weight) for b in self.bases], dim=-1)
         if self.lora_a is not None:
             u = F.linear(x.to(self.lora_a.dtype), self.lora_a)  # [B, R]
             y = torch.addmm(y, u, self.lora_b.t()) if u.dtype == y.dtype else (y + F.linear(u, self.lora_b)).to(y.dtype)
         return [y] if len(self.sizes) == 1 else list(y.split(self.sizes, dim=-1))
 
 
+@dataclass
+class DecodeCache:
+    """The static KV cache of one batch of episodes (one per :func:`gfnlm.sampling.sample` call, so two
+    calls on the same model never share one).
+
+    Attributes:
+        keys, values: per layer [B, kv_heads, L + steps, head_dim].
+        mask: [B, 1, 1, L + steps] bool, True at the positions filled with real tokens.
+        filled: positions written so far (L after :meth:`LlamaDecoder.begin`).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    mask: Tensor
+    filled: int
+
+
 class LlamaDecoder:
     """One decode step of a ``LlamaForCausalLM`` (with or without LoRA) over a static KV cache.
 
     Use: ``dec = LlamaDecoder.for_model(model, rows)`` (None if it does not apply), then per batch of
-    episodes ``dec.begin(cache, attention_mask, steps)`` with the model's own KV cache of the prompts,
-    and per token ``logits = dec.step(ids, positions)``; ``dec.end()`` frees the cache.
+    episodes ``kv = dec.begin(cache, attention_mask, steps)`` with the model's own KV cache of the
+    prompts, and per token ``logits = dec.step(kv, ids, positions)``.
     """
 
     def __init__(self, lm: nn.Module, pack_rows: int | None):
@@ -124,10 +147,10 @@ class LlamaDecoder:
                                 _Linears([a.o_proj], pack_rows), layer.post_attention_layernorm,
                                 _Linears([f.gate_proj, f.up_proj], pack_rows), f.act_fn, _Linears([f.down_proj], pack_rows)))
         head = lm.get_output_embeddings()
-        self.head = _Linears([head], pack_rows) if pack_rows and isinstance(head, nn.Linear) else head
+        self.head = _Linears([head], pack_rows) if pack_rows else head
         cfg = lm.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = body.layers[0].self_attn.head_dim
         self.pack_rows = pack_rows
         self.modules = _modules(lm)
 
@@ -137,7 +160,7 @@ class LlamaDecoder:
     def for_model(cls, model: nn.Module, rows: int) -> "LlamaDecoder | None":
         """The decoder of ``model`` for batches of ``rows`` episodes, or None where the model's own
         forward must run (see the module docstring). Packed weights are reused across calls while the
-        base weights are unchanged."""
+        model's weights are the same tensors, unchanged, and the batch has as many rows."""
         lm = unwrap(model)
         if not _supported(lm):
             return None
@@ -159,35 +182,32 @@ class LlamaDecoder:
 
     # ------------------------------------------------------------------ decoding
 
-    def begin(self, cache, attention_mask: Tensor, steps: int) -> None:
-        """Copy the prompts' KV cache (a transformers cache of B rows and L positions, e.g. after
-        ``batch_select_indices``) into a static cache with room for ``steps`` more tokens.
-        ``attention_mask`` [B, L] marks the cached positions that are real (not left padding)."""
+    def begin(self, cache, attention_mask: Tensor, steps: int) -> DecodeCache:
+        """A static cache holding the prompts' KV cache (a transformers cache of B rows and L positions,
+        e.g. after ``batch_select_indices``) with room for ``steps`` more tokens. ``attention_mask``
+        [B, L] marks the cached positions that are real (not left padding)."""
         B, L = attention_mask.shape
-        self.keys, self.values = [], []
+        keys, values = [], []
         for layer in cache.layers:
             k, v = layer.keys, layer.values  # [B, kv_heads, L, head_dim]
             kk = k.new_zeros((B, k.shape[1], L + steps, k.shape[3]))
             vv = v.new_zeros((B, v.shape[1], L + steps, v.shape[3]))
             kk[:, :, :L] = k
             vv[:, :, :L] = v
-            self.keys.append(kk)
-            self.values.append(vv)
-        self.mask = torch.zeros((B, 1, 1, L + steps), dtype=torch.bool, device=attention_mask.device)
-        self.mask[:, 0, 0, :L] = attention_mask.bool()
-        self.filled = L
+            keys.append(kk)
+            values.append(vv)
+        mask = torch.zeros((B, 1, 1, L + steps), dtype=torch.bool, device=attention_mask.device)
+        mask[:, 0, 0, :L] = attention_mask.bool()
+        return DecodeCache(keys, values, mask, L)
 
-    def end(self) -> None:
-        """Free the static cache (the decoder itself, with its packed weights, stays with the model)."""
-        self.keys = self.values = self.mask = None
-
-    def step(self, ids: Tensor, positions: Tensor) -> Tensor:
-        """Append tokens ``ids`` [B] at position ids ``positions`` [B]; returns next-token logits [B, V]."""
+    def step(self, kv: DecodeCache, ids: Tensor, positions: Tensor) -> Tensor:
+        """Append tokens ``ids`` [B] at position ids ``positions`` [B] to ``kv``; returns next-token
+        logits [B, V]."""
         from transformers.models.llama.modeling_llama import rotate_half
 
-        B, t, H, KV, D = ids.shape[0], self.filled, self.heads, self.kv_heads, self.head_dim
-        self.mask[:, 0, 0, t] = True
-        mask = self.mask[..., : t + 1]
+        B, t, H, KV, D = ids.shape[0], kv.filled, self.heads, self.kv_heads, self.head_dim
+        kv.mask[:, 0, 0, t] = True
+        mask = kv.mask[..., : t + 1]
         h = self.embed(ids)  # [B, hidden]
         cos, sin = self.rotary(h, positions[:, None])  # [B, 1, D]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
@@ -195,14 +215,14 @@ class LlamaDecoder:
             q, k, v = qkv(_rms_norm(norm1, h))
             qk = torch.cat([q, k], -1).view(B, H + KV, 1, D)  # rotated together, as HF rotates each
             qk = qk * cos + rotate_half(qk) * sin
-            self.keys[i][:, :, t] = qk[:, H:, 0]
-            self.values[i][:, :, t] = v.view(B, KV, D)
-            a = F.scaled_dot_product_attention(qk[:, :H], self.keys[i][:, :, : t + 1], self.values[i][:, :, : t + 1],
+            kv.keys[i][:, :, t] = qk[:, H:, 0]
+            kv.values[i][:, :, t] = v.view(B, KV, D)
+            a = F.scaled_dot_product_attention(qk[:, :H], kv.keys[i][:, :, : t + 1], kv.values[i][:, :, : t + 1],
                                                attn_mask=mask, scale=scaling, enable_gqa=H != KV)
             h = h + o(a.reshape(B, H * D))[0]
             g, u = gate_up(_rms_norm(norm2, h))
             h = h + down(act(g) * u)[0]
-        self.filled = t + 1
+        kv.filled = t + 1
         x = _rms_norm(self.norm, h)
         return self.head(x)[0] if isinstance(self.head, _Linears) else self.head(x)
 
@@ -234,26 +254,73 @@ def _base_weights(lm: nn.Module) -> list[Tensor]:
     return out
 
 
+def _lora_name(m: nn.Module) -> str | None | bool:
+    """What an adapter layer adds to its base layer's output: the name of its one active plain LoRA
+    adapter (:func:`gfnlm.policy.plain_lora`), None for nothing (not an adapter layer, adapters switched
+    off, or no active adapter on this layer, which PEFT skips), False for what the decoder cannot run."""
+    if not adapter_layers(m):
+        return None
+    if getattr(m, "disable_adapters", False) and not getattr(m, "merged", False):
+        return None
+    lora_a = getattr(m, "lora_A", None)
+    if lora_a is not None and not getattr(m, "merged", False) \
+            and not any(a in lora_a for a in getattr(m, "active_adapters", [])):
+        return None
+    return plain_lora(m) or False
+
+
+_HARMLESS_HOOKS = {"output_capturing_hook", "make_inputs_require_grads", "make_inputs_require_grad"}  # transformers' own: no effect on outputs
+
+
+def _hooked(m: nn.Module) -> bool:
+    """True if ``m`` has a forward or pre-forward hook that could change its output (not transformers'
+    output-capturing hooks), or an Accelerate dispatch hook (offloaded or multi-device weights)."""
+    if hasattr(m, "_hf_hook"):
+        return True
+    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    return any(getattr(h, "__name__", None) not in _HARMLESS_HOOKS for h in hooks)
+
+
 def _supported(lm: nn.Module) -> bool:
-    """True if ``lm`` is a Llama whose decode step :class:`LlamaDecoder` reproduces."""
-    if type(lm).__name__ != "LlamaForCausalLM" or getattr(lm.config, "model_type", None) != "llama":
+    """True if ``lm`` is transformers' own Llama, built of its own modules, whose decode step
+    :class:`LlamaDecoder` reproduces exactly (up to float rounding)."""
+    try:
+        from transformers.models.llama import modeling_llama as ml
+    except ImportError:
         return False
-    cfg = lm.config
+    if type(lm) is not ml.LlamaForCausalLM or type(lm.model) is not ml.LlamaModel:
+        return False
+    cfg, body = lm.config, lm.model
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1) or getattr(cfg, "_attn_implementation", "sdpa") not in (
-            "sdpa", "eager", None):
+            "sdpa", "eager", None) or len(body.layers) != cfg.num_hidden_layers:
         return False
-    if torch.is_autocast_enabled(lm.model.embed_tokens.weight.device.type):
+    head = lm.get_output_embeddings()
+    if type(body.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None \
+            or type(body.norm) is not ml.LlamaRMSNorm or type(body.rotary_emb) is not ml.LlamaRotaryEmbedding:
         return False
-    if lm.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in lm.modules()):
+    weights = [p for p in lm.parameters()]
+    devices = {p.device for p in weights}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
         return False
-    if lm.training and any(getattr(layer.self_attn, "attention_dropout", 0.0) for layer in lm.model.layers):
+    if torch.is_autocast_enabled(next(iter(devices)).type):
         return False
+    for m in lm.modules():
+        if _hooked(m):
+            return False
+        if m.training and isinstance(m, nn.Dropout) and m.p > 0:  # each module's own flag decides
+            return False
     lora = adapter_layers(lm)
-    if any(plain_lora(m) is None and not getattr(m, "disable_adapters", False) for m in lora):
-        return False  # an adapter other than plain LoRA, or on a module this decoder does not run
+    if any(_lora_name(m) is False for m in lora):
+        return False  # an adapter other than plain LoRA, a merged one, or one on a module this decoder does not run
     handled = set()
-    for layer in lm.model.layers:
+    for layer in body.layers:
         a, f = layer.self_attn, layer.mlp
+        if type(layer) is not ml.LlamaDecoderLayer or type(a) is not ml.LlamaAttention or type(f) is not ml.LlamaMLP \
+                or type(layer.input_layernorm) is not ml.LlamaRMSNorm \
+                or type(layer.post_attention_layernorm) is not ml.LlamaRMSNorm:
+            return False
+        if a.training and a.attention_dropout > 0:
+            return False
         for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj):
             base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
             w = base.weight
@@ -261,7 +328,4 @@ def _supported(lm: nn.Module) -> bool:
                     or tuple(w.shape) != (base.out_features, base.in_features):  # e.g. a ZeRO-3 placeholder
                 return False
             handled.add(id(m))
-    if any(id(m) not in handled for m in lora):
-        return False  # e.g. adapters on the embeddings or the output layer
-    head = lm.get_output_embeddings()
-    return type(lm.model.embed_tokens) is nn.Embedding and isinstance(head, nn.Linear) and head.bias is None
+    return all(id(m) in handled for m in lora)  # not e.g. adapters on the embeddings or the output layer

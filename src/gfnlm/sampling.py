@@ -443,14 +443,17 @@ def episode_uniforms(generator: torch.Generator | None, steps: int, rows: int, d
 def draw(probs: Tensor, u: Tensor) -> Tensor:
     """Inverse-CDF draw of one column per row of ``probs`` [B, C] (non-negative, rows need not sum
     to 1) with uniforms ``u`` [B] in [0, 1): the first column whose cumulative mass exceeds
-    u * total, so zero-mass columns are never drawn (rounding at the very top falls back to the column
-    where the cumulative mass reaches its total, which has mass). Returns [B] long."""
+    u * total, so zero-mass columns are never drawn (rounding at the very top falls back to a column
+    with mass). Returns [B] long."""
     cdf = probs.double().cumsum(-1)  # float64: tail actions below fp32's resolution keep their mass
     total = cdf[:, -1:].contiguous()
     idx = torch.searchsorted(cdf, u.double().unsqueeze(1) * total, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
     ok = probs.gather(1, idx[:, None]).squeeze(1) > 0
-    top = torch.searchsorted(cdf, total).squeeze(1)  # first column with cdf = total: cdf rose there, so it has mass
-    return torch.where(ok, idx, top)
+    if probs.device.type == "cpu":  # a sequential sum: the cdf first reaches its total at a column with mass
+        fallback = torch.searchsorted(cdf, total).squeeze(1)
+    else:  # a parallel scan may round a rise onto a zero-mass column: the last column with mass, exactly
+        fallback = probs.shape[1] - 1 - (probs > 0).flip(1).int().argmax(1)
+    return torch.where(ok, idx, fallback)
 
 
 @dataclass
@@ -602,8 +605,7 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
     space = _ActionSpace(constraints, logits.shape[-1], device)
 
     S = N + max_tool_tokens  # room for actions and tool output
-    if decoder is not None:
-        decoder.begin(cache, attn, S)
+    kv = decoder.begin(cache, attn, S) if decoder is not None else None  # the static cache of this call
     u = episode_uniforms(generator, S, B, device)
     tokens = torch.full((B, S), pad_id, dtype=torch.long, device=device)
     action = torch.zeros((B, S), dtype=torch.bool, device=device)
@@ -661,7 +663,7 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
         # advance the cache by one token for every row (finished rows feed padding, ignored)
         step_ids = torch.where(alive, choice, torch.full_like(choice, pad_id))
         if decoder is not None:
-            logits = decoder.step(step_ids, next_pos)
+            logits = decoder.step(kv, step_ids, next_pos)
             next_pos = next_pos + 1
             continue
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
@@ -671,8 +673,6 @@ def _decode(model, prompts, prompt_index: Tensor, constraints: Constraints, temp
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
 
-    if decoder is not None:
-        decoder.end()
     width = int(lengths.max().item()) if B else 0
     return Samples(
         prompt_index=prompt_index,
