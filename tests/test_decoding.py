@@ -110,6 +110,10 @@ def test_packed_weights_follow_the_weights_they_were_packed_from():
     assert decode_and_check(model, rows, steps=2) is not first
     merged = model.merge_and_unload()  # LoRA folded in and its layers replaced by the base modules
     decode_and_check(merged, rows, steps=2)
+    # another batch size: the pack for 3 rows still gives the same logits; a second call repacks
+    packed_for_3 = decode_and_check(merged, torch.tensor([2, 1]), steps=2)
+    assert packed_for_3.pack_rows in (None, 3)
+    assert decode_and_check(merged, torch.tensor([0, 2]), steps=2).pack_rows in (None, 2)
 
 
 def test_decoder_steps_aside_where_it_cannot_reproduce_the_model():

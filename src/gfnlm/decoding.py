@@ -151,7 +151,7 @@ class LlamaDecoder:
         cfg = lm.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = body.layers[0].self_attn.head_dim
-        self.pack_rows = pack_rows
+        self.pack_rows = self.last_rows = pack_rows
         self.modules = _modules(lm)
 
     # ------------------------------------------------------------------ when it applies
@@ -160,7 +160,8 @@ class LlamaDecoder:
     def for_model(cls, model: nn.Module, rows: int) -> "LlamaDecoder | None":
         """The decoder of ``model`` for batches of ``rows`` episodes, or None where the model's own
         forward must run (see the module docstring). Packed weights are reused across calls while the
-        model's weights are the same tensors, unchanged, and the batch has as many rows."""
+        model's weights are the same tensors, unchanged; they are packed for the batch size, and
+        packed again for a new size that comes twice in a row."""
         lm = unwrap(model)
         if not _supported(lm):
             return None
@@ -168,10 +169,14 @@ class LlamaDecoder:
         w = lm.model.embed_tokens.weight
         pack = rows if (_MKL and frozen and w.device.type == "cpu" and w.dtype == torch.float32) else None
         dec = _DECODERS.get(lm)
-        if dec is None or dec.pack_rows != pack or dec.modules != _modules(lm) \
-                or not all(g.still_valid() for g in dec._groups()):
+        if dec is None or (dec.pack_rows is None) != (pack is None) or dec.modules != _modules(lm) \
+                or not all(g.still_valid() for g in dec._groups()) \
+                or (pack is not None and pack != dec.pack_rows and rows == dec.last_rows):
+            # (a pack for another batch size still computes the same numbers, more slowly: it is
+            # replaced only when the new size comes twice in a row, so alternating sizes never repack)
             dec = cls(lm, pack)
             _DECODERS[lm] = dec
+        dec.last_rows = rows
         for g in dec._groups():
             g.load_adapters()
         return dec
