@@ -5,8 +5,10 @@ embedded-model package, no hub, no shared data), this script
 
 * builds a randomly initialised model with SmolLM2-135M's configuration (the same shapes, so the
   timings hold for the real model) and a byte-level tokenizer made locally;
-* times the sampler (``gfnlm.sampling.sample``: merged LoRA weights, inverse-CDF draws) against
-  HF ``generate`` on the same shapes (16 episodes of 20 tokens after a 28-token prompt, LoRA r=16);
+* times the sampler (``gfnlm.sampling.sample``: the lean Llama decoder, or under bf16 autocast the
+  model's forward with merged LoRA weights; inverse-CDF draws), also through the model's forward
+  (``fast_decode=False``), against HF ``generate`` on the same shapes (16 episodes of 20 tokens after a
+  28-token prompt, LoRA r=16);
 * trains the rng task and one LM-reward task (arithmetic: calculator tool, few-shot LM likelihood
   of the answer) for a few steps in fp32 and in bf16, and times each step against the bare-model
   floor on the same device and shapes (HF generate + a no-grad forward + a forward/backward);
@@ -139,10 +141,11 @@ def sampler_vs_generate(shape, device, precision: str, reps: int, B=16, N=20, L=
     ids = torch.tensor([prompt] * B, device=device)
     gen = torch.Generator(device=device)
 
-    def ours(merge=True):
+    def ours(merge=True, fast=True):
         gen.manual_seed(0)
         with autocast(device, precision):
-            s = sample(model, [prompt], torch.zeros(B, dtype=torch.long), cons, generator=gen, merge_adapters=merge)
+            s = sample(model, [prompt], torch.zeros(B, dtype=torch.long), cons, generator=gen, merge_adapters=merge,
+                       fast_decode=fast)
         assert int(s.lengths.min()) == N
 
     def hf():
@@ -151,7 +154,9 @@ def sampler_vs_generate(shape, device, precision: str, reps: int, B=16, N=20, L=
                                  max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
         assert out.shape == (B, L + N)
 
-    t = {"sampler": timed(ours, device, reps), "sampler, adapters unmerged": timed(lambda: ours(False), device, reps),
+    t = {"sampler": timed(ours, device, reps),
+         "sampler, model forward": timed(lambda: ours(True, False), device, reps),
+         "sampler, adapters unmerged": timed(lambda: ours(False, False), device, reps),
          "HF generate": timed(hf, device, reps)}
     med = {k: statistics.median(v) for k, v in t.items()}
     return {"precision": precision, "B": B, "N": N, "prompt": L, "seconds": med,
@@ -317,11 +322,13 @@ def markdown(res: dict) -> str:
              f"{m['date']} · {m['gpu']} · torch {m['torch']} · transformers {m['transformers']} · "
              f"peft {m.get('peft', '?')} · accelerate {m.get('accelerate', '?')}", "",
              "## Sampler against HF generate (same LoRA model, 16 episodes x 20 tokens, prompt 28)", "",
-             "| precision | sampler s | sampler, adapters unmerged s | HF generate s | sampler / generate |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "| precision | sampler s | sampler, model forward s | sampler, adapters unmerged s | HF generate s "
+             "| sampler / generate |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["sampler"]:
         s = r["seconds"]
-        lines.append(f"| {r['precision']} | {s['sampler']:.3f} | {s['sampler, adapters unmerged']:.3f} | "
+        lines.append(f"| {r['precision']} | {s['sampler']:.3f} | {s.get('sampler, model forward', float('nan')):.3f} | "
+                     f"{s['sampler, adapters unmerged']:.3f} | "
                      f"{s['HF generate']:.3f} | {r['sampler_over_generate']:.2f} |")
     lines += ["", f"## Training steps ({res['steps']} per run; median after the first)", "",
               "| task | precision | step s | floor s | step / floor | peak GiB | exact TV (rng) | losses |",
