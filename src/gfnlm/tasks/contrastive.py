@@ -11,7 +11,10 @@ Defaults a = 1.5, b = -0.5. Written with the pointwise mutual information PMI = 
 log R = (a + b) log p(Z) + a PMI: a + b = 1 keeps the LM's own fluency term at full weight and adds a
 bonus of 1.5 nats per nat of PMI. With a + b <= 0 the reward stops preferring fluent text (unlikely
 strings gain reward), so it is refused. a + b = 1 also makes the token-level baseline exactly
-classifier-free guidance with scale a.
+classifier-free guidance with scale a. Caveat, measured: on SmolLM2-135M with U = "<|endoftext|>" this
+target puts its mass on degenerate strings (one token repeated, which the unconditional branch finds far
+less likely than the prompted one: PMI about 190 nats for 20 repeats), and a GFlowNet run that found them
+had by far the highest ELBO; the README's contrastive section has the figures.
 
 Evaluation (``gfnlm eval --task contrastive``): on the validation prompts, ``eval_samples`` (n) sentences
 per prompt from the GFlowNet policy and from baselines on the base model: plain and tempered sampling
