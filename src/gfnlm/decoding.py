@@ -10,8 +10,9 @@ from the model's own modules and weights with
 * on a CPU with MKL and frozen fp32 weights (LoRA, or a model that is not trained), each linear layer's
   weight packed once for MKL's small-batch matrix product (``torch.ops.mkl._mkl_linear``, the kernel
   PyTorch's own compiler uses on CPU; bit-identical to ``F.linear`` here, and about 25% faster on a
-  16-row batch). The packed copies cost about one more copy of the linear weights in memory and are
-  kept, per model, while the base weights do not change (LoRA: for the whole run);
+  16-row batch). The packed copies, and the concatenated q/k/v and gate/up weights they are packed
+  from, cost up to two more copies of the linear weights in memory; they are kept, per model, while the
+  base weights do not change (LoRA: for the whole run);
 * each LoRA update computed as scale * B(A(x)) from the adapters' current weights, as PEFT does,
   with the adapters reading the same input (q, k, v; gate, up) fused into one product.
 

@@ -363,9 +363,9 @@ _CACHE_KEYWORD: dict[type, str] = {}
 
 def cache_kwargs(model, cache) -> dict:
     """Keyword passing a KV cache: ``cache=`` in transformers >= 5.2x, else ``past_key_values=``."""
-    base = model
-    while hasattr(base, "get_base_model") or hasattr(base, "module"):
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base.module
+    from .decoding import unwrap
+
+    base = unwrap(model)
     key = type(base)
     if key not in _CACHE_KEYWORD:
         params = inspect.signature(base.forward).parameters
