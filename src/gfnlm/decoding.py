@@ -65,7 +65,7 @@ class _Linears:
 
     def __init__(self, layers: list[nn.Module], pack_rows: int | None):
         self.layers = layers
-        self.bases = [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in layers]
+        self.bases = [_base_layer(m) for m in layers]
         self.sizes = [b.weight.shape[0] for b in self.bases]
         self.pack_rows = pack_rows
         self.weight = self.packed = self.source = None
@@ -80,7 +80,8 @@ class _Linears:
     def still_valid(self) -> bool:
         """False if packed copies were made and a layer's weight is since another tensor, or was written
         in place."""
-        return self.source is None or all(b.weight is w and w._version == v for b, (w, v) in zip(self.bases, self.source))
+        return self.source is None or all(b.weight is w and w._version == v
+                                          for b, (w, v) in zip(self.bases, self.source))
 
     @torch.no_grad()
     def load_adapters(self) -> None:
@@ -146,7 +147,8 @@ class LlamaDecoder:
             a, f = layer.self_attn, layer.mlp
             self.blocks.append((layer.input_layernorm, _Linears([a.q_proj, a.k_proj, a.v_proj], pack_rows), a.scaling,
                                 _Linears([a.o_proj], pack_rows), layer.post_attention_layernorm,
-                                _Linears([f.gate_proj, f.up_proj], pack_rows), f.act_fn, _Linears([f.down_proj], pack_rows)))
+                                _Linears([f.gate_proj, f.up_proj], pack_rows), f.act_fn,
+                                _Linears([f.down_proj], pack_rows)))
         head = lm.get_output_embeddings()
         self.head = _Linears([head], pack_rows) if pack_rows else head
         cfg = lm.config
@@ -166,7 +168,8 @@ class LlamaDecoder:
         lm = unwrap(model)
         if not _supported(lm):
             return None
-        frozen = all(not p.requires_grad for p in _base_weights(lm))
+        frozen = all(not _base_layer(m).weight.requires_grad
+                     for layer in lm.model.layers for m in _projections(layer))
         w = lm.model.embed_tokens.weight
         pack = rows if (_MKL and frozen and w.device.type == "cpu" and w.dtype == torch.float32) else None
         dec = _DECODERS.get(lm)
@@ -241,23 +244,22 @@ def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     return norm(x)
 
 
+def _projections(layer: nn.Module) -> list[nn.Module]:
+    """The seven linear layers of a Llama decoder layer (LoRA-wrapped or not), in a fixed order."""
+    a, f = layer.self_attn, layer.mlp
+    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj]
+
+
+def _base_layer(m: nn.Module) -> nn.Module:
+    """The plain layer under a PEFT adapter layer (``m`` itself if it has none)."""
+    return m.get_base_layer() if hasattr(m, "get_base_layer") else m
+
+
 def _modules(lm: nn.Module) -> list[nn.Module]:
     """The modules a decoder reads, in order (a decoder is rebuilt when any of them is replaced, e.g. by
     PEFT's ``merge_and_unload``)."""
-    out = [lm.model.embed_tokens, lm.get_output_embeddings()]
-    for layer in lm.model.layers:
-        a, f = layer.self_attn, layer.mlp
-        out += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj]
-    return out
-
-
-def _base_weights(lm: nn.Module) -> list[Tensor]:
-    out = []
-    for layer in lm.model.layers:
-        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            out.append((m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight)
-    return out
+    projections = [m for layer in lm.model.layers for m in _projections(layer)]
+    return [lm.model.embed_tokens, lm.get_output_embeddings(), *projections]
 
 
 def _lora_name(m: nn.Module) -> str | None | bool:
@@ -275,7 +277,8 @@ def _lora_name(m: nn.Module) -> str | None | bool:
     return plain_lora(m) or False
 
 
-_HARMLESS_HOOKS = {"output_capturing_hook", "make_inputs_require_grads", "make_inputs_require_grad"}  # transformers' own: no effect on outputs
+# transformers' and PEFT's own hooks (output capture, inputs that require grad): no effect on outputs
+_HARMLESS_HOOKS = {"output_capturing_hook", "make_inputs_require_grads", "make_inputs_require_grad"}
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -304,8 +307,7 @@ def _supported(lm: nn.Module) -> bool:
     if type(body.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None \
             or type(body.norm) is not ml.LlamaRMSNorm or type(body.rotary_emb) is not ml.LlamaRotaryEmbedding:
         return False
-    weights = [p for p in lm.parameters()]
-    devices = {p.device for p in weights}
+    devices = {p.device for p in lm.parameters()}
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         return False
     if torch.is_autocast_enabled(next(iter(devices)).type):
@@ -327,8 +329,8 @@ def _supported(lm: nn.Module) -> bool:
             return False
         if a.training and a.attention_dropout > 0:
             return False
-        for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj):
-            base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
+        for m in _projections(layer):
+            base = _base_layer(m)
             w = base.weight
             if type(base) is not nn.Linear or base.bias is not None or type(w.data) is not torch.Tensor \
                     or tuple(w.shape) != (base.out_features, base.in_features):  # e.g. a ZeRO-3 placeholder

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .decoding import LlamaDecoder, unwrap
 from .errors import DataError
 
 NEG_INF = float("-inf")
@@ -363,8 +364,6 @@ _CACHE_KEYWORD: dict[type, str] = {}
 
 def cache_kwargs(model, cache) -> dict:
     """Keyword passing a KV cache: ``cache=`` in transformers >= 5.2x, else ``past_key_values=``."""
-    from .decoding import unwrap
-
     base = unwrap(model)
     key = type(base)
     if key not in _CACHE_KEYWORD:
@@ -568,7 +567,6 @@ def sample(
     returned ``log_pf``/``log_pterm`` are always those of the policy itself (temperature 1, ε = 0),
     whatever behaviour policy drew the sample.
     """
-    from .decoding import LlamaDecoder
     from .policy import merged_adapters
 
     device = next(model.parameters()).device
