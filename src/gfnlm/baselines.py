@@ -7,7 +7,9 @@ texts the policy can write:
 * the tokens that are neither allowed actions nor stop ids are suppressed (``suppress_tokens``);
 * the stop ids end a sequence (``eos_token_id``), and cannot come before ``min_new_tokens``;
 * after ``max_new_tokens`` actions a stop is forced (``forced_eos_token_id`` at
-  ``max_new_tokens + 1``), as the policy's forced stop.
+  ``max_new_tokens + 1``), as the policy's forced stop;
+* a ``prefix_rule`` (a regex, no repeated n-gram) masks what it forbids after each prefix, and the
+  stop where the text so far does not satisfy it (:class:`RuleMask`).
 
 For the samplers (plain, tempered, nucleus) ``generate`` also returns the processed scores, so each
 sample's exact log q (stop included) comes from transformers itself
@@ -103,6 +105,31 @@ def _cut(row: list[int], stops: set[int]) -> tuple[list[int], int]:
     return row, len(row)
 
 
+class RuleMask:
+    """``generate`` logits processor for the constraints' ``prefix_rule``: in each row, the tokens the
+    rule forbids after the tokens generated so far get -inf, and so do the stop ids where the text so
+    far does not satisfy the rule (except at the forced stop). Rows that have stopped are left alone.
+    ``prompt_len``: the width of the (left-padded) prompts."""
+
+    def __init__(self, constraints: Constraints, prompt_len: int):
+        self.c, self.rule, self.prompt_len = constraints, constraints.prefix_rule, prompt_len
+        self.stops = set(constraints.stop_token_ids)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        t = input_ids.shape[1] - self.prompt_len  # actions taken so far
+        V = scores.shape[-1]
+        keep = torch.ones_like(scores, dtype=torch.bool, device="cpu")
+        stop_ids = torch.tensor(self.c.stop_token_ids)
+        for r, row in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            z, _ = _cut(row, self.stops)
+            if len(z) < len(row):  # stopped: generate pads it from here on
+                continue
+            state = self.rule.walk(z)[-1]
+            keep[r] = self.rule.allowed(state, self.c.max_new_tokens - t, V, "cpu")
+            keep[r, stop_ids] = t >= self.c.max_new_tokens or self.rule.accepting(state)
+        return scores.masked_fill(~keep.to(scores.device), float("-inf"))
+
+
 class HammingDiversity:
     """``generate`` logits processor for one group of diverse beam search on one prompt: subtracts
     ``penalty`` x ``earlier[t, v]`` (times earlier groups chose token v at step t) from the
@@ -122,7 +149,7 @@ class HammingDiversity:
 
 
 def _diverse_beam(model, ids: torch.Tensor, pad: int, kw: dict, k: int, groups: int, penalty: float,
-                  stops: set[int]) -> Decoded:
+                  stops: set[int], constraints: Constraints | None = None) -> Decoded:
     """Diverse beam search on one prompt (``ids`` [1, L]): ``groups`` beam searches of k / groups beams
     run one after another, each penalised by the earlier groups' choices; the best sequence of each."""
     from transformers import LogitsProcessorList
@@ -136,8 +163,9 @@ def _diverse_beam(model, ids: torch.Tensor, pad: int, kw: dict, k: int, groups: 
     completions, calls = [], 0
     for _ in range(groups):
         proc = HammingDiversity(earlier, penalty, ids.shape[1])
+        procs = [proc] + ([RuleMask(constraints, ids.shape[1])] if constraints and constraints.prefix_rule else [])
         res = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, num_beams=size,
-                             num_return_sequences=1, logits_processor=LogitsProcessorList([proc]),
+                             num_return_sequences=1, logits_processor=LogitsProcessorList(procs),
                              output_scores=True, return_dict_in_generate=True, **kw)
         completions.append(_cut(res.sequences[0, ids.shape[1]:].tolist(), stops)[0])
         calls += len(res.scores) * size  # every beam runs to the end of its group's search
@@ -176,7 +204,7 @@ def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Cons
         if method == "diverse_beam":
             for p in prompts:
                 out.append(_diverse_beam(model, torch.tensor([list(p)], device=device), pad, kw, k, groups or k,
-                                         diversity_penalty, stops))
+                                         diversity_penalty, stops, constraints))
             return out
         for i in range(0, len(prompts), per_call):
             chunk = [list(p) for p in prompts[i:i + per_call]]
@@ -187,6 +215,10 @@ def decode(model, tokenizer, prompts: Sequence[Sequence[int]], constraints: Cons
             if method == "token_level":  # the unconditional branch: one row per generated row
                 neg = torch.tensor([list(negative_prompt)] * (len(chunk) * rows), device=device)
                 extra = dict(negative_prompt_ids=neg, negative_prompt_attention_mask=torch.ones_like(neg))
+            if constraints.prefix_rule is not None:
+                from transformers import LogitsProcessorList
+
+                extra["logits_processor"] = LogitsProcessorList([RuleMask(constraints, width)])
             res = model.generate(ids, attention_mask=mask, pad_token_id=pad, output_scores=True,
                                  return_dict_in_generate=True, **kw, **extra)
             cut = [_cut(r, stops) for r in res.sequences[:, width:].tolist()]

@@ -79,6 +79,7 @@ class GFNConfig:
     stop_tokens: list = _f(["eos"], "Tokens that mean stop: 'eos', or literal strings that are single tokens ('.', '\\n'), or integer ids.")
     allowed_tokens: list | None = _f(None, "If set, the only tokens (strings or ids) the policy may emit besides stop.")
     forbidden_tokens: list = _f([], "Tokens (strings or ids) the policy may never emit.")
+    no_repeat_ngram_size: int = _f(0, "If n > 0, no n consecutive tokens may occur twice in a completion: a constraint of the target (c(Z) = 0 for such texts), masked for the policy, its reward, the generate baselines and SMC alike (gfnlm.patterns.NoRepeatRule). 0: no such rule.")
     stop_after_tool: bool = _f(False, "With a tool, episodes may stop only right after its output (e.g. after a computed result), besides the forced stop at max_new_tokens.")
     max_tool_tokens: int = _f(32, "With a tool (e.g. a calculator), at most this many tool-written tokens per episode; they are not actions.")
 
@@ -143,6 +144,8 @@ class GFNConfig:
             raise ConfigError("reward_temperature_end must be positive")
         if self.learning_rate < 0:
             raise ConfigError("learning_rate must be non-negative")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size={self.no_repeat_ngram_size} must be 0 (no rule) or a positive n")
 
     # --- construction --------------------------------------------------------------------------
     @classmethod

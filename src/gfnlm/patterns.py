@@ -1,4 +1,5 @@
-"""Prefix-aware constraints: a regular expression on the completion text as a token automaton.
+"""Prefix-aware constraints: a regular expression on the completion text as a token automaton, and a
+rule against repeated token n-grams (:class:`NoRepeatRule`).
 
 A :class:`RegexRule` tells, for every prefix z_1..z_t of an episode, which next tokens keep a full
 match of the pattern reachable within the episode's remaining length, and whether the text so far
@@ -158,6 +159,10 @@ class RegexRule:
                        for s in self.trans}
         return lengths
 
+    def spec(self) -> dict:
+        """What a checkpoint saves to rebuild the rule (:func:`rule_from_spec`)."""
+        return {"regex": self.pattern}
+
     def accepting(self, state: int | None) -> bool:
         return state in self.final
 
@@ -194,3 +199,78 @@ class RegexRule:
     def matches(self, tokens: list[int]) -> bool:
         """Whether the completion ``tokens`` matches the pattern."""
         return self.accepting(self.walk(tokens)[-1])
+
+
+class NoRepeatRule:
+    """No token n-gram twice in the completion: c(Z) = 1 when no ``n`` consecutive tokens of Z occur
+    twice in Z (the prompt is not part of it). The same interface as :class:`RegexRule`, so it is one
+    action mask shared by the sampler, the scoring pass, the rewards, the ``generate`` baselines and SMC.
+
+    Why: an LM scores a token repeated over and over ever more likely (it copies), so a target built
+    from LM likelihoods can put its mass on such loops; measured on SmolLM2-135M, one token repeated 24
+    times outranks every one of 8 sentences sampled for the same prompt under the contrastive target
+    (README, "Contrastive posterior"). ``generate``'s ``no_repeat_ngram_size`` is the usual guard; this is
+    its exact form as a constraint of the target, over the completion only.
+
+    States are the tuples of the tokens so far (None once an n-gram repeats: only a teacher-forced
+    episode the rule would not produce gets there). Every state that is not None may stop."""
+
+    def __init__(self, n: int):
+        if int(n) < 1:
+            raise DataError(f"no_repeat_ngram_size {n}: give n >= 1 (or 0 for no such rule)")
+        self.n = int(n)
+        self.start: tuple = ()
+        self._all: dict = {}
+
+    def spec(self) -> dict:
+        return {"no_repeat_ngram_size": self.n}
+
+    def accepting(self, state) -> bool:
+        return state is not None
+
+    def banned(self, state: tuple) -> set[int]:
+        """The tokens that would complete an n-gram that ``state`` already holds."""
+        k = self.n - 1
+        if len(state) < k:
+            return set()
+        tail = state[len(state) - k:] if k else ()
+        return {state[i + k] for i in range(len(state) - k) if state[i:i + k] == tail}
+
+    def advance(self, state, token: int):
+        if state is None or int(token) in self.banned(state):
+            return None
+        return state + (int(token),)
+
+    def allowed(self, state, remaining: int, vocab_size: int, device) -> Tensor:
+        """Bool [vocab_size]: every token except those that would repeat an n-gram (none in a dead state).
+        The stop is not a token here: every live state may stop."""
+        key = (vocab_size, str(device))
+        if key not in self._all:
+            self._all[key] = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        if state is None:
+            return torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        ban = [t for t in self.banned(state) if t < vocab_size]
+        if not ban:
+            return self._all[key]
+        m = self._all[key].clone()
+        m[torch.tensor(ban, device=device)] = False
+        return m
+
+    def walk(self, tokens: list[int]) -> list:
+        out = [self.start]
+        for t in tokens:
+            out.append(self.advance(out[-1], t))
+        return out
+
+    def matches(self, tokens: list[int]) -> bool:
+        return self.accepting(self.walk(list(tokens))[-1])
+
+
+def rule_from_spec(spec: dict, tokenizer, constraints):
+    """The prefix rule a checkpoint saved (its ``spec()``; a regex as ``{"regex": pattern}``), or None
+    for a spec that names no rule this module can rebuild."""
+    if "regex" in spec:
+        return RegexRule(str(spec["regex"]), tokenizer, constraints)
+    if "no_repeat_ngram_size" in spec:
+        return NoRepeatRule(int(spec["no_repeat_ngram_size"]))
+    return None

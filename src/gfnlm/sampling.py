@@ -191,13 +191,15 @@ class Constraints:
             ok = ok & rule[0].gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
         return torch.where(ok, tok, torch.full_like(tok, NEG_INF)), stop_logp
 
-    def log_probs(self, logits: Tensor, num_generated: Tensor, after_tool: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def log_probs(self, logits: Tensor, num_generated: Tensor, after_tool: Tensor | None = None,
+                  rule: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Constrained log-probabilities of the actions at some states.
 
         Args:
             logits: [..., V] raw next-token logits (any dtype; computed in fp32).
             num_generated: [...] long, tokens generated so far at each state (t).
             after_tool: [...] bool, the state ends with tool output (read with ``stop_after_tool``).
+            rule: with a ``prefix_rule``, (allowed [..., V], accepting [...]) of :meth:`rule_arrays`.
 
         Returns:
             logp: [..., V] log-probability of each token id under the constraints; for a
@@ -206,8 +208,10 @@ class Constraints:
                 ``min_new_tokens``; 0 at ``max_new_tokens``.
         """
         tok_mask, stop_mask = self.token_mask(logits.shape[-1], logits.device)
-        can_stop, must_stop = self._can_stop(num_generated, after_tool)
+        can_stop, must_stop = self._can_stop(num_generated, after_tool, None if rule is None else rule[1])
         can_stop, must_stop = can_stop.unsqueeze(-1), must_stop.unsqueeze(-1)
+        if rule is not None:
+            tok_mask = tok_mask & rule[0]
         allowed = (tok_mask & ~must_stop) | (stop_mask & can_stop)  # never empty: stop or a token
         x = logits.float()
         log_norm = torch.logsumexp(x.masked_fill(~allowed, NEG_INF), dim=-1, keepdim=True)

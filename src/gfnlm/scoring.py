@@ -126,25 +126,33 @@ def score(
     return PolicyScores(log_pf=log_pf, log_pterm=log_pterm, prompt_hidden=hidden)
 
 
-def action_log_probs(logits: Tensor, constraints: Constraints) -> Tensor:
+def action_log_probs(logits: Tensor, constraints: Constraints, tokens: Tensor | None = None,
+                     lengths: Tensor | None = None) -> Tensor:
     """The whole constrained distribution of the next action at every prefix, from the logits of
-    :func:`completion_logits` (episodes without tool output, constraints without a prefix rule).
+    :func:`completion_logits` (episodes without tool output).
 
     Args:
         logits: [B, N+1, V] next-token logits (or any log-weights) at prefixes t = 0..N.
         constraints: the action space.
+        tokens, lengths: the episodes ([B, N], [B]), needed where the constraints have a
+            ``prefix_rule`` (its mask after each prefix).
 
     Returns:
         [B, N+1, V+1] log space, in fp32: column v < V the token v (-inf where the constraints forbid it
         at t, and for every stop id), column V the stop action ⊤ (the summed mass of the stop ids).
         Each row sums to 1. Rows beyond an episode's length are states it never visited.
     """
-    if constraints.stop_after_tool or constraints.prefix_rule is not None:
+    if constraints.stop_after_tool:
         raise ConfigError("the whole action distribution is computed for constraints without a tool "
-                          "(stop_after_tool) and without a prefix rule: distil with labels instead")
+                          "(stop_after_tool): distil with labels instead")
     B, T, V = logits.shape
+    rule = None
+    if constraints.prefix_rule is not None:
+        if tokens is None or lengths is None:
+            raise ValueError("action_log_probs under a prefix_rule needs the episodes' tokens and lengths")
+        rule = constraints.rule_arrays(tokens, lengths, V, logits.device)
     steps = torch.arange(T, device=logits.device).expand(B, T)
-    logp, stop = constraints.log_probs(logits, steps)
+    logp, stop = constraints.log_probs(logits, steps, rule=rule)
     _, stop_mask = constraints.token_mask(V, logits.device)
     return torch.cat([logp.masked_fill(stop_mask, NEG_INF), stop[..., None]], dim=-1)
 

@@ -119,7 +119,8 @@ def episode_kl(trainer, teacher, prompts, rows: torch.Tensor, tokens: torch.Tens
     if not bool(mask.eq(torch.arange(mask.shape[1], device=mask.device)[None] < n[:, None]).all()):
         raise ConfigError("soft-label distillation needs episodes without tool output: distil with labels instead")
     with torch.no_grad():
-        target = action_log_probs(teacher.step_logits(ps, prompt_index, tok, n, trainer.pad_id), trainer.constraints)
+        target = action_log_probs(teacher.step_logits(ps, prompt_index, tok, n, trainer.pad_id), trainer.constraints,
+                                  tok, n)
     policy = trainer.policy(ps, prompt_index, tok, n, trainer.constraints, trainer.pad_id, actions=True)
     return stepwise_kl(target, policy, n)
 

@@ -35,6 +35,7 @@ from .config import GFNConfig
 from .data import render_prompt
 from .errors import ConfigError, DataError, GFNLMError, first_line
 from .losses import LOSSES, tempered
+from .patterns import NoRepeatRule
 from .policy import bind_base_models, fp32_logits, wrap_policy
 from .rewards import Reward, RewardBatch, as_reward
 from .rollout import Collector, Episodes, Proposal, require_proposal
@@ -70,7 +71,7 @@ class GFNPolicy(nn.Module):
         if actions:
             check_fits(self.lm, prompts, max(tokens.shape[1], 1))
             logits, _ = completion_logits(self.lm, prompts, prompt_index, tokens, lengths, pad_id)
-            return action_log_probs(logits, constraints)
+            return action_log_probs(logits, constraints, tokens, lengths)
         sc = score(self.lm, prompts, prompt_index, tokens, lengths, constraints, pad_id=pad_id,
                    return_prompt_hidden=self.log_z_kind == "prompt", action_mask=action_mask)
         log_z = None
@@ -120,6 +121,7 @@ def constraints_from_config(args: GFNConfig, tokenizer, allowed_token_ids: list[
         allowed_token_ids=allowed_token_ids,
         forbidden_token_ids=resolve_token_ids(tokenizer, args.forbidden_tokens, "forbidden_tokens"),
         stop_after_tool=args.stop_after_tool,
+        prefix_rule=NoRepeatRule(args.no_repeat_ngram_size) if args.no_repeat_ngram_size else None,
     )
 
 
@@ -649,8 +651,8 @@ def write_policy_files(folder: str | Path, lm, args: GFNConfig, constraints: Con
                                    "forbidden_token_ids": constraints.forbidden_token_ids,
                                    "stop_after_tool": constraints.stop_after_tool})
     rule = constraints.prefix_rule
-    if rule is not None:  # a regex is saved as its pattern and rebuilt by load_trained
-        info["prefix_rule"] = {"regex": rule.pattern} if hasattr(rule, "pattern") else {"type": type(rule).__name__}
+    if rule is not None:  # a rule of gfnlm.patterns is saved as its spec and rebuilt by load_trained
+        info["prefix_rule"] = rule.spec() if hasattr(rule, "spec") else {"type": type(rule).__name__}
     (folder / "trainer_state.json").write_text(json.dumps(info, indent=1))
 
 
@@ -713,11 +715,11 @@ def load_trained(path: str | Path, trainable: bool = False):
                         f"{first_line(e, default='damaged file')}): pick another checkpoint") from None
     model.eval()
     rule = info.get("prefix_rule")
-    if isinstance(rule, dict) and "regex" in rule:
-        from .patterns import RegexRule
+    if isinstance(rule, dict):
+        from .patterns import rule_from_spec
 
-        constraints.prefix_rule = RegexRule(str(rule["regex"]), tok, constraints)
-    elif rule is not None:
+        constraints.prefix_rule = rule_from_spec(rule, tok, constraints)
+    if rule is not None and constraints.prefix_rule is None:
         raise DataError(f"checkpoint '{path}' was trained under a custom prefix rule ({rule}) that cannot be rebuilt "
                         "from the folder: load it in Python and set constraints.prefix_rule yourself")
     return model, tok, config, constraints

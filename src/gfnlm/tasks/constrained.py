@@ -93,6 +93,9 @@ class ConstrainedTask(ContinuationTask):
 
         c = super().constraints(config, tokenizer)
         if self.words is None:
+            if c.prefix_rule is not None:
+                raise ConfigError("a regex constraint and no_repeat_ngram_size cannot be combined (one prefix rule a "
+                                  "run): set no_repeat_ngram_size 0, or constrain with keywords")
             c.prefix_rule = RegexRule(self.args.regex, tokenizer, c)
         return c
 
