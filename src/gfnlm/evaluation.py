@@ -292,24 +292,29 @@ def diversity(groups: Sequence[Sequence[str]], model: str = "all-MiniLM-L6-v2") 
 
 def scatter_plot(points: Sequence[dict], path, *, x: str, y: str, xlabel: str, ylabel: str, title: str = "") -> None:
     """A PNG of labelled points (``{"label", x, y[, "marker", "color"]}``): one point per method, named
-    in a legend beside the axes (labels written next to close points would overlap)."""
+    in a legend beside the axes (labels written next to close points would overlap). Long labels are
+    wrapped, a long legend gets two columns and a taller figure, and the image is cut to fit it all."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9.6, 4.8))
+    labels = [textwrap.fill(p["label"], 60) for p in points]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    ncol = 1 if lines <= 28 else 2
+    fig, ax = plt.subplots(figsize=(9.6, max(4.8, 0.16 * lines / ncol + 1.0)))
     colors = plt.get_cmap("tab20").colors
-    for i, p in enumerate(points):
+    for i, (p, label) in enumerate(zip(points, labels)):
         ax.scatter(p[x], p[y], marker=p.get("marker", "o"), s=60 if p.get("marker") != "*" else 200,
-                   color=p.get("color") or colors[i % len(colors)], zorder=3, label=p["label"])
+                   color=p.get("color") or colors[i % len(colors)], zorder=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.margins(x=0.08, y=0.08)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False, markerscale=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False, markerscale=0.8, ncol=ncol)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
