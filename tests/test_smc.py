@@ -180,7 +180,8 @@ def test_the_contrastive_tasks_terms_and_bad_input(tmp_path):
     prompt = render_prompt(TOK, row["prompt"], cfg.chat_template)
     cond, unc = lm_terms(task.reward_funcs(lm, TOK, cons, cfg), row, prompt, TOK, cons, weights=[2.0, 1.0])
     assert (cond.context_ids, cond.weight) == (prompt, 3.0)  # a = 1.5 times the configured weight 2
-    assert (unc.context_ids, unc.weight) == ([TOK.bos_token_id], -0.5)  # U: the byte tokenizer's BOS
+    u = TOK("The following is an excerpt from a web page.")["input_ids"]
+    assert (unc.context_ids, unc.weight) == (u, -0.5)  # U: the default text, encoded as any text context
     other = Constraints(stop_token_ids=cons.stop_token_ids, max_new_tokens=4, allowed_token_ids=[A, B])
     with pytest.raises(ConfigError, match="another action space"):
         lm_terms(task.reward_funcs(lm, TOK, cons, cfg), row, prompt, TOK, other)

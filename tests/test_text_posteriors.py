@@ -222,14 +222,16 @@ def test_contrastive_reward_against_brute_force_python_and_cli_paths(prompts, tm
     task = ContrastiveTask(cfg.task_args)
     model = make_tiny_lm(vocab_size=len(tok), seed=3, max_positions=256)
     rows = task.dataset()[:2]
-    assert task.unconditional(tok) == ""  # the byte tokenizer has no <|endoftext|>: U is its BOS
+    u_text = "The following is an excerpt from a web page."
+    assert task.unconditional(tok) == u_text  # the default U: a neutral text, encoded as any text context
+    assert cfg.no_repeat_ngram_size == 3  # the task's default rule
 
     def check(rewards, tok, cons):
         from gfnlm.rewards import RewardBatch
 
         _, legal = legal_ids(task, cfg, tok)
         keep = torch.tensor(sorted(legal | set(cons.stop_token_ids)))
-        u = [tok.bos_token_id]
+        u = tok(u_text)["input_ids"]
 
         z = [ids(tok, " it was"), ids(tok, " no")]
         n = max(map(len, z))
@@ -351,14 +353,16 @@ def test_token_level_proposal_step_distributions_are_its_sampler_and_the_policy_
         picked = dist.gather(2, col[..., None]).squeeze(2)
         return torch.where(torch.arange(steps.shape[1])[None] <= lengths[:, None], picked, 0.0).sum(1)
 
-    teacher = action_log_probs(proposal.step_logits(prompt_ids, index, tokens, lengths, trainer.pad_id), cons)
+    teacher = action_log_probs(proposal.step_logits(prompt_ids, index, tokens, lengths, trainer.pad_id), cons,
+                               tokens, lengths)
     assert teacher.shape == (6, tokens.shape[1] + 1, V + 1)
     assert torch.allclose(along(teacher), log_q, atol=2e-4)
     visited = torch.arange(steps.shape[1])[None] <= lengths[:, None]
     assert torch.allclose(teacher.logsumexp(-1)[visited], torch.zeros(int(visited.sum())), atol=1e-5)
     adapted = TokenLevelProposal(trainer.model, tok, cons, proposal.u_ids, (1.5, -0.5))
     adapted.lm = lambda: contextlib.nullcontext(trainer.model)  # read through the adapters: another distribution
-    wrong = action_log_probs(adapted.step_logits(prompt_ids, index, tokens, lengths, trainer.pad_id), cons)
+    wrong = action_log_probs(adapted.step_logits(prompt_ids, index, tokens, lengths, trainer.pad_id), cons, tokens,
+                             lengths)
     assert not torch.allclose(along(wrong), log_q, atol=1e-2)
 
     with torch.no_grad():
@@ -434,6 +438,12 @@ def test_commands_end_to_end(prompts, tmp_path, tiny_dir, capsys):
         assert main(["train", *common, "--max_steps", "2", "--samples_per_prompt", "4", "--output_dir", str(out),
                      "--report_to", "[]", *extra]) == 0
         capsys.readouterr()
+        if task == "contrastive":  # the task's no-repeat rule is saved with the checkpoint and rebuilt
+            from gfnlm.patterns import NoRepeatRule
+            from gfnlm.trainer import load_trained
+
+            rule = load_trained(out / "checkpoint-2")[3].prefix_rule
+            assert isinstance(rule, NoRepeatRule) and rule.n == 3
         assert main(["eval", "--checkpoint", str(out / "checkpoint-2"), "-n", "2", "--plot", str(out / "fig.png"),
                      "--output", str(out / "r.json")]) == 0
         printed = capsys.readouterr().out
