@@ -14,6 +14,7 @@ stop), on the first ``--prompts`` validation prompts:
   token that run repeated), the same for every prompt and every U, repeated ``max_new_tokens`` times,
   then the stop.
 
+without the task's n-gram rule (``no_repeat_ngram_size`` 0: under it every junk string here has c = 0),
 and reports, per U: mean log R and PMI of sentences and of junk; the fraction of (prompt, junk string)
 pairs whose log R exceeds the best sentence of that prompt (junk that outranks every sampled
 sentence); and the mean margin max log R(junk) - max log R(sentence) per prompt. A U under which no junk
@@ -66,7 +67,10 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     t0 = time.perf_counter()
+    # the target without the task's n-gram rule (no_repeat_ngram_size 0): under the rule every junk string
+    # here has c = 0, which is what the rule is for; this measures what the contexts alone do
     config = build_config("contrastive", {"model": args.model, "report_to": [], "seed": args.seed,
+                                          "no_repeat_ngram_size": 0,
                                           "task_args": {"a": args.a, "b": args.b, "eval_samples": args.sentences}})
     model, tok = load_model(config.model)
     task = get_task_class("contrastive")(config.task_args)
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
             "worst_junk": tok.convert_ids_to_tokens(junk_ids[max(range(len(junk_ids)), key=lambda i: statistics.fmean(
                 r[i] for r in log_r["junk"]))])}
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    lines = [f"# Contrastive target: sentences against junk under each unconditional context U ({args.model})", "",
+    lines = [f"# Contrastive target without the n-gram rule: sentences against junk under each unconditional context U "
+             f"({args.model})", "",
              f"R = p̃(Z.|X)^{args.a:g} p̃(Z.|U)^{args.b:g}; {len(rows)} validation prompts; {args.sentences} samples from "
              f"p̃(Z|X) per prompt; junk: {args.junk} random legal tokens and {args.junk_texts} each repeated {cons.max_new_tokens} times; "
              f"{out['seconds']} s.", "",
