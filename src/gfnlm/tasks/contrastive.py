@@ -20,7 +20,7 @@ context. Why both defaults, measured on SmolLM2-135M (``bench/contrastive_contex
 prompts, 8 sampled sentences each, 51 tokens each repeated 24 times): with U = "<|endoftext|>" (the
 first default) the model given only that token finds each repeat of a token ever less likely while the
 prompted model copies it, so repeated-token junk gets a PMI of 22 nats on average and 15.7 % of the
-junk strings outrank the best sentence of their prompt (by up to 101 nats; a GFlowNet run found
+junk strings outrank the best sentence of their prompt (the best by 101 nats on average; a GFlowNet run found
 "LEGATO" x 24 and had by far the highest ELBO); with the natural U the junk PMI is -2.9 and the margin 4
 nats, still 6.1 % above the best sentence, because an LM finds a copied loop more likely than a fresh
 sentence under any context. The n-gram rule removes the loops from the target itself.
