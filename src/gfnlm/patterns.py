@@ -87,7 +87,25 @@ def _or_all(values) -> int:
     return out
 
 
-class RegexRule:
+class PrefixRule:
+    """What every prefix rule shares: ``start``, ``advance(state, token)`` (None once dead) and
+    ``accepting(state)`` give the states; :meth:`walk` and :meth:`matches` follow from them."""
+
+    start: object
+
+    def walk(self, tokens: list[int]) -> list:
+        """The states after each prefix of ``tokens``: [len + 1] (the start first; None once dead)."""
+        out = [self.start]
+        for t in tokens:
+            out.append(self.advance(out[-1], t))
+        return out
+
+    def matches(self, tokens: list[int]) -> bool:
+        """Whether the whole completion ``tokens`` satisfies the rule."""
+        return self.accepting(self.walk(list(tokens))[-1])
+
+
+class RegexRule(PrefixRule):
     """``pattern`` as an action mask over ``constraints``' actions (see the module docstring).
 
     States are the states of the pattern's character automaton. ``allowed(state, remaining)`` is the
@@ -189,19 +207,8 @@ class RegexRule:
             self._masks[key] = m.to(device)
         return self._masks[key]
 
-    def walk(self, tokens: list[int]) -> list[int | None]:
-        """The states after each prefix of ``tokens``: [len + 1] (the start first; None once dead)."""
-        out = [self.start]
-        for t in tokens:
-            out.append(self.advance(out[-1], t))
-        return out
 
-    def matches(self, tokens: list[int]) -> bool:
-        """Whether the completion ``tokens`` matches the pattern."""
-        return self.accepting(self.walk(tokens)[-1])
-
-
-class NoRepeatRule:
+class NoRepeatRule(PrefixRule):
     """No token n-gram twice in the completion: c(Z) = 1 when no ``n`` consecutive tokens of Z occur
     twice in Z (the prompt is not part of it). The same interface as :class:`RegexRule`, so it is one
     action mask shared by the sampler, the scoring pass, the rewards, the ``generate`` baselines and SMC.
@@ -255,15 +262,6 @@ class NoRepeatRule:
         m = self._all[key].clone()
         m[torch.tensor(ban, device=device)] = False
         return m
-
-    def walk(self, tokens: list[int]) -> list:
-        out = [self.start]
-        for t in tokens:
-            out.append(self.advance(out[-1], t))
-        return out
-
-    def matches(self, tokens: list[int]) -> bool:
-        return self.accepting(self.walk(list(tokens))[-1])
 
 
 def rule_from_spec(spec: dict, tokenizer, constraints):
