@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm
-from gfnlm.decoding import _MKL, LlamaDecoder
+from gfnlm.decoding import _ONEDNN, LlamaDecoder
 from gfnlm.policy import base_model
 from gfnlm.sampling import Constraints, PrefixCache, encode_prompts, pad_prompts, sample
 from gfnlm.scoring import score
@@ -42,10 +42,11 @@ def one_row_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
-def decode_and_check(model, rows: torch.Tensor, steps: int, prefix: list[int] | None = None):
-    """Step the decoder through random tokens after ``PROMPTS[rows]`` and compare every step's logits
-    with the brute-force forward of that row's whole sequence."""
-    dec = LlamaDecoder.for_model(model, len(rows))
+def decode_and_check(model, rows: torch.Tensor, steps: int, prefix: list[int] | None = None, compiled=False):
+    """Step the decoder (``compiled``: its step through torch.compile) through random tokens after
+    ``PROMPTS[rows]`` and compare every step's logits with the brute-force forward of that row's whole
+    sequence."""
+    dec = LlamaDecoder.for_model(model, len(rows), compiled)
     assert dec is not None
     p_ids, p_mask = pad_prompts(PROMPTS, 0)
     with torch.no_grad():
@@ -68,7 +69,7 @@ def test_decoder_logits_equal_the_models_forward_over_the_whole_sequence(lora):
     model = with_lora(gqa_llama()) if lora else gqa_llama()
     dec = decode_and_check(model, torch.tensor([0, 1, 2, 1]), steps=5)
     # frozen fp32 base weights on a CPU with MKL are packed once; trainable ones (this plain model) are not
-    assert (dec.pack_rows is not None) == (lora and _MKL)
+    assert (dec.pack_rows is not None) == (lora and _ONEDNN)
 
 
 def test_decoder_reads_a_prefix_cache_and_a_model_with_tied_embeddings():
@@ -207,3 +208,55 @@ def test_merged_or_hooked_models_keep_their_own_forward():
     assert LlamaDecoder.for_model(plain, 2) is None
     handle.remove()
     assert LlamaDecoder.for_model(plain, 2) is not None
+
+
+# ------------------------------------------------------------------ compiled step (compile_decoder)
+
+
+def test_compiled_decoder_logits_equal_the_models_forward_for_any_prompt_length():
+    """The compiled step is the model: logits against the brute-force forward at every step, for
+    LoRA and plain weights and two cache lengths (the cache length is dynamic: no recompilation)."""
+    from gfnlm.decoding import _compilations
+
+    model = with_lora(gqa_llama(seed=8))
+    dec = decode_and_check(model, torch.tensor([0, 1, 2, 1]), steps=5, compiled=True)
+    assert dec.compiled
+    graphs = _compilations()
+    decode_and_check(model, torch.tensor([0, 1, 2, 1]), steps=3, compiled=True, prefix=[1, 7, 8])  # longer cache
+    with base_model(model):  # adapters off: the same compiled body without the LoRA products
+        decode_and_check(model, torch.tensor([2, 0, 1, 1]), steps=2, compiled=True)
+    assert _compilations() - graphs <= 1  # at most the adapter-free variant compiled again
+
+
+def test_sampler_draws_the_same_episodes_with_the_compiled_decoder():
+    model = with_lora(gqa_llama(seed=9))
+    c = Constraints(stop_token_ids=[2], min_new_tokens=1, max_new_tokens=7)
+    idx = torch.tensor([0, 1, 2] * 4)
+    runs = [sample(model, PROMPTS, idx, c, temperature=1.3, epsilon=0.1, generator=torch.Generator().manual_seed(5),
+                   compile_decoder=compiled) for compiled in (True, False)]
+    fast, eager = runs
+    assert fast.lengths.min() < c.max_new_tokens
+    assert torch.equal(fast.tokens, eager.tokens) and torch.equal(fast.lengths, eager.lengths)
+    torch.testing.assert_close(fast.log_pf, eager.log_pf, atol=1e-5, rtol=1e-5)
+    fin = torch.isfinite(eager.log_pterm)
+    assert torch.equal(fin, torch.isfinite(fast.log_pterm))
+    torch.testing.assert_close(fast.log_pterm[fin], eager.log_pterm[fin], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_compilation_is_a_one_line_config_error(monkeypatch):
+    """Where torch.compile cannot build the step (e.g. no C++ compiler), the user gets one line naming
+    the switch to turn off, not a compiler traceback."""
+    import gfnlm.decoding as decoding
+    from gfnlm.errors import ConfigError
+
+    def no_compiler(*args):
+        cause = RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, cause, None)
+
+    monkeypatch.setattr(decoding, "_COMPILED_BODY", no_compiler)
+    model = with_lora(gqa_llama(seed=10))
+    c = Constraints(stop_token_ids=[2], max_new_tokens=3)
+    with pytest.raises(ConfigError) as e:
+        sample(model, PROMPTS, [0, 1], c, compile_decoder=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "compile_decoder" in msg and "C++ compiler" in msg

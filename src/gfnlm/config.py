@@ -88,6 +88,7 @@ class GFNConfig:
     explore_temperature_min: float = _f(0.5, "Tempered episodes use a temperature drawn uniformly from [min, max].")
     explore_temperature_max: float = _f(2.0, "See explore_temperature_min.")
     epsilon: float = _f(0.0, "Epsilon-uniform exploration: probability of a uniformly random allowed action at each step (fresh episodes).")
+    compile_decoder: bool = _f(False, "Sample with the Llama decoder's step compiled by torch.compile (Llama-architecture models; others ignore it): the same policy up to float rounding, faster per token, after about a minute of compilation once per process and batch size (bench/step.py measures both). Worth it for long completions; it does not pay for itself on the rng demo's 3-token episodes.")
     proposal_fraction: float = _f(0.0, "Fraction of each row's episodes drawn from a proposal sampler instead of the policy (off-policy exploration, e.g. the contrastive task's token-level sampler on the base model); needs a proposal: GFNTrainer(proposal=...) or the task's. Scored, replayed and trained on like the policy's own.")
     replay_fraction: float = _f(0.25, "Fraction of each row's episodes replayed from its buffer (once it holds entries for that row); drawn before the step's fresh episodes are added.")
     buffer_capacity: int = _f(50, "Replay-buffer capacity per dataset row (distinct completions, lowest reward evicted).")

@@ -7,14 +7,24 @@ PEFT's adapter layers, and a general matrix product that re-packs each weight on
 from the model's own modules and weights with
 
 * a static KV cache, allocated once per batch of episodes and written in place;
-* on a CPU with MKL and frozen fp32 weights (LoRA, or a model that is not trained), each linear layer's
-  weight packed once for MKL's small-batch matrix product (``torch.ops.mkl._mkl_linear``, the kernel
-  PyTorch's own compiler uses on CPU; bit-identical to ``F.linear`` here, and about 25% faster on a
-  16-row batch). The packed copies, and the concatenated q/k/v and gate/up weights they are packed
-  from, cost up to two more copies of the linear weights in memory; they are kept, per model, while the
-  base weights do not change (LoRA: for the whole run);
+* on a CPU with oneDNN and frozen fp32 weights (LoRA, or a model that is not trained), each linear
+  layer's weight packed once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``
+  and ``_linear_pointwise``, the kernels PyTorch's own compiler uses for frozen weights on CPU). On 16
+  rows, with each weight read once per step as in decoding, this ran the products of a SmolLM2-135M step
+  in 70 ms against 117 ms for ``F.linear`` and 118 ms for MKL's packed product (2-core AMD EPYC); the
+  results differ from ``F.linear`` by float rounding (about 2e-6). The packed copies, q/k/v and gate/up
+  concatenated, cost one more copy of the linear weights in memory per decoder (eager and compiled
+  decoders each have one); they are kept, per model, while the base weights do not change (LoRA: for
+  the whole run);
 * each LoRA update computed as scale * B(A(x)) from the adapters' current weights, as PEFT does,
-  with the adapters reading the same input (q, k, v; gate, up) fused into one product.
+  with the adapters reading the same input (q, k, v; gate, up) fused into one product;
+* attention of the one new query written out as two small products (a fused kernel is mostly call
+  overhead at this size);
+* optionally (``compile_decoder``), the layers of the step compiled by :func:`torch.compile` into one
+  graph with shapes that do not change from token to token (the cache length dynamic, so one
+  compilation serves every prompt length; a new batch size compiles again). The packed products enter
+  the graph through the custom operator ``gfnlm::packed_linear`` (an opaque packed tensor cannot be
+  traced); the LM head runs after the graph.
 
 Its logits equal the model's own forward to float rounding (tested against it). Everything else (other
 architectures or replaced Llama modules, forward hooks, an adapter PEFT cannot express as base + scale * B A
@@ -26,6 +36,7 @@ against the model's current weight tensors and their version counters at every c
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -33,18 +44,66 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .policy import adapter_layers, plain_lora
 
 
-def _mkl_linear_available() -> bool:
+def _onednn_linear_available() -> bool:
     try:
-        return torch.backends.mkl.is_available() and callable(torch.ops.mkl._mkl_linear)
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._linear_pointwise) \
+            and callable(torch.ops.mkldnn._reorder_linear_weight)
     except (AttributeError, RuntimeError):
         return False
 
 
-_MKL = _mkl_linear_available()
-_DECODERS: "weakref.WeakKeyDictionary[nn.Module, LlamaDecoder]" = weakref.WeakKeyDictionary()
+_ONEDNN = _onednn_linear_available()
+# Packed weights by handle. A packed oneDNN weight is an opaque tensor that torch.compile cannot trace,
+# so a compiled step reaches it through the custom operator ``gfnlm::packed_linear`` by an integer
+# handle; handles are stable per model, decoder kind and layer group (a rebuilt decoder reuses them, so
+# its compiled step is not recompiled), and are dropped with the model.
+_PACKED: dict[int, Tensor] = {}
+_SLOTS: "weakref.WeakKeyDictionary[nn.Module, dict[bool, int]]" = weakref.WeakKeyDictionary()
+_NEXT_SLOT = [0]
+_PER_SLOT = 1 << 16
+
+
+def _slot(lm: nn.Module, compiled: bool) -> int:
+    """The handle block of ``lm``'s eager (False) or compiled (True) decoder."""
+    slots = _SLOTS.get(lm)
+    if slots is None:
+        slots = _SLOTS[lm] = {}
+        weakref.finalize(lm, _drop_slots, slots)
+    if compiled not in slots:
+        slots[compiled] = _NEXT_SLOT[0]
+        _NEXT_SLOT[0] += 1
+    return slots[compiled]
+
+
+def _drop_slots(slots: dict[bool, int]) -> None:
+    for slot in slots.values():
+        for h in [h for h in _PACKED if h // _PER_SLOT == slot]:
+            del _PACKED[h]
+
+
+def _packed_linear(x: Tensor, handle: int, out_features: int) -> Tensor:
+    """``x`` [B, in] times the packed weight ``handle`` [out_features, in], transposed: [B, out_features]."""
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[handle], None, "none", [], "")
+
+
+def _packed_linear_shape(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+# registered on the dispatcher's CPU key directly: torch.library.custom_op's Python dispatch cost about
+# 70 us a call here, 2400 calls per sample of 20 tokens
+_LIB = torch.library.Library("gfnlm", "FRAGMENT")
+_LIB.define("packed_linear(Tensor x, int handle, int out_features) -> Tensor")
+_LIB.impl("packed_linear", _packed_linear, "CPU")
+torch.library.register_fake("gfnlm::packed_linear", _packed_linear_shape, lib=_LIB)
+
+
+# per model, its decoder for eager steps (False) and for compiled steps (True)
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, dict[bool, LlamaDecoder]]" = weakref.WeakKeyDictionary()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -57,24 +116,27 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 class _Linears:
     """Linear layers that read the same input, as one product [B, in] -> [B, sum of outs] split into
-    their outputs. With ``pack_rows`` (frozen fp32 weights on a CPU with MKL) the base weights are
-    concatenated once and packed for MKL's product on ``pack_rows`` rows; else the layers' current weight
+    their outputs. With ``pack_rows`` (frozen fp32 weights on a CPU with oneDNN) the base weights are
+    concatenated once and packed for oneDNN's product on ``pack_rows`` rows, under the integer ``handle``
+    (how a compiled step finds them); else the layers' current weight
     tensors are read at every step (no copy, so a trained or swapped weight is always current). The LoRA
     updates of the layers that carry one run as one low-rank product (their A matrices stacked, their B
     matrices block-diagonal with the scale folded in)."""
 
-    def __init__(self, layers: list[nn.Module], pack_rows: int | None):
+    def __init__(self, layers: list[nn.Module], pack_rows: int | None, handle: int | None = None):
         self.layers = layers
         self.bases = [_base_layer(m) for m in layers]
         self.sizes = [b.weight.shape[0] for b in self.bases]
         self.pack_rows = pack_rows
-        self.weight = self.packed = self.source = None
+        self.packed = self.source = self.handle = None
         if pack_rows:
             ws = [b.weight for b in self.bases]
             with torch.no_grad():
-                self.weight = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
-                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, pack_rows)
+                weight = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, pack_rows)
             self.source = [(w, w._version) for w in ws]  # the tensors packed, and their versions then
+            self.handle = handle
+            _PACKED[handle] = self.packed
         self.lora_a = self.lora_b = None
 
     def still_valid(self) -> bool:
@@ -102,8 +164,10 @@ class _Linears:
             row += size
 
     def __call__(self, x: Tensor) -> list[Tensor]:
-        if self.packed is not None:
-            y = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.pack_rows)
+        if self.handle is not None and torch.compiler.is_compiling():  # (the packed tensor cannot be traced)
+            y = torch.ops.gfnlm.packed_linear(x, self.handle, sum(self.sizes))
+        elif self.handle is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         elif len(self.bases) == 1:
             y = F.linear(x, self.bases[0].weight)
         else:
@@ -139,18 +203,20 @@ class LlamaDecoder:
     prompts, and per token ``logits = dec.step(kv, ids, positions)``.
     """
 
-    def __init__(self, lm: nn.Module, pack_rows: int | None):
+    def __init__(self, lm: nn.Module, pack_rows: int | None, compiled: bool = False):
         body = lm.model
+        self.compiled = compiled
+        handles = iter(range(_slot(lm, compiled) * _PER_SLOT, (_slot(lm, compiled) + 1) * _PER_SLOT))
+        group = lambda ms: _Linears(ms, pack_rows, next(handles))  # noqa: E731
         self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
         self.blocks = []
         for layer in body.layers:
             a, f = layer.self_attn, layer.mlp
-            self.blocks.append((layer.input_layernorm, _Linears([a.q_proj, a.k_proj, a.v_proj], pack_rows), a.scaling,
-                                _Linears([a.o_proj], pack_rows), layer.post_attention_layernorm,
-                                _Linears([f.gate_proj, f.up_proj], pack_rows), f.act_fn,
-                                _Linears([f.down_proj], pack_rows)))
+            self.blocks.append((layer.input_layernorm, group([a.q_proj, a.k_proj, a.v_proj]), a.scaling,
+                                group([a.o_proj]), layer.post_attention_layernorm,
+                                group([f.gate_proj, f.up_proj]), f.act_fn, group([f.down_proj])))
         head = lm.get_output_embeddings()
-        self.head = _Linears([head], pack_rows) if pack_rows else head
+        self.head = group([head]) if pack_rows else head
         cfg = lm.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = body.layers[0].self_attn.head_dim
@@ -160,26 +226,27 @@ class LlamaDecoder:
     # ------------------------------------------------------------------ when it applies
 
     @classmethod
-    def for_model(cls, model: nn.Module, rows: int) -> "LlamaDecoder | None":
+    def for_model(cls, model: nn.Module, rows: int, compiled: bool = False) -> "LlamaDecoder | None":
         """The decoder of ``model`` for batches of ``rows`` episodes, or None where the model's own
         forward must run (see the module docstring). Packed weights are reused across calls while the
         model's weights are the same tensors, unchanged; they are packed for the batch size, and
-        packed again for a new size that comes twice in a row."""
+        packed again for a new size that comes twice in a row. ``compiled``: run the step's layers
+        through :func:`torch.compile` (see :meth:`_compiled_step`)."""
         lm = unwrap(model)
         if not _supported(lm):
             return None
         frozen = all(not _base_layer(m).weight.requires_grad
                      for layer in lm.model.layers for m in _projections(layer))
         w = lm.model.embed_tokens.weight
-        pack = rows if (_MKL and frozen and w.device.type == "cpu" and w.dtype == torch.float32) else None
-        dec = _DECODERS.get(lm)
+        pack = rows if (_ONEDNN and frozen and w.device.type == "cpu" and w.dtype == torch.float32) else None
+        dec = _DECODERS.setdefault(lm, {}).get(compiled)
         if dec is None or (dec.pack_rows is None) != (pack is None) or dec.modules != _modules(lm) \
                 or not all(g.still_valid() for g in dec._groups()) \
                 or (pack is not None and pack != dec.pack_rows and rows == dec.last_rows):
             # (a pack for another batch size still computes the same numbers, more slowly: it is
             # replaced only when the new size comes twice in a row, so alternating sizes never repack)
-            dec = cls(lm, pack)
-            _DECODERS[lm] = dec
+            dec = cls(lm, pack, compiled)
+            _DECODERS[lm][compiled] = dec
         dec.last_rows = rows
         for g in dec._groups():
             g.load_adapters()
@@ -207,11 +274,17 @@ class LlamaDecoder:
             values.append(vv)
         mask = torch.zeros((B, 1, 1, L + steps), dtype=torch.bool, device=attention_mask.device)
         mask[:, 0, 0, :L] = attention_mask.bool()
+        if self.compiled:  # one compilation for every cache length
+            for x in (*keys, *values):
+                torch._dynamo.mark_dynamic(x, 2)
+            torch._dynamo.mark_dynamic(mask, 3)
         return DecodeCache(keys, values, mask, L)
 
     def step(self, kv: DecodeCache, ids: Tensor, positions: Tensor) -> Tensor:
         """Append tokens ``ids`` [B] at position ids ``positions`` [B] to ``kv``; returns next-token
         logits [B, V]."""
+        if self.compiled:
+            return self._compiled_step(kv, ids, positions)
         from transformers.models.llama.modeling_llama import rotate_half
 
         B, t, H, KV, D = ids.shape[0], kv.filled, self.heads, self.kv_heads, self.head_dim
@@ -226,14 +299,96 @@ class LlamaDecoder:
             qk = qk * cos + rotate_half(qk) * sin
             kv.keys[i][:, :, t] = qk[:, H:, 0]
             kv.values[i][:, :, t] = v.view(B, KV, D)
-            a = F.scaled_dot_product_attention(qk[:, :H], kv.keys[i][:, :, : t + 1], kv.values[i][:, :, : t + 1],
-                                               attn_mask=mask, scale=scaling, enable_gqa=H != KV)
+            a = _attend(qk[:, :H], kv.keys[i][:, :, : t + 1], kv.values[i][:, :, : t + 1], mask, scaling)
             h = h + o(a.reshape(B, H * D))[0]
             g, u = gate_up(_rms_norm(norm2, h))
             h = h + down(act(g) * u)[0]
         kv.filled = t + 1
         x = _rms_norm(self.norm, h)
         return self.head(x)[0] if isinstance(self.head, _Linears) else self.head(x)
+
+    def _compiled_step(self, kv: DecodeCache, ids: Tensor, positions: Tensor) -> Tensor:
+        """:meth:`step` through :func:`torch.compile` of :func:`_static_body` (the layers; the LM head
+        runs eagerly, packed where it can be). The cache's length is marked dynamic, so one compilation
+        serves every prompt length; a new batch size, or a model of other shapes, compiles again
+        (after 8 compilations torch falls back to running the body eagerly, with the same results).
+        The seconds of the calls that compiled add up in :func:`compile_seconds`."""
+        global _COMPILED_BODY, _COMPILE_SECONDS
+        if _COMPILED_BODY is None:
+            _COMPILED_BODY = torch.compile(_static_body, dynamic=False)
+        index = torch.tensor([kv.filled], device=ids.device)
+        before = _compilations()
+        start = time.perf_counter()
+        try:
+            x = _COMPILED_BODY(self, kv.keys, kv.values, kv.mask, ids.contiguous(), positions.contiguous(), index)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's CPU kernels
+            raise ConfigError(f"compile_decoder: torch.compile failed ({_first_line(e)}); set compile_decoder "
+                              "false, or install what it names (inductor needs a C++ compiler on CPU)") from e
+        if _compilations() != before:
+            _COMPILE_SECONDS += time.perf_counter() - start
+        kv.filled += 1
+        return self.head(x)[0] if isinstance(self.head, _Linears) else self.head(x)
+
+
+_COMPILED_BODY = None
+_COMPILE_SECONDS = 0.0
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in decode steps that compiled (``compile_decoder``), each
+    including the one step it ran."""
+    return _COMPILE_SECONDS
+
+
+def _compilations() -> int:
+    """How many frames dynamo has compiled in this process (grows when a call compiles or recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _static_body(dec: LlamaDecoder, keys: list[Tensor], values: list[Tensor], mask: Tensor, ids: Tensor,
+                 positions: Tensor, index: Tensor) -> Tensor:
+    """The layers of :meth:`LlamaDecoder.step` with shapes that do not change from token to token, for
+    :func:`torch.compile`: the step's cache slot ``index`` [1] is a tensor, the new key and value are
+    written with ``index_copy_``, and attention reads the whole static cache (``keys``, ``values``: per
+    layer [B, kv_heads, T, head_dim]) under ``mask`` [B, 1, 1, T] (the unfilled slots are masked out).
+    Returns the final normed hidden states [B, hidden] (the LM head is left to the caller)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    B, H, KV, D = ids.shape[0], dec.heads, dec.kv_heads, dec.head_dim
+    mask.index_fill_(-1, index, True)
+    h = dec.embed(ids)  # [B, hidden]
+    cos, sin = dec.rotary(h, positions[:, None])  # [B, 1, D]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
+    for i, (norm1, qkv, scaling, o, norm2, gate_up, act, down) in enumerate(dec.blocks):
+        q, k, v = qkv(_rms_norm(norm1, h))
+        qk = torch.cat([q, k], -1).view(B, H + KV, 1, D)
+        qk = qk * cos + rotate_half(qk) * sin
+        keys[i].index_copy_(2, index, qk[:, H:])
+        values[i].index_copy_(2, index, v.view(B, KV, 1, D))
+        a = _attend(qk[:, :H], keys[i], values[i], mask, scaling)
+        h = h + o(a.reshape(B, H * D))[0]
+        g, u = gate_up(_rms_norm(norm2, h))
+        h = h + down(act(g) * u)[0]
+    return _rms_norm(dec.norm, h)
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scaling: float) -> Tensor:
+    """Attention of one new query per row, q [B, H, 1, D], over ``keys``, ``values`` [B, KV, T, D]
+    where ``mask`` [B, 1, 1, T] is True; query head j reads key/value head j // (H / KV), as
+    transformers' ``repeat_kv`` arranges them. Returns [B, KV, H / KV, D] (reshape to [B, H * D]).
+    Written out as two small products: for one query, a fused attention kernel is mostly call overhead."""
+    B, H, _, D = q.shape
+    KV = keys.shape[1]
+    w = torch.matmul(q.reshape(B, KV, H // KV, D), keys.transpose(-1, -2)) * scaling  # [B, KV, H/KV, T]
+    w = torch.softmax(w.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(w, values)
 
 
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:

@@ -139,7 +139,7 @@ def sampler_report(model, tokenizer, config, constraints: Constraints, rewards, 
     index = torch.arange(len(rows)).repeat_interleave(k)
     s = sample(model, col.prompt_ids, index.to(device), constraints, pad_id=col.pad_id,
                generator=device_generator(device, seed),
-               **col.tool_kwargs())
+               **col.sample_kwargs())
     batch = col.reward_batch(list(range(len(rows))), index, s.tokens.cpu(), s.lengths.cpu(), s.action_mask)
     log_r = at_stop(col.log_rewards(batch), batch.lengths)
     T = temperature if temperature is not None else config.reward_temperature_at(10**9)

@@ -272,10 +272,13 @@ class Collector:
             added += self.buffer.add_batch([row for row, _ in chunk], tokens, lengths, self.log_rewards(batch), mask)
         return added
 
-    def tool_kwargs(self) -> dict:
-        if self.tool is None:
-            return {}
-        return {"tool": self.tool, "tokenizer": self.tokenizer, "max_tool_tokens": self.args.max_tool_tokens}
+    def sample_kwargs(self) -> dict:
+        """The keyword arguments of :func:`gfnlm.sampling.sample` that come from the config and the
+        tool (the decoder's compilation; the tool, its tokenizer and budget)."""
+        kw = {"compile_decoder": self.args.compile_decoder}
+        if self.tool is not None:
+            kw.update(tool=self.tool, tokenizer=self.tokenizer, max_tool_tokens=self.args.max_tool_tokens)
+        return kw
 
     # --- one micro-batch ---------------------------------------------------------------------
     def draw_rows(self, n: int) -> list[int]:
@@ -323,7 +326,7 @@ class Collector:
             self.sample_generator = device_generator(device, self.generator.initial_seed() + 1)
         with sampling_context():
             s = sample(model, prompts, fresh_t.to(device), self.constraints, temperature=torch.tensor(temps),
-                       epsilon=a.epsilon, pad_id=self.pad_id, generator=self.sample_generator, **self.tool_kwargs())
+                       epsilon=a.epsilon, pad_id=self.pad_id, generator=self.sample_generator, **self.sample_kwargs())
         tokens, lengths = s.tokens.cpu(), s.lengths.cpu()
         mask = None if s.action_mask is None else s.action_mask.cpu()
         if any(n_props):

@@ -329,7 +329,7 @@ class GFNTrainer:
         idx = torch.arange(len(prompts)).repeat_interleave(n)
         with self.sampling_precision():
             s = sample(self.model, ids, idx, self.constraints, temperature=temperature, pad_id=self.pad_id,
-                       generator=self.sample_generator, **self.collector.tool_kwargs())
+                       generator=self.sample_generator, **self.collector.sample_kwargs())
         texts = [self.tokenizer.decode(c, skip_special_tokens=False) for c in s.completion_ids()]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
