@@ -40,11 +40,19 @@ import sys
 import time
 from pathlib import Path
 
-# Idle OpenMP workers must sleep, not spin: on a small shared machine (here 2 cores, with other
-# processes running) libgomp's default spin-waiting made every parallel region wait for a
-# descheduled worker, ~10 ms per op, a forward 18x slower.  Set before torch starts OpenMP; an
-# explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left as users have it (libgomp's default: spin a while, then sleep). On a
+# quiet machine OMP_WAIT_POLICY=PASSIVE made the decode loop about 2x slower (every small op wakes
+# sleeping workers); on a machine shared with other busy processes spinning can be far worse (a
+# forward 18x slower once), so set OMP_WAIT_POLICY=PASSIVE in the environment there.
+# The compilation of the decoder's step is timed cold, as a user's first run meets it: torch.compile's
+# on-disk caches go to a fresh folder (unless --warm-compile-cache or TORCHINDUCTOR_CACHE_DIR is set).
+if "--warm-compile-cache" not in sys.argv and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gfnlm-bench-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 
@@ -60,6 +68,7 @@ from gfnlm.scoring import completion_logits, score  # noqa: E402
 REF_REWARD = "reward, one pass (reference score_fast)"
 SHARED_PARTS = ["shared-prompt forward (no grad)", "shared-prompt forward+backward"]
 MODEL_FORWARD = "engine sampler through the model's forward (merged adapters)"
+EAGER_DECODER = "engine sampler, lean decoder not compiled"
 OPT_PARTS = ["sampling", "reward", "policy forward", "loss", "backward", "optimiser step"]
 FLOOR_PARTS = {"sampling": "generate", "reward": "forward (no grad)", "policy forward": "forward+backward"}
 
@@ -135,7 +144,7 @@ def optimised_step(ctx, seed, times=None, keep=False):
     index = torch.zeros(B, dtype=torch.long)
 
     t0 = now()
-    s = sample(model, [prompt], index, cons, pad_id=pad, generator=gen)
+    s = sample(model, [prompt], index, cons, pad_id=pad, generator=gen, compile_decoder=ctx["compile"])
     t["sampling"] = now() - t0
 
     t0 = now()
@@ -202,6 +211,11 @@ def floor_step(ctx, times):
     sample(model, [prompt], torch.zeros(B, dtype=torch.long), ctx["cons"], pad_id=pad,
            generator=torch.Generator().manual_seed(0), fast_decode=False)
     times.setdefault(MODEL_FORWARD, []).append(now() - t0)
+    if ctx["compile"]:  # informational: the lean decoder run eagerly (compile_decoder=False, the default)
+        t0 = now()
+        sample(model, [prompt], torch.zeros(B, dtype=torch.long), ctx["cons"], pad_id=pad,
+               generator=torch.Generator().manual_seed(0))
+        times.setdefault(EAGER_DECODER, []).append(now() - t0)
 
     # informational: the same two passes on the engine's token count (prompt encoded once, its
     # KV cache shared by the B rows: gfnlm.scoring.completion_logits) without the constrained
@@ -524,6 +538,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="also profile one optimised step")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="sample without compiling the lean decoder's step (compile_decoder=False)")
+    ap.add_argument("--warm-compile-cache", action="store_true",
+                    help="let torch.compile reuse its on-disk caches of earlier runs (default: a fresh folder, so "
+                         "the compilation is timed cold)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (2 if args.quick else 5)
@@ -563,7 +582,7 @@ def main(argv=None) -> int:
     all_params = params + ([log_z] if log_z is not None else [])
     ctx = dict(model=model, tok=tok, prompt=prompt, B=B, N=N, cons=cons, pad=pad, log_z=log_z,
                reward=LMLikelihoodReward(model, constraints=cons),
-               reward_temperature=args.reward_temperature, params=all_params, opt=opt)
+               reward_temperature=args.reward_temperature, params=all_params, opt=opt, compile=args.compile)
     n_lora = sum(p.numel() for p in params)
     print(f"model {args.model} loaded in {load_s:.1f} s; LoRA r=16 all-linear: {n_lora:,} trainable params; "
           f"prompt {len(prompt)} tokens; B={B}, N={N}, min_new_tokens={args.min_new_tokens}; "
@@ -579,12 +598,25 @@ def main(argv=None) -> int:
         decoder_info = {"used": "the model's own forward (the lean decoder does not apply to this model)",
                         "first_use_s": pack_s, "note": ""}
     else:
-        what = "weights packed for MKL" if dec.pack_rows else "weights not packed (no MKL, or not frozen fp32 on CPU)"
+        what = "weights packed for oneDNN" if dec.pack_rows else "weights not packed (no oneDNN, or not frozen fp32 on CPU)"
         decoder_info = {"used": f"`gfnlm.decoding.LlamaDecoder` (static KV cache, {what}, LoRA read from the adapters)",
                         "first_use_s": pack_s,
                         "note": f"The decoder's first use (packing, once per model) took {pack_s:.3f} s, not in the "
                                 "timings."}
     print(f"decoder: {decoder_info['used']}; first use {pack_s:.3f} s", flush=True)
+
+    # compilation (compile_decoder=True): the first compiled sample, timed apart
+    compile_info = {"compiled": False, "text": "the sampler's decoder is not compiled (`--no-compile`)"}
+    if args.compile and dec is not None:
+        from gfnlm.decoding import compile_seconds
+
+        t0 = now()
+        sample(model, [prompt], torch.zeros(B, dtype=torch.long), cons, pad_id=pad,
+               generator=torch.Generator().manual_seed(0), compile_decoder=True)
+        first_s, comp_s = now() - t0, compile_seconds()
+        compile_info = {"compiled": True, "first_sample_s": first_s, "compile_s": comp_s}
+        print(f"compiled the decoder's step: first sample {first_s:.1f} s, of which the compiling step {comp_s:.1f} s",
+              flush=True)
 
     # priming step (also the warm-up of the optimised path): makes the LoRA B matrices non-zero
     optimised_step(ctx, args.seed)
@@ -675,13 +707,24 @@ def main(argv=None) -> int:
                     "sampling_le_0.5x_generate": ratio_sampling <= 0.5, "optimised_le_0.55x_floor": ratio_floor <= 0.55},
         "sampler_through_model_forward": stats(floor_t[MODEL_FORWARD]),
         "decoder": decoder_info,
-        "compilation": "none: the sampler is not compiled (torch.compile of the lean decoder's layer step, one graph "
-                       "for every layer, measured 1.23 s against 1.27 s eager for 20 steps after 17 s of compilation; "
-                       "MKL-packed weights do not lower in inductor, and packed eager took 1.20 s)",
+        "compilation": compile_info | ({"eager_decoder_sampling": stats(floor_t[EAGER_DECODER])}
+                                       if EAGER_DECODER in floor_t else {}),
         "loss_check": check,
         "wall_s": now() - t_start,
     }
 
+    if compile_info["compiled"]:
+        eager_s = med(floor_t[EAGER_DECODER])
+        saved = eager_s - med(opt_t["sampling"])
+        compile_text = (f"Its step is compiled (`compile_decoder=True`): the first compiled sample took "
+                        f"{compile_info['first_sample_s']:.1f} s (the compiling step {compile_info['compile_s']:.1f} s), "
+                        f"not in the timings; the same decoder run eagerly (the default) samples in {eager_s:.3f} s "
+                        f"(sampling / generate {eager_s / med(floor_t['generate']):.2f}), so compilation pays for "
+                        + (f"itself after {compile_info['first_sample_s'] / saved:.0f} samplings of these shapes."
+                           if saved > 0 else "nothing here."))
+    else:
+        compile_text = "Its step is not compiled (`--no-compile`)."
+    result["compilation"]["text"] = compile_text
     rows = []
     for p in OPT_PARTS:
         fp = FLOOR_PARTS.get(p)
@@ -719,8 +762,7 @@ def main(argv=None) -> int:
         f"{'met' if ratio_floor <= 0.55 else 'NOT met'}",
         f"- the sampler decodes with {decoder_info['used']}; through the model's own forward (LoRA folded into "
         f"temporary weights, `fast_decode=False`, as for other architectures) it takes "
-        f"{med(floor_t[MODEL_FORWARD]):.3f} s. {decoder_info['note']} No compilation: "
-        f"{result['compilation'].split(': ', 1)[1]}.",
+        f"{med(floor_t[MODEL_FORWARD]):.3f} s. {decoder_info['note']} {compile_text}",
         f"- {result['floor_definition']}.",
         f"- loss on the same samples: optimised {check.get('optimised_loss', float('nan')):.6f}, naive "
         f"{check.get('naive_loss', float('nan')):.6f} (relative difference {check.get('rel_diff', float('nan')):.1e}; "
