@@ -122,8 +122,8 @@ def test_compile_decoder_trains_the_same_policy(tmp_path, tiny_model_dir, monkey
     from gfnlm.decoding import LlamaDecoder
 
     calls = []
-    compiled_step = LlamaDecoder._compiled_step
-    monkeypatch.setattr(LlamaDecoder, "_compiled_step", lambda self, *a: calls.append(1) or compiled_step(self, *a))
+    compiled_body = LlamaDecoder._compiled_body
+    monkeypatch.setattr(LlamaDecoder, "_compiled_body", lambda self, *a: calls.append(1) or compiled_body(self, *a))
     adapters = []
     for flag in ("false", "true"):
         out = tmp_path / flag

@@ -231,7 +231,7 @@ class LlamaDecoder:
         forward must run (see the module docstring). Packed weights are reused across calls while the
         model's weights are the same tensors, unchanged; they are packed for the batch size, and
         packed again for a new size that comes twice in a row. ``compiled``: run the step's layers
-        through :func:`torch.compile` (see :meth:`_compiled_step`)."""
+        through :func:`torch.compile` (see :meth:`_compiled_body`)."""
         lm = unwrap(model)
         if not _supported(lm):
             return None
@@ -282,52 +282,34 @@ class LlamaDecoder:
 
     def step(self, kv: DecodeCache, ids: Tensor, positions: Tensor) -> Tensor:
         """Append tokens ``ids`` [B] at position ids ``positions`` [B] to ``kv``; returns next-token
-        logits [B, V]."""
+        logits [B, V]. The layers run through :func:`_static_body`, eagerly or compiled (the LM head
+        after them, packed where it can be)."""
+        index = torch.tensor([kv.filled], device=ids.device)
         if self.compiled:
-            return self._compiled_step(kv, ids, positions)
-        from transformers.models.llama.modeling_llama import rotate_half
-
-        B, t, H, KV, D = ids.shape[0], kv.filled, self.heads, self.kv_heads, self.head_dim
-        kv.mask[:, 0, 0, t] = True
-        mask = kv.mask[..., : t + 1]
-        h = self.embed(ids)  # [B, hidden]
-        cos, sin = self.rotary(h, positions[:, None])  # [B, 1, D]
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
-        for i, (norm1, qkv, scaling, o, norm2, gate_up, act, down) in enumerate(self.blocks):
-            q, k, v = qkv(_rms_norm(norm1, h))
-            qk = torch.cat([q, k], -1).view(B, H + KV, 1, D)  # rotated together, as HF rotates each
-            qk = qk * cos + rotate_half(qk) * sin
-            kv.keys[i][:, :, t] = qk[:, H:, 0]
-            kv.values[i][:, :, t] = v.view(B, KV, D)
-            a = _attend(qk[:, :H], kv.keys[i][:, :, : t + 1], kv.values[i][:, :, : t + 1], mask, scaling)
-            h = h + o(a.reshape(B, H * D))[0]
-            g, u = gate_up(_rms_norm(norm2, h))
-            h = h + down(act(g) * u)[0]
-        kv.filled = t + 1
-        x = _rms_norm(self.norm, h)
+            x = self._compiled_body(kv, ids.contiguous(), positions.contiguous(), index)
+        else:
+            x = _static_body(self, kv.keys, kv.values, kv.mask, ids, positions, index)
+        kv.filled += 1
         return self.head(x)[0] if isinstance(self.head, _Linears) else self.head(x)
 
-    def _compiled_step(self, kv: DecodeCache, ids: Tensor, positions: Tensor) -> Tensor:
-        """:meth:`step` through :func:`torch.compile` of :func:`_static_body` (the layers; the LM head
-        runs eagerly, packed where it can be). The cache's length is marked dynamic, so one compilation
-        serves every prompt length; a new batch size, or a model of other shapes, compiles again
-        (after 8 compilations torch falls back to running the body eagerly, with the same results).
-        The seconds of the calls that compiled add up in :func:`compile_seconds`."""
+    def _compiled_body(self, kv: DecodeCache, ids: Tensor, positions: Tensor, index: Tensor) -> Tensor:
+        """:func:`_static_body` through :func:`torch.compile`. The cache's length is marked dynamic, so
+        one compilation serves every prompt length; a new batch size, or a model of other shapes,
+        compiles again (after 8 compilations torch runs the body eagerly, with the same results). The
+        seconds of the calls that compiled add up in :func:`compile_seconds`."""
         global _COMPILED_BODY, _COMPILE_SECONDS
         if _COMPILED_BODY is None:
             _COMPILED_BODY = torch.compile(_static_body, dynamic=False)
-        index = torch.tensor([kv.filled], device=ids.device)
         before = _compilations()
         start = time.perf_counter()
         try:
-            x = _COMPILED_BODY(self, kv.keys, kv.values, kv.mask, ids.contiguous(), positions.contiguous(), index)
+            x = _COMPILED_BODY(self, kv.keys, kv.values, kv.mask, ids, positions, index)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor's CPU kernels
             raise ConfigError(f"compile_decoder: torch.compile failed ({_first_line(e)}); set compile_decoder "
                               "false, or install what it names (inductor needs a C++ compiler on CPU)") from e
         if _compilations() != before:
             _COMPILE_SECONDS += time.perf_counter() - start
-        kv.filled += 1
-        return self.head(x)[0] if isinstance(self.head, _Linears) else self.head(x)
+        return x
 
 
 _COMPILED_BODY = None
@@ -354,11 +336,13 @@ def _compilations() -> int:
 
 def _static_body(dec: LlamaDecoder, keys: list[Tensor], values: list[Tensor], mask: Tensor, ids: Tensor,
                  positions: Tensor, index: Tensor) -> Tensor:
-    """The layers of :meth:`LlamaDecoder.step` with shapes that do not change from token to token, for
-    :func:`torch.compile`: the step's cache slot ``index`` [1] is a tensor, the new key and value are
-    written with ``index_copy_``, and attention reads the whole static cache (``keys``, ``values``: per
-    layer [B, kv_heads, T, head_dim]) under ``mask`` [B, 1, 1, T] (the unfilled slots are masked out).
-    Returns the final normed hidden states [B, hidden] (the LM head is left to the caller)."""
+    """The layers of one decode step (:meth:`LlamaDecoder.step`) with shapes that do not change from
+    token to token, so that :func:`torch.compile` compiles it once: the step's cache slot ``index`` [1]
+    is a tensor, the new key and value are written there with ``index_copy_``, and attention reads the
+    whole static cache (``keys``, ``values``: per layer [B, kv_heads, T, head_dim]) under ``mask``
+    [B, 1, 1, T], whose slot ``index`` is set here (the unfilled slots stay masked out). ``ids``,
+    ``positions``: [B] tokens and their position ids. Returns the final normed hidden states [B, hidden]
+    (the LM head is left to the caller)."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     B, H, KV, D = ids.shape[0], dec.heads, dec.kv_heads, dec.head_dim

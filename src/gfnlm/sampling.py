@@ -568,7 +568,7 @@ def sample(
             the same policy up to float rounding, without merging); other models, or False, run the
             model's own forward (with ``merge_adapters``).
         compile_decoder: with the fast decoder, run its step's layers through :func:`torch.compile`
-            (:meth:`gfnlm.decoding.LlamaDecoder._compiled_step`): the same policy up to float rounding,
+            (:meth:`gfnlm.decoding.LlamaDecoder._compiled_body`): the same policy up to float rounding,
             faster per token after a compilation of about a minute, once per process and batch size.
 
     Tensors are created on the model's device; only a tool's text round-trips through the CPU. The
