@@ -11,8 +11,8 @@ from the model's own modules and weights with
   layer's weight packed once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``
   and ``_linear_pointwise``, the kernels PyTorch's own compiler uses for frozen weights on CPU). On 16
   rows, with each weight read once per step as in decoding, this ran the products of a SmolLM2-135M step
-  in 70 ms against 117 ms for ``F.linear`` and 118 ms for MKL's packed product (2-core AMD EPYC); the
-  results differ from ``F.linear`` by float rounding (about 2e-6). The packed copies, q/k/v and gate/up
+  in 65 ms against 120 ms for ``F.linear`` and 108 ms for MKL's packed product (``bench/decode_kernels.py``,
+  2-core AMD EPYC); the results differ from ``F.linear`` by float rounding (up to 4e-5 on those products). The packed copies, q/k/v and gate/up
   concatenated, cost one more copy of the linear weights in memory per decoder (eager and compiled
   decoders each have one); they are kept, per model, while the base weights do not change (LoRA: for
   the whole run);
