@@ -123,20 +123,18 @@ class _Linears:
     updates of the layers that carry one run as one low-rank product (their A matrices stacked, their B
     matrices block-diagonal with the scale folded in)."""
 
-    def __init__(self, layers: list[nn.Module], pack_rows: int | None, handle: int | None = None):
+    def __init__(self, layers: list[nn.Module], pack_rows: int | None, handle: int):
         self.layers = layers
         self.bases = [_base_layer(m) for m in layers]
         self.sizes = [b.weight.shape[0] for b in self.bases]
-        self.pack_rows = pack_rows
-        self.packed = self.source = self.handle = None
+        self.source = self.handle = None
         if pack_rows:
             ws = [b.weight for b in self.bases]
             with torch.no_grad():
                 weight = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, pack_rows)
+                _PACKED[handle] = torch.ops.mkldnn._reorder_linear_weight(weight, pack_rows)
             self.source = [(w, w._version) for w in ws]  # the tensors packed, and their versions then
             self.handle = handle
-            _PACKED[handle] = self.packed
         self.lora_a = self.lora_b = None
 
     def still_valid(self) -> bool:
@@ -167,7 +165,7 @@ class _Linears:
         if self.handle is not None and torch.compiler.is_compiling():  # (the packed tensor cannot be traced)
             y = torch.ops.gfnlm.packed_linear(x, self.handle, sum(self.sizes))
         elif self.handle is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            y = _packed_linear(x, self.handle, sum(self.sizes))
         elif len(self.bases) == 1:
             y = F.linear(x, self.bases[0].weight)
         else:
@@ -206,7 +204,8 @@ class LlamaDecoder:
     def __init__(self, lm: nn.Module, pack_rows: int | None, compiled: bool = False):
         body = lm.model
         self.compiled = compiled
-        handles = iter(range(_slot(lm, compiled) * _PER_SLOT, (_slot(lm, compiled) + 1) * _PER_SLOT))
+        first = _slot(lm, compiled) * _PER_SLOT
+        handles = iter(range(first, first + _PER_SLOT))
         group = lambda ms: _Linears(ms, pack_rows, next(handles))  # noqa: E731
         self.embed, self.norm, self.rotary = body.embed_tokens, body.norm, body.rotary_emb
         self.blocks = []
