@@ -606,7 +606,7 @@ def main(argv=None) -> int:
     print(f"decoder: {decoder_info['used']}; first use {pack_s:.3f} s", flush=True)
 
     # compilation (compile_decoder=True): the first compiled sample, timed apart
-    compile_info = {"compiled": False, "text": "the sampler's decoder is not compiled (`--no-compile`)"}
+    compile_info = {"compiled": False}
     if args.compile and dec is not None:
         from gfnlm.decoding import compile_seconds
 

@@ -113,7 +113,6 @@ def test_malformed_dataset_file(tmp_path, tiny_model_dir, capsys):
     assert "line 2 is not valid JSON" in err
 
 
-
 def test_compile_decoder_trains_the_same_policy(tmp_path, tiny_model_dir, monkeypatch):
     """``--compile_decoder true`` reaches the sampler (its compiled step runs) and trains the policy the
     eager decoder trains: same seed, same episodes, the same adapters to float rounding."""

@@ -68,7 +68,7 @@ def decode_and_check(model, rows: torch.Tensor, steps: int, prefix: list[int] | 
 def test_decoder_logits_equal_the_models_forward_over_the_whole_sequence(lora):
     model = with_lora(gqa_llama()) if lora else gqa_llama()
     dec = decode_and_check(model, torch.tensor([0, 1, 2, 1]), steps=5)
-    # frozen fp32 base weights on a CPU with MKL are packed once; trainable ones (this plain model) are not
+    # frozen fp32 base weights on a CPU with oneDNN are packed once; trainable ones (this plain model) are not
     assert (dec.pack_rows is not None) == (lora and _ONEDNN)
 
 
