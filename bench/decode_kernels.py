@@ -78,7 +78,8 @@ def _kernels(rows: int):
 
 
 def _groups(lm):
-    """One decode step's products of ``lm``, as the decoder groups them: [(name, weight)] per layer, then the head."""
+    """One decode step's products of ``lm``, as the decoder groups them: [(name, layer index, weight)] per
+    layer, then the head (layer index 0)."""
     import torch
 
     out = []
