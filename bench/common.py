@@ -38,7 +38,9 @@ def merged_report(bench: str, out: Path, title: str, table, plot, targets) -> st
     if not runs:
         return "(no runs yet)"
     merged = None
-    for name in sorted(runs, key=lambda n: (not n.startswith("gfn"), n.split("-seed")[0] != "gfn")):  # default run first
+    order = lambda n: (not n.startswith("gfn"), n.split("-seed")[0] != "gfn", n.split("-seed")[0],  # noqa: E731
+                       runs[n]["settings"]["seed"])  # the default run first, each run's seeds after its seed 0
+    for name in sorted(runs, key=order):
         r, seed = runs[name]["result"], runs[name]["settings"]["seed"]
         merged = merged or {**r, "methods": {}}
         merged["methods"].update({(k if seed == 0 else f"{k}, seed {seed}"): v for k, v in r["methods"].items()})
