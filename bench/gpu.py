@@ -6,9 +6,10 @@ embedded-model package, no hub, no shared data), this script
 * builds a randomly initialised model with SmolLM2-135M's configuration (the same shapes, so the
   timings hold for the real model) and a byte-level tokenizer made locally;
 * times the sampler (``gfnlm.sampling.sample``: the lean Llama decoder, or under bf16 autocast the
-  model's forward with merged LoRA weights; inverse-CDF draws), also through the model's forward
+  model's forward with merged LoRA weights; inverse-CDF draws), also with the decoder's step compiled
+  (``compile_decoder``, fp32; its compilation timed apart) and through the model's forward
   (``fast_decode=False``), against HF ``generate`` on the same shapes (16 episodes of 20 tokens after a
-  28-token prompt, LoRA r=16);
+  28-token prompt, LoRA r=16), and checks that the compiled step draws the eager step's episodes;
 * trains the rng task and one LM-reward task (arithmetic: calculator tool, few-shot LM likelihood
   of the answer) for a few steps in fp32 and in bf16, and times each step against the bare-model
   floor on the same device and shapes (HF generate + a no-grad forward + a forward/backward);
@@ -141,11 +142,11 @@ def sampler_vs_generate(shape, device, precision: str, reps: int, B=16, N=20, L=
     ids = torch.tensor([prompt] * B, device=device)
     gen = torch.Generator(device=device)
 
-    def ours(merge=True, fast=True):
+    def ours(merge=True, fast=True, compiled=False):
         gen.manual_seed(0)
         with autocast(device, precision):
             s = sample(model, [prompt], torch.zeros(B, dtype=torch.long), cons, generator=gen, merge_adapters=merge,
-                       fast_decode=fast)
+                       fast_decode=fast, compile_decoder=compiled)
         assert int(s.lengths.min()) == N
 
     def hf():
@@ -158,14 +159,38 @@ def sampler_vs_generate(shape, device, precision: str, reps: int, B=16, N=20, L=
          "sampler, model forward": timed(lambda: ours(True, False), device, reps),
          "sampler, adapters unmerged": timed(lambda: ours(False, False), device, reps),
          "HF generate": timed(hf, device, reps)}
+    compiled = compiled_sampler(lambda: ours(compiled=True), device, reps) if precision == "no" else {}
+    if "seconds" in compiled:
+        t["sampler, compiled"] = compiled.pop("seconds")
     med = {k: statistics.median(v) for k, v in t.items()}
     return {"precision": precision, "B": B, "N": N, "prompt": L, "seconds": med,
-            "sampler_over_generate": med["sampler"] / med["HF generate"]}
+            "sampler_over_generate": med["sampler"] / med["HF generate"], "compiled": compiled}
+
+
+def compiled_sampler(run, device, reps: int) -> dict:
+    """``compile_decoder=True`` (fp32 only: under bf16 autocast the sampler uses the model's forward):
+    the first sampling, which compiles, then ``reps`` timed ones. A compiler failure is recorded as its
+    one-line message, not raised, so the rest of the check still runs."""
+    from gfnlm.decoding import compile_seconds
+    from gfnlm.errors import ConfigError
+
+    c0 = compile_seconds()
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        run()
+    except ConfigError as e:
+        return {"error": str(e)}
+    sync(device)
+    first = time.perf_counter() - t0
+    return {"first_sampling_seconds": first, "compile_seconds": compile_seconds() - c0,
+            "seconds": timed(run, device, reps)}
 
 
 def device_checks(shape, device) -> dict:
     """What CI cannot see: on this device, a seed gives the same episodes, sampled log q equals the
     teacher-forced pass's (fp32), and the bf16 sampler's episodes score finitely under the fp32 pass."""
+    from gfnlm.errors import ConfigError
     from gfnlm.policy import fp32_logits
     from gfnlm.sampling import Constraints, sample
     from gfnlm.scoring import score
@@ -175,12 +200,19 @@ def device_checks(shape, device) -> dict:
     prompts = [list(range(3, 31)), list(range(40, 50))]
     idx = torch.tensor([0, 1] * 8)
 
-    def draw(seed, precision="no"):
+    def draw(seed, precision="no", compiled=False):
         g = torch.Generator(device=device).manual_seed(seed)
         with autocast(device, precision):
-            return sample(model, prompts, idx, cons, generator=g, temperature=1.5)
+            return sample(model, prompts, idx, cons, generator=g, temperature=1.5, compile_decoder=compiled)
 
     a, b = draw(7), draw(7)
+    try:
+        c = draw(7, compiled=True)
+        compiled = {"compiled_decoder_same_episodes": bool(torch.equal(a.tokens, c.tokens)
+                                                           and torch.equal(a.lengths, c.lengths)),
+                    "compiled_vs_eager_log_pf_max_abs": float((a.log_pf - c.log_pf).abs().max())}
+    except ConfigError as e:
+        compiled = {"compiled_decoder_error": str(e)}
     with torch.no_grad():
         sc = score(model, prompts, a.prompt_index, a.tokens, a.lengths, cons)
         lo = draw(7, "bf16")
@@ -190,7 +222,7 @@ def device_checks(shape, device) -> dict:
             "sampled_vs_scored_log_pf_max_abs": float((a.log_pf - sc.log_pf).abs().max()),
             "sampled_vs_scored_log_pterm_max_abs": float((a.log_pterm[fin] - sc.log_pterm[fin]).abs().max()),
             "bf16_sampler_vs_fp32_scoring_log_pf_max_abs": float((lo.log_pf - sc_lo.log_pf).abs().max()),
-            "mean_length": float(a.lengths.float().mean())}
+            **compiled, "mean_length": float(a.lengths.float().mean())}
 
 
 # ------------------------------------------------------------------------------------ training
@@ -322,14 +354,24 @@ def markdown(res: dict) -> str:
              f"{m['date']} · {m['gpu']} · torch {m['torch']} · transformers {m['transformers']} · "
              f"peft {m.get('peft', '?')} · accelerate {m.get('accelerate', '?')}", "",
              "## Sampler against HF generate (same LoRA model, 16 episodes x 20 tokens, prompt 28)", "",
-             "| precision | sampler s | sampler, model forward s | sampler, adapters unmerged s | HF generate s "
-             "| sampler / generate |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| precision | sampler s | sampler, compiled s | sampler, model forward s | sampler, adapters unmerged s "
+             "| HF generate s | sampler / generate | compiled / generate |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["sampler"]:
         s = r["seconds"]
-        lines.append(f"| {r['precision']} | {s['sampler']:.3f} | {s.get('sampler, model forward', float('nan')):.3f} | "
-                     f"{s['sampler, adapters unmerged']:.3f} | "
-                     f"{s['HF generate']:.3f} | {r['sampler_over_generate']:.2f} |")
+        c = s.get("sampler, compiled")
+        comp_s, comp_ratio = ("—", "—") if c is None else (f"{c:.3f}", f"{c / s['HF generate']:.2f}")
+        lines.append(f"| {r['precision']} | {s['sampler']:.3f} | {comp_s} | "
+                     f"{s.get('sampler, model forward', float('nan')):.3f} | {s['sampler, adapters unmerged']:.3f} | "
+                     f"{s['HF generate']:.3f} | {r['sampler_over_generate']:.2f} | {comp_ratio} |")
+    for r in res["sampler"]:
+        comp = r.get("compiled") or {}
+        if "error" in comp:
+            lines.append(f"- {r['precision']}, compile_decoder: {comp['error']}")
+        elif comp:
+            lines.append(f"- {r['precision']}, compile_decoder: the first sampling took {comp['first_sampling_seconds']:.1f} s, "
+                         f"{comp['compile_seconds']:.1f} s of it compiling (bf16 autocast samples through the model's forward, "
+                         "which is not compiled)")
     lines += ["", f"## Training steps ({res['steps']} per run; median after the first)", "",
               "| task | precision | step s | floor s | step / floor | peak GiB | exact TV (rng) | losses |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]

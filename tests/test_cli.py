@@ -115,10 +115,13 @@ def test_malformed_dataset_file(tmp_path, tiny_model_dir, capsys):
 
 def test_compile_decoder_trains_the_same_policy(tmp_path, tiny_model_dir, monkeypatch):
     """``--compile_decoder true`` reaches the sampler (its compiled step runs) and trains the policy the
-    eager decoder trains: same seed, same episodes, the same adapters to float rounding."""
+    eager decoder trains: same seed, same episodes, the same adapters to float rounding. The run's history
+    holds every second it spent compiling (``time/compile_seconds``), the eager run's has no such key."""
+    import json
+
     from safetensors.torch import load_file
 
-    from gfnlm.decoding import LlamaDecoder
+    from gfnlm.decoding import LlamaDecoder, compile_seconds
 
     calls = []
     compiled_body = LlamaDecoder._compiled_body
@@ -126,10 +129,18 @@ def test_compile_decoder_trains_the_same_policy(tmp_path, tiny_model_dir, monkey
     adapters = []
     for flag in ("false", "true"):
         out = tmp_path / flag
+        compiling = compile_seconds()
         assert main(["train", "--task", "rng", "--model", str(tiny_model_dir), "--output_dir", str(out),
                      "--report_to", "[]", "--samples_per_prompt", "4", "--chat_template", "never", "--disable_tqdm",
                      "true", "--max_steps", "2", "--compile_decoder", flag]) == 0
         assert bool(calls) == (flag == "true")
+        history = json.loads((out / "history.json").read_text())
+        assert all(h["time/step_seconds"] > 0 for h in history)
+        logged = [h.get("time/compile_seconds") for h in history]
+        if flag == "true":
+            assert sum(logged) == pytest.approx(compile_seconds() - compiling)
+        else:
+            assert logged == [None, None]
         files = sorted((out / "checkpoint-2").rglob("*.safetensors"))
         assert files
         adapters.append({f.name + k: v for f in files for k, v in load_file(str(f)).items()})

@@ -228,6 +228,17 @@ def test_compiled_decoder_logits_equal_the_models_forward_for_any_prompt_length(
     assert _compilations() - graphs <= 1  # at most the adapter-free variant compiled again
 
 
+def test_compiled_decoder_without_packed_weights_is_the_model(monkeypatch):
+    """The compiled body over weights read as they are (no oneDNN packing: the path a GPU, or a CPU
+    without oneDNN, takes), with LoRA products on the frozen base: logits against brute force."""
+    import gfnlm.decoding as decoding
+
+    monkeypatch.setattr(decoding, "_ONEDNN", False)
+    model = with_lora(gqa_llama(seed=11))
+    dec = decode_and_check(model, torch.tensor([1, 0, 2]), steps=4, compiled=True)
+    assert dec.compiled and dec.pack_rows is None
+
+
 def test_sampler_draws_the_same_episodes_with_the_compiled_decoder():
     model = with_lora(gqa_llama(seed=9))
     c = Constraints(stop_token_ids=[2], min_new_tokens=1, max_new_tokens=7)

@@ -36,6 +36,7 @@ against the model's current weight tensors and their version counters at every c
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .policy import adapter_layers, plain_lora
+
+logger = logging.getLogger(__name__)
 
 
 def _onednn_linear_available() -> bool:
@@ -307,7 +310,9 @@ class LlamaDecoder:
             raise ConfigError(f"compile_decoder: torch.compile failed ({_first_line(e)}); set compile_decoder "
                               "false, or install what it names (inductor needs a C++ compiler on CPU)") from e
         if _compilations() != before:
-            _COMPILE_SECONDS += time.perf_counter() - start
+            took = time.perf_counter() - start
+            _COMPILE_SECONDS += took
+            logger.info("compile_decoder: compiled the decode step for %d rows in %.1f s", ids.shape[0], took)
         return x
 
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .config import GFNConfig
 from .data import render_prompt
+from .decoding import compile_seconds
 from .errors import ConfigError, DataError, GFNLMError, first_line
 from .losses import LOSSES, tempered
 from .patterns import NoRepeatRule
@@ -379,7 +380,7 @@ class GFNTrainer:
     def training_step(self) -> dict:
         """One optimiser step (with gradient accumulation). Returns the logged metrics."""
         a = self.args
-        t0 = time.perf_counter()
+        t0, compiling0 = time.perf_counter(), compile_seconds()
         sums: dict[str, float] = {}
         n_episodes = 0
         for micro in range(a.gradient_accumulation_steps):
@@ -400,7 +401,9 @@ class GFNTrainer:
         self.step += 1
         dt = time.perf_counter() - t0
         sums.update({"learning_rate": self.scheduler.get_last_lr()[0], "episodes_per_second": n_episodes / dt,
-                     "buffer/size": float(len(self.buffer)), "step": self.step})
+                     "time/step_seconds": dt, "buffer/size": float(len(self.buffer)), "step": self.step})
+        if a.compile_decoder:  # the part of this step spent compiling the decoder (a new batch size compiles)
+            sums["time/compile_seconds"] = compile_seconds() - compiling0
         if not self._warned_no_residual:
             without = torch.tensor(sums["episodes/without_residual"], device=self.accelerator.device)
             if self.accelerator.num_processes > 1:  # a step learns nothing only if no process's batch did
@@ -468,6 +471,8 @@ class GFNTrainer:
             self._trackers_started = True
         bar = tqdm(total=a.max_steps, initial=self.step, disable=a.disable_tqdm or not self.accelerator.is_main_process,
                    desc="GFN fine-tuning", dynamic_ncols=True)
+        if a.compile_decoder:  # the first steps wait for torch.compile; say why the bar stands still
+            bar.set_postfix_str("compiling the decode step: a minute or so on a CPU, once per batch size")
         while self.step < a.max_steps:
             m = self.training_step()
             self.history.append(m)
