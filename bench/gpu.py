@@ -22,7 +22,7 @@ same path on CPU with a tiny model, to check the script itself).
 
 Usage::
 
-    python bench/gpu.py                  # ~3 min on one H200, set-up included
+    python bench/gpu.py                  # ~3 min on one H200 before the compiled rows (they add two compilations)
     python bench/gpu.py --device cpu --tiny --steps 2   # the script's own check, on CPU
 """
 
