@@ -285,9 +285,12 @@ def contrastive_targets(methods: dict) -> dict:
                     f"{elbo_text(gr['diagnostics'])} vs {elbo_text(br['diagnostics'])}: difference {diff:.2f} ± "
                     f"{se:.2f} ({diff / se:+.1f} standard errors)", diff > 2 * se)
             if b.startswith("best-of"):
+                snis = gr["diagnostics"].get("target_mean_log_r")
                 out[f"{g} mean log R > {b}"] = (
                     f"{gr['mean_log_r']:.2f} vs {br['mean_log_r']:.2f} (LM token evaluations per prompt "
-                    f"{gr['model_calls_per_prompt']:.0f} vs {br['model_calls_per_prompt']:.0f})",
+                    f"{gr['model_calls_per_prompt']:.0f} vs {br['model_calls_per_prompt']:.0f}"
+                    + ("" if snis is None else f"; the target's own mean log R, estimated on the GFlowNet samples "
+                       f"by self-normalised importance sampling: {snis:.2f}") + ")",
                     gr["mean_log_r"] > br["mean_log_r"])
     return out
 

@@ -55,6 +55,7 @@ def test_train_sample_eval_roundtrip(tmp_path, tiny_model_dir, capsys):
     assert d["elbo"] <= d["iw_bound"] + 1e-9 <= d["log_z_is"] + 2e-9 and 0 < d["ess"] <= 1 and d["log_w_var"] >= 0
     assert d["elbo_se"] == pytest.approx(math.sqrt(d["log_w_var"] / 16))  # one prompt, 16 samples
     assert f"= {d['elbo']:.4f} ± {d['elbo_se']:.4f} (± one standard error)" in printed
+    assert f"E_p[log R] (self-normalised IS) = {d['target_mean_log_r']:.4f}" in printed
     assert m["n"] == n and sum(m["counts"]) + m["invalid"] == n
     # the TVs are those of the run's own samples and exact probabilities (target: uniform on 0..100)
     u = 1.0 / 101

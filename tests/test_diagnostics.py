@@ -32,7 +32,8 @@ def brute_sampler(log_r, log_q, iw_k=None):
         lr, lq = [lr], [lq]
     P, K = len(lr), len(lr[0])
     k = K if iw_k is None else iw_k
-    per = {"elbo": [], "log_z_is": [], "iw_bound": [], "ess": [], "log_w_var": [], "log_w_std": []}
+    per = {"elbo": [], "log_z_is": [], "iw_bound": [], "ess": [], "log_w_var": [], "log_w_std": [],
+           "target_mean_log_r": []}
     elbo_var = 0.0  # variance of the mean over prompts of the per-prompt sample means
     for i in range(P):
         lw = [lr[i][j] - lq[i][j] for j in range(K)]
@@ -47,6 +48,7 @@ def brute_sampler(log_r, log_q, iw_k=None):
         per["ess"].append(sum(w) ** 2 / (K * sum(x * x for x in w)))
         per["log_w_var"].append(var)
         per["log_w_std"].append(math.sqrt(var))
+        per["target_mean_log_r"].append(sum(wj * rj for wj, rj in zip(w, lr[i])) / sum(w))
         elbo_var += var / K / P ** 2
     out = {key: sum(v) / P for key, v in per.items()}
     out.update(n_samples=K, n_prompts=P, elbo_se=math.sqrt(elbo_var) if K > 1 else math.nan)
@@ -64,7 +66,7 @@ def _brute_exact(lr, lq):
     p, q = np.exp(lr) / Z, np.exp(lq)
     m = q.sum()
     qt = q / m
-    elbo = kl_qp = kl_pq = ew = ew2 = lw_mean = 0.0
+    elbo = kl_qp = kl_pq = ew = ew2 = lw_mean = mean_log_r = 0.0
     for i in range(len(lr)):
         if q[i] > 0:
             elbo += q[i] * (lr[i] - lq[i])
@@ -74,12 +76,14 @@ def _brute_exact(lr, lq):
             lw_mean += qt[i] * (lr[i] - lq[i])
         if p[i] > 0:
             kl_pq += p[i] * math.log(p[i] / qt[i])
+            mean_log_r += p[i] * lr[i]
     var = sum(qt[i] * (lr[i] - lq[i] - lw_mean) ** 2 for i in range(len(lr)) if q[i] > 0)
     outside = max(1.0 - m, 0.0)
     return {
         "log_z": math.log(Z), "q_mass_outside": outside, "elbo": elbo, "kl_q_p": kl_qp, "kl_p_q": kl_pq,
         "tv": 0.5 * sum(abs(p[i] - q[i]) for i in range(len(lr))) + 0.5 * outside,
         "log_w_var": var, "log_w_std": math.sqrt(var), "ess": ew ** 2 / ew2,
+        "target_mean_log_r": mean_log_r,
     }
 
 
@@ -115,6 +119,8 @@ def test_sampler_at_the_optimum_every_bound_is_log_z(dtype):
     assert d["ess"] == pytest.approx(1.0, abs=tol)
     assert d["log_w_var"] == pytest.approx(0.0, abs=tol * 10)
     assert d["n_samples"] == K and d["n_prompts"] == P
+    # flat weights: the target's mean log R is the samples' plain mean
+    assert d["target_mean_log_r"] == pytest.approx(log_r.mean().item(), abs=tol * 100)
 
 
 @pytest.mark.parametrize("P,K,iw_k", [(3, 8, None), (3, 8, 8), (3, 8, 1), (3, 8, 2), (2, 10, 3), (5, 7, 4), (1, 1, 1)])
@@ -191,6 +197,7 @@ def test_exact_at_the_optimum():
     for key in ("kl_q_p", "kl_p_q", "tv", "log_w_var", "log_w_std", "q_mass_outside"):
         assert d[key] == pytest.approx(0.0, abs=1e-7), key
     assert d["ess"] == pytest.approx(1.0, abs=1e-12)
+    assert d["target_mean_log_r"] == pytest.approx((log_q.exp() * log_r).sum().item(), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -297,8 +304,12 @@ def test_sampler_converges_to_exact():
     assert abs(est["ess"] - exact["ess"]) < 5 * math.sqrt(grad @ cov @ grad / n)
     # log_z_is = log mean w: se = sd(w) / E[w] / sqrt(n)
     assert abs(est["log_z_is"] - exact["log_z"]) < 5 * math.sqrt((b - a * a) / n) / a
+    # target_mean_log_r = E_q[w r] / E_q[w]: delta method, se = sqrt(E_q[w^2 (r - mu)^2] / n) / E_q[w]
+    r, mu = log_r.numpy(), exact["target_mean_log_r"]
+    assert abs(est["target_mean_log_r"] - mu) < 5 * math.sqrt(E(w ** 2 * (r - mu) ** 2) / n) / a
     # and the estimates are not trivially equal to the exact values: the test has teeth
     assert exact["log_w_var"] > 0.1 and exact["ess"] < 0.95
+    assert abs(mu - E(r)) > 0.1  # E_p[log R] is not the samples' plain mean E_q[log R]
 
 
 def test_elbo_se_is_the_spread_of_the_elbo_over_repeated_evaluations():

@@ -11,6 +11,10 @@ outcome space can be enumerated (a small task, a unit test).
 
 At the optimum (``q = p``) ``log_w = log Z`` for every outcome, so ``elbo``, ``log_z_is``,
 ``iw_bound`` and ``log_z`` coincide, ``ess == 1`` and ``log_w_var == 0``.
+
+Both also give ``target_mean_log_r``, the mean log-reward ``E_p[log R]`` of the target itself: what
+a sampler that matched the target would score, the yardstick for comparing a sampler's mean log R
+with a reward maximiser's (best-of-n reranking).
 """
 
 from __future__ import annotations
@@ -113,6 +117,11 @@ def sampler_diagnostics(log_r, log_q, iw_k: int | None = None) -> dict[str, floa
       weights ``w = R / q``, in ``(0, 1]``, ``1`` at the optimum;
     * ``log_w_var``: the unbiased variance (divisor ``K - 1``; ``0`` when ``K = 1``) of
       ``log_w``, ``0`` at the optimum; ``log_w_std`` the mean over prompts of its square root;
+    * ``target_mean_log_r``: the self-normalised importance estimate of the target's own mean
+      log-reward ``E_p[log R]``, ``sum_j w_j log_r_j / sum_j w_j``. Consistent as ``K -> inf`` but
+      biased at small ``ESS``: it can only weigh the samples ``q`` drew, so where ``q`` misses
+      high-reward regions of ``p`` it falls short of ``E_p[log R]``. At the optimum it is the plain
+      mean of ``log_r``;
     * ``n_samples`` = ``K`` and ``n_prompts`` = ``P``.
 
     Raises :class:`ValueError` on shape mismatch, empty input, non-finite values (a sample
@@ -132,6 +141,7 @@ def sampler_diagnostics(log_r, log_q, iw_k: int | None = None) -> dict[str, floa
         "ess": _ess_fraction(log_w).mean().item(),
         "log_w_var": var.mean().item(),
         "log_w_std": var.sqrt().mean().item(),
+        "target_mean_log_r": (torch.softmax(log_w, 1) * log_r).sum(1).mean().item(),
         "n_samples": K,
         "n_prompts": P,
     }
@@ -215,7 +225,9 @@ def exact_diagnostics(log_r, log_q) -> dict[str, float]:
     * ``log_w_var``: ``Var_{q~}(log_r - log q)`` (``inf`` if ``q > 0`` where ``R = 0``);
       ``log_w_std`` its square root;
     * ``ess``: the ESS fraction ``(E_{q~}[w])^2 / E_{q~}[w^2]`` of ``w = R / q~``, the limit
-      of :func:`sampler_diagnostics`'s ``ess`` as ``K -> inf``.
+      of :func:`sampler_diagnostics`'s ``ess`` as ``K -> inf``;
+    * ``target_mean_log_r``: ``E_p[log R] = sum p log_r`` over the outcomes with ``R > 0``, the
+      limit of :func:`sampler_diagnostics`'s estimate when ``q > 0`` wherever ``p > 0``.
 
     ``kl_q_p``, ``kl_p_q``, ``log_w_var`` and ``ess`` describe the shape of ``q`` on the set
     (they do not change when ``q`` is scaled); the outside mass shows in
@@ -248,4 +260,5 @@ def exact_diagnostics(log_r, log_q) -> dict[str, float]:
         "log_w_var": var.item(),
         "log_w_std": var.sqrt().item(),
         "ess": torch.exp(2.0 * log_ew - log_ew2).item() if log_ew > NEG_INF else 0.0,
+        "target_mean_log_r": _weighted_sum(p, log_r, on_p).item(),
     }
