@@ -198,7 +198,7 @@ class ContrastiveTask(ContinuationTask):
 def contrastive_table(results: dict) -> str:
     """One row per sampler: mean log R, PMI, fluency, diversity, length, cost; ELBO and the other
     diagnostics on R where q is tractable."""
-    lines = ["| method | samples | mean log R | target's mean log R (SNIS) | mean PMI | mean log p(Z|X) | diversity | "
+    lines = ["| method | samples | mean log R | target's mean log R (SNIS) | mean PMI | mean log p(Z\\|X) | diversity | "
              "length | LM token evals | ELBO | IW bound / SMC log Ẑ | ESS | Var(log R - log q) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["methods"].items():
@@ -207,7 +207,8 @@ def contrastive_table(results: dict) -> str:
         diag = (f"{elbo_text(d)} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
                 else f"n/a | {z} | n/a | n/a")
         snis = f"{d['target_mean_log_r']:.2f}" if d and "target_mean_log_r" in d else "n/a"
-        lines.append(f"| {name} | {r['samples_per_prompt']} | {r['mean_log_r']:.2f} | {snis} | {r['mean_pmi']:.2f} | "
+        cell = name.replace("|", "\\|")  # a "|" in a method's name would split the markdown cell
+        lines.append(f"| {cell} | {r['samples_per_prompt']} | {r['mean_log_r']:.2f} | {snis} | {r['mean_pmi']:.2f} | "
                      f"{r['mean_log_p']:.2f} | {r['diversity']:.3f} | {r['length_tokens']:.1f} | "
                      f"{r['model_calls_per_prompt']:.0f} | {diag} |")
     lines.append(f"\n{results['prompts']} validation prompts; R = p̃(Z.|X)^{results['a']:g} p̃(Z.|U)^{results['b']:g}, "
