@@ -222,9 +222,8 @@ def format_diagnostics(d: dict) -> str:
             f"  ELBO E_q[log R - log q] = {elbo_text(d, 4)} (± one standard error)   IW bound = {d['iw_bound']:.4f}   "
             f"log Z (IS) = {d['log_z_is']:.4f}\n"
             f"  ESS of R/q = {d['ess']:.4f} of the samples   Var(log R - log q) = {d['log_w_var']:.4f} "
-            "(0 at the optimum)"
-            + (f"\n  target's mean log R E_p[log R] (self-normalised IS) = {d['target_mean_log_r']:.4f}"
-               if "target_mean_log_r" in d else ""))
+            "(0 at the optimum)\n"
+            f"  target's mean log R E_p[log R] (self-normalised IS) = {d['target_mean_log_r']:.4f}")
 
 
 def parse_args(cls, data: dict, task_name: str):
