@@ -119,8 +119,8 @@ def main(argv=None) -> int:
              f"{out['seconds']} s.", "",
              "| U | mean log R, sentences | mean log R, junk | PMI, sentences | PMI, junk | junk above the best sentence "
              "| max junk − best sentence | highest junk |", "|---|---|---|---|---|---|---|---|"]
+    cell = lambda text: json.dumps(text).replace("|", "\\|")  # "<|endoftext|>" would split a markdown cell
     for u, r in out["contexts"].items():
-        cell = lambda text: json.dumps(text).replace("|", "\\|")  # "<|endoftext|>" would split a markdown cell
         lines.append(f"| {cell(u)} | {r['sentence_log_r']:.2f} | {r['junk_log_r']:.2f} | {r['sentence_pmi']:.2f} | "
                      f"{r['junk_pmi']:.2f} | {100 * r['junk_above_best_sentence']:.1f} % | {r['margin']:.2f} | "
                      f"{cell(r['worst_junk'])} |")
