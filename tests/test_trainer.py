@@ -422,6 +422,23 @@ def test_rows_are_drawn_in_proportion_to_the_weight_column(tmp_path):
         missing.collector.draw_rows(1)
 
 
+def test_a_reward_temperature_horizon_beyond_max_steps_is_warned_with_the_temperature_reached(tmp_path, capsys):
+    """T 1.0 -> 0.5 over 4 steps in a 2-step run never reaches 0.5: the run says which T its last
+    step trains at (the history's), and the fix; a horizon within the run says nothing."""
+    tr = make_trainer(tmp_path / "long", max_steps=2, reward_temperature=1.0, reward_temperature_end=0.5,
+                      reward_temperature_horizon=4)
+    tr.train()
+    last = tr.history[-1]["reward_temperature"]
+    assert last == pytest.approx(0.875)
+    out = capsys.readouterr().out
+    assert (f"warning: reward_temperature_horizon 4 is beyond max_steps 2, so the last step trains at reward "
+            f"temperature {last:.3g}, not reward_temperature_end 0.5: set reward_temperature_horizon 2") in out
+    tr = make_trainer(tmp_path / "within", max_steps=2, reward_temperature=1.0, reward_temperature_end=0.5,
+                      reward_temperature_horizon=2)
+    tr.train()
+    assert "reward_temperature_horizon" not in capsys.readouterr().out
+
+
 def test_steps_whose_episodes_give_no_residual_are_counted_and_warned_once(tmp_path, capsys):
     """Episodes that may stop only at their full length have one stoppable prefix each: modified
     SubTB without log Z gets no pair, so the loss is 0. The history counts it at every step and the

@@ -471,6 +471,11 @@ class GFNTrainer:
             self._trackers_started = True
         bar = tqdm(total=a.max_steps, initial=self.step, disable=a.disable_tqdm or not self.accelerator.is_main_process,
                    desc="GFN fine-tuning", dynamic_ncols=True)
+        if a.reward_temperature_end is not None and a.reward_temperature_horizon > a.max_steps and self.accelerator.is_main_process:
+            tqdm.write(f"warning: reward_temperature_horizon {a.reward_temperature_horizon} is beyond max_steps "
+                       f"{a.max_steps}, so the last step trains at reward temperature {a.reward_temperature_at(a.max_steps - 1):.3g}, "
+                       f"not reward_temperature_end {a.reward_temperature_end:g}: set reward_temperature_horizon "
+                       f"{a.max_steps} to anneal over the whole run")
         if a.compile_decoder:  # the first steps wait for torch.compile; say why the bar stands still
             bar.set_postfix_str("compiling the decode step: a minute or so on a CPU, once per batch size")
         while self.step < a.max_steps:
