@@ -424,7 +424,8 @@ def test_rows_are_drawn_in_proportion_to_the_weight_column(tmp_path):
 
 def test_a_reward_temperature_horizon_beyond_max_steps_is_warned_with_the_temperature_reached(tmp_path, capsys):
     """T 1.0 -> 0.5 over 4 steps in a 2-step run never reaches 0.5: the run says which T its last
-    step trains at (the history's), and the fix; a horizon within the run says nothing."""
+    step trains at (the history's) when the trainer is built, and the fix; a horizon within the run
+    says nothing (EM, which trains each round with a smaller max_steps, gets no false warning)."""
     tr = make_trainer(tmp_path / "long", max_steps=2, reward_temperature=1.0, reward_temperature_end=0.5,
                       reward_temperature_horizon=4)
     tr.train()
@@ -435,7 +436,11 @@ def test_a_reward_temperature_horizon_beyond_max_steps_is_warned_with_the_temper
             f"temperature {last:.3g}, not reward_temperature_end 0.5: set reward_temperature_horizon 2") in out
     tr = make_trainer(tmp_path / "within", max_steps=2, reward_temperature=1.0, reward_temperature_end=0.5,
                       reward_temperature_horizon=2)
+    tr.args.max_steps = 1  # as EM does: train() up to the end of each round
     tr.train()
+    tr.args.max_steps = 2
+    tr.train()
+    assert tr.history[-1]["reward_temperature"] == pytest.approx(0.75)
     assert "reward_temperature_horizon" not in capsys.readouterr().out
 
 

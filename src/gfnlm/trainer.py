@@ -258,6 +258,13 @@ class GFNTrainer:
         self.extra_info: dict = {}
         self._trackers_started = False
         self._warned_no_residual = False  # warned once that a whole step gave the loss nothing
+        # here, not in train(): EM runs train() once per round with a smaller max_steps
+        if args.reward_temperature_end is not None and args.reward_temperature_horizon > args.max_steps \
+                and self.accelerator.is_main_process:
+            print(f"warning: reward_temperature_horizon {args.reward_temperature_horizon} is beyond max_steps "
+                  f"{args.max_steps}, so the last step trains at reward temperature "
+                  f"{args.reward_temperature_at(args.max_steps - 1):.3g}, not reward_temperature_end "
+                  f"{args.reward_temperature_end:g}: set reward_temperature_horizon {args.max_steps} to anneal over the whole run")
 
     def _check_sharding(self) -> None:
         """Refuse the launches gfnlm cannot run correctly, with the fix: FSDP and DeepSpeed ZeRO-3 shard
@@ -471,11 +478,6 @@ class GFNTrainer:
             self._trackers_started = True
         bar = tqdm(total=a.max_steps, initial=self.step, disable=a.disable_tqdm or not self.accelerator.is_main_process,
                    desc="GFN fine-tuning", dynamic_ncols=True)
-        if a.reward_temperature_end is not None and a.reward_temperature_horizon > a.max_steps and self.accelerator.is_main_process:
-            tqdm.write(f"warning: reward_temperature_horizon {a.reward_temperature_horizon} is beyond max_steps "
-                       f"{a.max_steps}, so the last step trains at reward temperature {a.reward_temperature_at(a.max_steps - 1):.3g}, "
-                       f"not reward_temperature_end {a.reward_temperature_end:g}: set reward_temperature_horizon "
-                       f"{a.max_steps} to anneal over the whole run")
         if a.compile_decoder:  # the first steps wait for torch.compile; say why the bar stands still
             bar.set_postfix_str("compiling the decode step: a minute or so on a CPU, once per batch size")
         while self.step < a.max_steps:
