@@ -61,7 +61,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import torch
 
-    from gfnlm.evaluation import completion_log_rewards
+    from gfnlm.evaluation import completion_log_rewards, md_cell
     from gfnlm.models import load_model
     from gfnlm.tasks import build_config, get_task_class
 
@@ -119,11 +119,10 @@ def main(argv=None) -> int:
              f"{out['seconds']} s.", "",
              "| U | mean log R, sentences | mean log R, junk | PMI, sentences | PMI, junk | junk above the best sentence "
              "| max junk − best sentence | highest junk |", "|---|---|---|---|---|---|---|---|"]
-    cell = lambda text: json.dumps(text).replace("|", "\\|")  # "<|endoftext|>" would split a markdown cell
     for u, r in out["contexts"].items():
-        lines.append(f"| {cell(u)} | {r['sentence_log_r']:.2f} | {r['junk_log_r']:.2f} | {r['sentence_pmi']:.2f} | "
+        lines.append(f"| {md_cell(json.dumps(u))} | {r['sentence_log_r']:.2f} | {r['junk_log_r']:.2f} | {r['sentence_pmi']:.2f} | "
                      f"{r['junk_pmi']:.2f} | {100 * r['junk_above_best_sentence']:.1f} % | {r['margin']:.2f} | "
-                     f"{cell(r['worst_junk'])} |")
+                     f"{md_cell(json.dumps(r['worst_junk']))} |")
     text = "\n".join(lines) + "\n"
     print(text)
     dest = Path(args.out)

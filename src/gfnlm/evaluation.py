@@ -109,9 +109,14 @@ def sequence_log_probs(model, prompt_ids: Sequence[int], constraints: Constraint
     return torch.cat(out)
 
 
+def md_cell(text: str) -> str:
+    """``text`` for a markdown table cell: a "|" in it (``<|endoftext|>``, p(Z|X)) would split the cell."""
+    return text.replace("|", "\\|")
+
+
 def format_table(rows: list[dict], columns: list[str], labels: list[str]) -> str:
     """A markdown table: one row per metric (``columns``), one column per result (``labels``)."""
-    lines = ["| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines = ["| metric | " + " | ".join(map(md_cell, labels)) + " |", "|---|" + "---|" * len(labels)]
     for c in columns:
         vals = [f"{r.get(c):.4f}" if isinstance(r.get(c), float) else str(r.get(c)) for r in rows]
         lines.append(f"| {c} | " + " | ".join(vals) + " |")

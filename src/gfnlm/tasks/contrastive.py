@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from ..diagnostics import elbo_text
 from ..errors import ConfigError
+from ..evaluation import md_cell
 from ..rewards import LMLikelihoodReward
 from .continuation import ContinuationArgs, ContinuationTask
 
@@ -207,8 +208,7 @@ def contrastive_table(results: dict) -> str:
         diag = (f"{elbo_text(d)} | {d['iw_bound']:.2f} | {d['ess']:.3f} | {d['log_w_var']:.2f}" if d
                 else f"n/a | {z} | n/a | n/a")
         snis = f"{d['target_mean_log_r']:.2f}" if d and "target_mean_log_r" in d else "n/a"
-        cell = name.replace("|", "\\|")  # a "|" in a method's name would split the markdown cell
-        lines.append(f"| {cell} | {r['samples_per_prompt']} | {r['mean_log_r']:.2f} | {snis} | {r['mean_pmi']:.2f} | "
+        lines.append(f"| {md_cell(name)} | {r['samples_per_prompt']} | {r['mean_log_r']:.2f} | {snis} | {r['mean_pmi']:.2f} | "
                      f"{r['mean_log_p']:.2f} | {r['diversity']:.3f} | {r['length_tokens']:.1f} | "
                      f"{r['model_calls_per_prompt']:.0f} | {diag} |")
     lines.append(f"\n{results['prompts']} validation prompts; R = p̃(Z.|X)^{results['a']:g} p̃(Z.|U)^{results['b']:g}, "
