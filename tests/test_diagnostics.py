@@ -344,3 +344,66 @@ def test_elbo_se_is_the_spread_of_the_elbo_over_repeated_evaluations():
 
 def test_elbo_se_needs_two_samples_a_prompt():
     assert math.isnan(sampler_diagnostics(torch.zeros(3, 1), -torch.ones(3, 1))["elbo_se"])
+
+
+# ----------------------------------------------------------------------------
+# target_means: what a sampler that matched the target would score
+# ----------------------------------------------------------------------------
+
+
+def test_target_means_equal_brute_force_loops():
+    """Per prompt, sum_j w_j f_j / sum_j w_j with w = exp(log_r - log_q) and the delta-method error
+    sqrt(sum_p sum_j (w_j / sum w)^2 (f_j - mean_p)^2) / P, by loops over Python floats."""
+    from gfnlm.diagnostics import target_means
+
+    g = torch.Generator().manual_seed(3)
+    P, K = 4, 7
+    log_r = torch.randn(P, K, generator=g, dtype=torch.float64) * 3
+    log_q = torch.randn(P, K, generator=g, dtype=torch.float64) - 2
+    f = torch.rand(P, K, generator=g, dtype=torch.float64) * 10
+    got = target_means(log_r, log_q, {"f": f, "log_r": log_r})
+    means, var_sum = [], 0.0
+    for i in range(P):
+        lw = [float(log_r[i, j] - log_q[i, j]) for j in range(K)]
+        m = max(lw)
+        w = [math.exp(x - m) for x in lw]
+        wn = [x / sum(w) for x in w]
+        mu = sum(a * float(b) for a, b in zip(wn, f[i]))
+        means.append(mu)
+        var_sum += sum(a * a * (float(b) - mu) ** 2 for a, b in zip(wn, f[i]))
+    assert got["f"]["target"] == pytest.approx(sum(means) / P, abs=1e-12)
+    assert got["f"]["target_se"] == pytest.approx(math.sqrt(var_sum) / P, abs=1e-12)
+    assert got["f"]["sampler"] == pytest.approx(f.double().mean().item(), abs=1e-12)
+    # one implementation: f = log R is sampler_diagnostics' target_mean_log_r
+    assert got["log_r"]["target"] == pytest.approx(sampler_diagnostics(log_r, log_q)["target_mean_log_r"], abs=1e-12)
+    assert abs(got["f"]["target"] - got["f"]["sampler"]) > 0.1  # the weights matter here
+
+
+def test_target_means_converge_to_the_targets_expectation():
+    """Draws from a categorical q ≠ p: the estimate of E_p[f] lies within 5 of its reported standard
+    errors of the exact sum_m p_m f_m, and far from E_q[f]; with q = p it is the plain mean."""
+    from gfnlm.diagnostics import target_means
+
+    M, n = 6, 100_000
+    log_r = random_logits(M, 20)
+    log_q = torch.log_softmax(random_logits(M, 21, scale=0.8), 0)
+    f = torch.tensor([3.0, 9.0, 4.0, 12.0, 7.0, 5.0], dtype=torch.float64)  # e.g. a length
+    p = torch.softmax(log_r.double(), 0)
+    exact = float((p * f).sum())
+    idx = torch.multinomial(log_q.exp(), n, replacement=True, generator=torch.Generator().manual_seed(22))
+    got = target_means(log_r[idx], log_q[idx], {"f": f[idx]})["f"]
+    assert abs(got["target"] - exact) < 5 * got["target_se"]
+    assert abs(got["sampler"] - float((log_q.exp() * f).sum())) < 0.05
+    assert abs(exact - float((log_q.exp() * f).sum())) > 1.0  # E_p[f] is not E_q[f]: the test has teeth
+    same = target_means(log_r[idx], log_r[idx] - 1.7, {"f": f[idx]})["f"]  # q ∝ R: equal weights
+    assert same["target"] == pytest.approx(same["sampler"], abs=1e-9)
+
+
+def test_target_means_reject_bad_values():
+    from gfnlm.diagnostics import target_means
+
+    log_r, log_q = torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"values\['f'\] must have the samples' shape"):
+        target_means(log_r, log_q, {"f": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match="non-finite"):
+        target_means(log_r, log_q, {"f": torch.tensor([[0.0, float("nan"), 1.0], [0, 0, 0]])})

@@ -195,6 +195,22 @@ def test_metrics_on_known_pairs(stories):
     assert "bertscore_rescaled" not in plain([other], [ref])
 
 
+def test_sample_statistics_score_each_middle_against_its_own_story(stories):
+    """The per-sample figures the diagnostics weigh: [stories, k] in the order of the texts, each
+    middle scored against its own story's true middle (an exact copy scores 1 on every metric)."""
+    task = InfillingTask(task_args(stories))
+    rows = task.split()["test"][:2]
+    a, b = rows[0]["middle"], rows[1]["middle"]
+    stats = task.sample_statistics(rows, [[a, "Zebras swim quickly tonight."], ["Zebras swim quickly tonight.", b]])
+    assert set(stats) == {"bleu4", "gleu4", "bertscore", "bertscore_rescaled", "length_words"}
+    assert all(len(v) == 2 and all(len(x) == 2 for x in v) for v in stats.values())
+    for m in ("bleu4", "gleu4", "bertscore"):
+        assert stats[m][0][0] == pytest.approx(1.0, abs=1e-4) and stats[m][1][1] == pytest.approx(1.0, abs=1e-4)
+        assert stats[m][0][1] < 0.9 and stats[m][1][0] < 0.9
+    assert stats["length_words"] == [[len(a.split()), 4], [4, len(b.split())]]
+    assert task.sample_statistics([{**rows[0], "middle": ""}], [["x"]]) == {}  # nothing to compare with
+
+
 def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
     from gfnlm.cli import main
     from gfnlm.trainer import load_trained
@@ -227,12 +243,18 @@ def test_commands_end_to_end(stories, tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     # the table of methods, with the reward model and the BERTScore model named
     assert main(["eval", "--checkpoint", str(gfn), "--sft_checkpoint", str(tmp_path / "sft" / "checkpoint-2"),
-                 "-n", "2", "--diagnostics", "2", "--output", str(tmp_path / "t2.json")]) == 0
+                 "-n", "2", "--diagnostics", "2", "--diagnostics_prompts", "3", "--output", str(tmp_path / "t2.json")]) == 0
     out = capsys.readouterr().out
     for name in ("| Prompting |", "| Supervised fine-tuning |", "| GFlowNet fine-tuning |", "BLEU-4", "GLEU-4",
-                 f"fine-tuned reward LM {rlm}", "all-MiniLM-L6-v2, layer 6", "ELBO"):
+                 f"fine-tuned reward LM {rlm}", "all-MiniLM-L6-v2, layer 6", "ELBO", "bleu4: the samples' mean"):
         assert name in out, name
     saved = json.loads((tmp_path / "t2.json").read_text())
+    # the diagnostics on 3 test stories x 2 samples, with what a sampler of the target would score
+    d = saved["diagnostics"]
+    assert d["n_prompts"] == 3 and d["n_samples"] == 2
+    for m in ("bleu4", "gleu4", "bertscore", "length_words"):
+        assert set(d["target_means"][m]) == {"sampler", "target", "target_se"}
+    assert 1 <= d["target_means"]["length_words"]["target"] <= 24 and 0 <= d["target_means"]["bleu4"]["target"] <= 1
     assert saved["GFlowNet fine-tuning"]["T=0.9"]["bleu4"]["n"] == 4 and saved["Prompting"]["greedy"]["gleu4"]["n"] == 2
     # the middles' length beside the metrics, and the true middles' length for comparison
     words = [len(r["middle"].split()) for r in task.split()["test"] if r.get("middle")][:2]

@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rl_checkpoint", default=None, help="arithmetic: a `gfnlm rl` checkpoint for the RL (TRL) row")
     e.add_argument("--diagnostics", type=int, default=16,
                    help="sampler diagnostics (ELBO, IW bound, ESS, Var(log R - log q)) on this many samples per prompt; 0: off")
+    e.add_argument("--diagnostics_prompts", type=int, default=8,
+                   help="the sampler diagnostics' evaluation prompts (test rows: questions, stories, prompts)")
 
     f = sub.add_parser("sft", help="supervised fine-tuning on the task's labelled completions, or on its proposal sampler's samples (--from_proposal)")
     f.add_argument("--config", default=None, help="YAML file of GFNConfig fields")

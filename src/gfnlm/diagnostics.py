@@ -25,7 +25,8 @@ import operator
 import torch
 from torch import Tensor
 
-__all__ = ["elbo_difference", "elbo_standard_error", "elbo_text", "exact_diagnostics", "sampler_diagnostics"]
+__all__ = ["elbo_difference", "elbo_standard_error", "elbo_text", "exact_diagnostics", "sampler_diagnostics",
+           "target_means"]
 
 NEG_INF = float("-inf")
 
@@ -141,11 +142,52 @@ def sampler_diagnostics(log_r, log_q, iw_k: int | None = None) -> dict[str, floa
         "ess": _ess_fraction(log_w).mean().item(),
         "log_w_var": var.mean().item(),
         "log_w_std": var.sqrt().mean().item(),
-        "target_mean_log_r": (torch.softmax(log_w, 1) * log_r).sum(1).mean().item(),
+        "target_mean_log_r": _snis_mean(log_w, log_r)[0].mean().item(),
         "n_samples": K,
         "n_prompts": P,
     }
     out["elbo_se"] = elbo_standard_error(out)
+    return out
+
+
+def _snis_mean(log_w: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """Per prompt, the self-normalised importance estimate ``sum_j w_j f_j / sum_j w_j`` of ``E_p[f]``
+    and its delta-method variance ``sum_j wn_j^2 (f_j - mean)^2`` (``wn`` the normalised weights).
+    ``log_w``, ``f``: ``[P, K]``; returns two ``[P]`` tensors."""
+    wn = torch.softmax(log_w, 1)  # [P, K], each row sums to 1
+    mean = (wn * f).sum(1)
+    return mean, (wn ** 2 * (f - mean[:, None]) ** 2).sum(1)
+
+
+def target_means(log_r, log_q, values: dict) -> dict[str, dict[str, float]]:
+    """What a sampler that matched the target would score on per-sample statistics, estimated from
+    ``q``'s samples: for each ``values[name]`` (``[P, K]``, or ``[K]``, a figure of each sample such as
+    its length or its BLEU score against a reference), averaged over the ``P`` prompts:
+
+    * ``sampler``: the plain mean, an estimate of ``E_q[f]`` (what ``q`` itself scores);
+    * ``target``: the self-normalised importance estimate of ``E_p[f]``, ``p ∝ R``, with weights
+      ``w = R / q`` normalised within each prompt (as ``target_mean_log_r`` of
+      :func:`sampler_diagnostics`, which is this estimate for ``f = log R``);
+    * ``target_se``: its delta-method standard error, ``sqrt(sum_p sum_j wn_pj^2 (f_pj - mean_p)^2) / P``.
+      It only measures the spread of the samples ``q`` drew: at a small ESS, where ``q`` misses
+      regions of ``p``, the estimate is biased towards ``q``'s own mean and the error understates it.
+
+    ``log_r``, ``log_q``: as :func:`sampler_diagnostics` (log space). Raises :class:`ValueError` on
+    shapes that differ or values that are not finite."""
+    log_r, log_q = _sample_inputs(log_r, log_q)
+    P = log_r.shape[0]
+    log_w = log_r - log_q
+    out = {}
+    for name, v in values.items():
+        f = _as_float64(v, str(name))
+        f = f[None] if f.dim() == 1 else f
+        if f.shape != log_w.shape:
+            raise ValueError(f"values[{name!r}] must have the samples' shape {tuple(log_w.shape)}, got {tuple(f.shape)}")
+        if not torch.isfinite(f).all():
+            raise ValueError(f"values[{name!r}] has non-finite values: every sample needs a finite figure")
+        mean, var = _snis_mean(log_w, f)
+        out[name] = {"sampler": f.mean(1).mean().item(), "target": mean.mean().item(),
+                     "target_se": var.sum().sqrt().item() / P}
     return out
 
 

@@ -124,32 +124,56 @@ def format_table(rows: list[dict], columns: list[str], labels: list[str]) -> str
 
 
 @torch.no_grad()
+@torch.no_grad()
+def scored_samples(model, tokenizer, config, constraints: Constraints, rewards, rows, *, k: int = 16,
+                   temperature: float | None = None, seed: int = 0, tool=None, batch_episodes: int = 256,
+                   progress: bool = False):
+    """``k`` episodes per row from the policy (at temperature 1, the q the diagnostics are about), with
+    their log q (stop included) and log R under ``rewards`` tempered at ``temperature`` (default: the
+    config's final reward temperature, the target training ends at). Rows are sampled and scored
+    ``max(1, batch_episodes // k)`` at a time, from one generator seeded with ``seed``.
+
+    Returns ``(log_r [P, k], log_q [P, k], completions, T)``: log space, on the CPU; ``completions[i]``
+    the ``k`` token-id lists of row ``i`` (tool output included, stop excluded); ``T`` the temperature."""
+    from tqdm.auto import tqdm
+
+    from .rollout import Collector
+
+    rows = list(rows)
+    col = Collector(config, tokenizer, rows, rewards, constraints, tool, torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    g = device_generator(device, seed)
+    per = max(1, batch_episodes // k)
+    log_r, log_q, completions = [], [], []
+    for start in tqdm(range(0, len(rows), per), disable=not progress, desc="diagnostics", leave=False, unit="batch"):
+        ids = list(range(start, min(start + per, len(rows))))
+        index = torch.arange(len(ids)).repeat_interleave(k)
+        s = sample(model, [col.prompt_ids[i] for i in ids], index.to(device), constraints, pad_id=col.pad_id,
+                   generator=g, **col.sample_kwargs())
+        batch = col.reward_batch(ids, index, s.tokens.cpu(), s.lengths.cpu(), s.action_mask)
+        log_r.append(at_stop(col.log_rewards(batch), batch.lengths).view(len(ids), k))
+        log_q.append(s.log_prob.cpu().view(len(ids), k))
+        done = s.completion_ids()
+        completions += [done[j * k:(j + 1) * k] for j in range(len(ids))]
+    T = temperature if temperature is not None else config.reward_temperature_at(10**9)
+    return torch.cat(log_r) / T, torch.cat(log_q), completions, T
+
+
 def sampler_report(model, tokenizer, config, constraints: Constraints, rewards, rows, *, k: int = 16,
                    max_prompts: int = 8, temperature: float | None = None, seed: int = 0, tool=None,
                    iw_k: int | None = None) -> dict:
-    """How close the policy is to its target, on its own samples: ``k`` episodes per prompt for the
-    first ``max_prompts`` rows, log q of each (the policy at temperature 1, stop included) and its
-    log R under ``rewards`` tempered at ``temperature`` (default: the config's final reward
-    temperature, the target training ends at); then :func:`gfnlm.diagnostics.sampler_diagnostics`
-    (ELBO, importance-weighted bound, log Z estimate, ESS, Var(log R - log q)).
+    """How close the policy is to its target, on its own samples: :func:`scored_samples` (``k``
+    episodes per prompt for the first ``max_prompts`` rows), then
+    :func:`gfnlm.diagnostics.sampler_diagnostics` (ELBO, importance-weighted bound, log Z estimate,
+    ESS, Var(log R - log q)).
 
     ``rows`` are dataset rows (each with a ``prompt`` and the columns the rewards read). Returns the
     diagnostics plus ``reward_temperature``; log space throughout."""
     from .diagnostics import sampler_diagnostics
-    from .rollout import Collector
 
-    rows = list(rows)[:max_prompts]
-    col = Collector(config, tokenizer, rows, rewards, constraints, tool, torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
-    index = torch.arange(len(rows)).repeat_interleave(k)
-    s = sample(model, col.prompt_ids, index.to(device), constraints, pad_id=col.pad_id,
-               generator=device_generator(device, seed),
-               **col.sample_kwargs())
-    batch = col.reward_batch(list(range(len(rows))), index, s.tokens.cpu(), s.lengths.cpu(), s.action_mask)
-    log_r = at_stop(col.log_rewards(batch), batch.lengths)
-    T = temperature if temperature is not None else config.reward_temperature_at(10**9)
-    out = sampler_diagnostics((log_r / T).view(len(rows), k), s.log_prob.cpu().view(len(rows), k), iw_k=iw_k)
-    return {**out, "reward_temperature": T}
+    log_r, log_q, _, T = scored_samples(model, tokenizer, config, constraints, rewards, list(rows)[:max_prompts], k=k,
+                                        temperature=temperature, seed=seed, tool=tool)
+    return {**sampler_diagnostics(log_r, log_q, iw_k=iw_k), "reward_temperature": T}
 
 
 # --- text-overlap metrics (nltk, bert-score) ------------------------------------------------------

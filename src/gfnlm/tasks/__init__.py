@@ -151,24 +151,47 @@ class Task:
         run did not train on where the task has it (default: the training rows)."""
         return self.dataset()
 
-    def diagnostics(self, model, tokenizer, config: GFNConfig, constraints, *, k: int = 16, max_prompts: int = 8,
-                    seed: int = 0) -> dict:
-        """ELBO, importance-weighted bound, ESS and Var(log R - log q) of the policy's own samples
-        against the task's target (:func:`gfnlm.evaluation.sampler_report`)."""
-        from ..evaluation import sampler_report
+    def sample_statistics(self, rows: list[dict], texts: list[list[str]]) -> dict[str, list[list[float]]]:
+        """Per-sample figures of ``texts[i][j]``, the ``j``-th episode's text (:meth:`completion_text`) for
+        ``rows[i]``, e.g. a metric against the row's reference. :meth:`diagnostics` estimates, besides the
+        sampler's own mean, what a sampler that matched the target would score on each
+        (:func:`gfnlm.diagnostics.target_means`). Default: none."""
+        return {}
 
+    def scored_eval_samples(self, model, tokenizer, config: GFNConfig, constraints, *, k: int = 16,
+                            max_prompts: int = 8, seed: int = 0, progress: bool = False):
+        """``k`` samples of the policy for each of the first ``max_prompts`` evaluation rows
+        (:func:`gfnlm.evaluation.scored_samples`): ``(log_r [P, k], log_q [P, k], statistics)``, log R
+        untempered, log space; ``statistics`` the :meth:`sample_statistics` of the samples' texts."""
+        from ..evaluation import scored_samples
         from ..policy import adapter_layers
 
-        rows = self.eval_rows()
+        rows = self.eval_rows()[:max_prompts]
         if not rows:
-            return {}
+            return None
         base = model
         if not adapter_layers(model):  # a fully fine-tuned policy: the target's LM is the original base model
             from ..models import load_model
 
             base = load_model(config.model)[0].to(next(model.parameters()).device)
-        return sampler_report(model, tokenizer, config, constraints, self.reward_funcs(base, tokenizer, constraints, config),
-                              rows, k=k, max_prompts=max_prompts, seed=seed, tool=self.tool())
+        log_r, log_q, completions, _ = scored_samples(
+            model, tokenizer, config, constraints, self.reward_funcs(base, tokenizer, constraints, config), rows, k=k,
+            temperature=1.0, seed=seed, tool=self.tool(), progress=progress)
+        texts = [[self.completion_text(tokenizer.decode(c, skip_special_tokens=True)) for c in cs] for cs in completions]
+        return log_r, log_q, self.sample_statistics(rows, texts)
+
+    def diagnostics(self, model, tokenizer, config: GFNConfig, constraints, *, k: int = 16, max_prompts: int = 8,
+                    seed: int = 0, temperature: float | None = None, progress: bool = False) -> dict:
+        """ELBO, importance-weighted bound, ESS and Var(log R - log q) of the policy's own samples
+        against the task's target, with the reward tempered at ``temperature`` (default: the config's
+        final reward temperature), on :meth:`scored_eval_samples`; and where the task has
+        :meth:`sample_statistics`, ``target_means`` (:func:`diagnostics_at`)."""
+        scored = self.scored_eval_samples(model, tokenizer, config, constraints, k=k, max_prompts=max_prompts,
+                                          seed=seed, progress=progress)
+        if scored is None:
+            return {}
+        T = temperature if temperature is not None else config.reward_temperature_at(10**9)
+        return diagnostics_at(*scored, T)
 
     def report(self, results: dict, label: str, args) -> None:
         """Print what ``gfnlm eval`` measured (default: JSON)."""
@@ -190,7 +213,8 @@ class Task:
             r = task.evaluate(model, tok, config, cons, n=args.n, seed=args.seed, progress=True)
         task.report(r, args.checkpoint or config.model, args)
         if args.diagnostics:
-            r["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics, seed=args.seed)
+            r["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics,
+                                                max_prompts=args.diagnostics_prompts, seed=args.seed, progress=True)
             print(format_diagnostics(r["diagnostics"]))
         if args.output:
             Path(args.output).write_text(json.dumps(r, indent=1))
@@ -213,6 +237,19 @@ class Task:
         return model, tok, config, task.constraints(config, tok), task
 
 
+def diagnostics_at(log_r, log_q, statistics: dict, temperature: float) -> dict:
+    """The sampler diagnostics of samples with untempered ``log_r`` and ``log_q`` (``[P, K]``, log space)
+    against the target ``R^(1/temperature)`` (:func:`gfnlm.diagnostics.sampler_diagnostics`), and, for
+    per-sample ``statistics`` (``{name: [P, K]}``), ``target_means``: each one's mean over the samples and
+    its self-normalised importance estimate under the target (:func:`gfnlm.diagnostics.target_means`)."""
+    from ..diagnostics import sampler_diagnostics, target_means
+
+    out = {**sampler_diagnostics(log_r / temperature, log_q), "reward_temperature": temperature}
+    if statistics:
+        out["target_means"] = target_means(log_r / temperature, log_q, statistics)
+    return out
+
+
 def format_diagnostics(d: dict) -> str:
     """One block of the sampler diagnostics, as ``gfnlm eval`` prints them."""
     if not d:
@@ -223,7 +260,9 @@ def format_diagnostics(d: dict) -> str:
             f"log Z (IS) = {d['log_z_is']:.4f}\n"
             f"  ESS of R/q = {d['ess']:.4f} of the samples   Var(log R - log q) = {d['log_w_var']:.4f} "
             "(0 at the optimum)\n"
-            f"  target's mean log R E_p[log R] (self-normalised IS) = {d['target_mean_log_r']:.4f}")
+            f"  target's mean log R E_p[log R] (self-normalised IS) = {d['target_mean_log_r']:.4f}"
+            + "".join(f"\n  {name}: the samples' mean {m['sampler']:.4f}, the target's (self-normalised IS) "
+                      f"{m['target']:.4f} ± {m['target_se']:.4f}" for name, m in d.get("target_means", {}).items()))
 
 
 def parse_args(cls, data: dict, task_name: str):

@@ -409,7 +409,9 @@ class ArithmeticTask(Task):
               "(greedy in brackets)")
         results = {name: r[0] for name, r in rows}
         if args.diagnostics:
-            results["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics, seed=args.seed)
+            results["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics,
+                                                      max_prompts=args.diagnostics_prompts, seed=args.seed,
+                                                      progress=True)
             print(("GFlowNet policy: " if args.checkpoint else "base model: ") + format_diagnostics(results["diagnostics"]))
         if args.output:
             Path(args.output).write_text(json.dumps(results, indent=1))

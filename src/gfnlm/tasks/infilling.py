@@ -320,6 +320,18 @@ class InfillingTask(Task):
                "gleu4": [gleu4(c, r) for c, r in zip(candidates, references)]}
         return {**out, **self.scorer()(candidates, references)}
 
+    def sample_statistics(self, rows: list[dict], texts: list[list[str]]) -> dict[str, list[list[float]]]:
+        """Table 2's figures of each sampled middle against its story's true middle (BLEU-4, GLEU-4,
+        BERTScore F1, raw and rescaled) and its length in words, so that the diagnostics estimate what
+        a sampler that matched the target posterior would score (none where a row has no true middle)."""
+        if not rows or not all(r.get("middle") for r in rows):
+            return {}
+        flat = [(t, r["middle"]) for r, ts in zip(rows, texts) for t in ts]
+        scores = self.score_texts([c for c, _ in flat], [m for _, m in flat])
+        scores["length_words"] = [float(len(c.split())) for c, _ in flat]
+        k = len(texts[0])
+        return {name: [v[i * k:(i + 1) * k] for i in range(len(rows))] for name, v in scores.items()}
+
     def judge_scores(self, rows: list[dict], middles: list[str]) -> list[float | None]:
         """The LLM judge's 1-5 rating of each middle in its story (None when the answer holds no rating)."""
         import re
@@ -393,7 +405,9 @@ class InfillingTask(Task):
                 results["GFlowNet fine-tuning"] = task.evaluate(model, tok, config, cons, **run)
         print(table2(results))
         if args.diagnostics and args.checkpoint:
-            results["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics, seed=args.seed)
+            results["diagnostics"] = task.diagnostics(model, tok, config, cons, k=args.diagnostics,
+                                                      max_prompts=args.diagnostics_prompts, seed=args.seed,
+                                                      progress=True)
             print("GFlowNet policy, test stories: " + format_diagnostics(results["diagnostics"]))
         if args.output:
             Path(args.output).write_text(json.dumps(results, indent=1))
