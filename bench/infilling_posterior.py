@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_file", default=str(ROOT.parent / "shared" / "data" / "stories" / "stories.jsonl"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--report", action="store_true", help="only write the table from the saved JSON")
+    p.add_argument("--report", action="store_true", help="only write the table from the saved JSON's samples, at "
+                   "--temperatures (reweighting them; no model is loaded)")
     args = p.parse_args(argv)
     if not args.report and not args.policy:
         p.error("give at least one --policy (prompting, or NAME=CHECKPOINT)")
@@ -85,24 +86,81 @@ def load_policy(spec: str, args):
 def run(args) -> dict:
     import torch
 
-    from gfnlm.tasks import diagnostics_at
-
-    temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
     out = {"settings": {k: v for k, v in vars(args).items() if k != "report"}, "proposals": []}
+    completions = []  # per proposal: [P][k] token-id lists
     for spec in args.policy:
         t0 = time.perf_counter()
         name, model, tok, config, cons, task = load_policy(spec, args)
         model.eval()
         with torch.no_grad():
-            log_r, log_q, stats = task.scored_eval_samples(model, tok, config, cons, k=args.k, max_prompts=args.stories,
-                                                           seed=args.seed, progress=True)
+            log_r, log_q, stats, comps = task.scored_eval_samples(model, tok, config, cons, k=args.k,
+                                                                  max_prompts=args.stories, seed=args.seed, progress=True)
+        completions.append(comps)
         out["proposals"].append({
             "name": name, "policy": spec, "reward": task.reward_model_name(), "stories": log_r.shape[0], "k": args.k,
-            "at": {f"{T:g}": diagnostics_at(log_r, log_q, {f: stats[f] for f in FIGURES}, T) for T in temps},
+            "samples": {"log_r": log_r.tolist(), "log_q": log_q.tolist(), **{f: stats[f] for f in FIGURES}},
             "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{name}: {out['proposals'][-1]['seconds']:.0f} s", flush=True)
         del model
+    if len(args.policy) > 1:
+        out["pool"] = pool(args, out["proposals"], completions)
     return out
+
+
+def pool(args, proposals: list[dict], completions: list) -> dict:
+    """Every proposal's samples scored under every policy: ``log_q [m, P, m k]`` (log space), the samples
+    of story ``i`` in proposal order. The pooled estimate weighs them against the mixture
+    ``(1/m) sum_j q_j`` (multiple importance sampling with the balance heuristic), so that a middle
+    one proposal rarely draws but another draws often is weighed by both."""
+    import torch
+
+    from gfnlm.data import render_prompt
+    from gfnlm.evaluation import sequence_log_probs
+
+    t0 = time.perf_counter()
+    m, P = len(proposals), proposals[0]["stories"]
+    per_story = [[c for comps in completions for c in comps[i]] for i in range(P)]  # [P][m k]
+    log_q = torch.zeros(m, P, m * args.k, dtype=torch.float64)
+    for j, spec in enumerate(args.policy):
+        _, model, tok, config, cons, task = load_policy(spec, args)
+        model.eval()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        for i, row in enumerate(task.eval_rows()[:P]):
+            ids = render_prompt(tok, row["prompt"], config.chat_template)
+            with torch.no_grad():
+                log_q[j, i] = sequence_log_probs(model, ids, cons, per_story[i], pad_id=pad).double()
+        own = torch.tensor(proposals[j]["samples"]["log_q"], dtype=torch.float64)
+        gap = (log_q[j, :, j * args.k:(j + 1) * args.k] - own).abs().max().item()
+        if gap > 1e-2:  # the sampler's own log q and the scoring pass must agree
+            raise SystemExit(f"{spec}: rescored log q differs from the sampler's by {gap:.3g}")
+        del model
+    print(f"pooled: every sample scored under every policy, {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"log_q": log_q.tolist(), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def at_temperatures(result: dict, temperatures: str) -> dict:
+    """Each proposal's diagnostics and target means against R^(1/T) for each T of ``temperatures``
+    (comma-separated), from its saved samples: reweighting the same samples, no model needed; and
+    with several proposals the pooled estimate (``result["pool"]``, against their mixture)."""
+    import math
+
+    import torch
+
+    from gfnlm.tasks import diagnostics_at
+
+    temps = [float(t) for t in temperatures.split(",") if t.strip()]
+    tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    for p in result["proposals"]:
+        s = p["samples"]
+        p["at"] = {f"{T:g}": diagnostics_at(tensor(s["log_r"]), tensor(s["log_q"]), {f: tensor(s[f]) for f in FIGURES}, T)
+                   for T in temps}
+    if result.get("pool"):
+        props = result["proposals"]
+        cat = lambda key: torch.cat([tensor(p["samples"][key]) for p in props], 1)  # noqa: E731  [P, m k]
+        log_mix = torch.logsumexp(tensor(result["pool"]["log_q"]), 0) - math.log(len(props))
+        result["pool"]["at"] = {f"{T:g}": diagnostics_at(cat("log_r"), log_mix, {f: cat(f) for f in FIGURES}, T)
+                                for T in temps}
+    return result
 
 
 def table(result: dict) -> str:
@@ -123,26 +181,45 @@ def table(result: dict) -> str:
                 cells.append(f"{s * m['sampler']:.{digits}f} → {s * m['target']:.{digits}f} ± {s * m['target_se']:.{digits}f}")
             lines.append(f"| {T} | {p['name']} | {elbo_text(d)} | {d['ess']:.3f} | {d['log_w_var']:.1f} | "
                          + " | ".join(cells) + " |")
+        if result.get("pool"):
+            d = result["pool"]["at"][T]
+            cells = [f"→ {SCALE[f] * d['target_means'][f]['target']:.{3 if f in ('bertscore',) else 2}f} ± "
+                     f"{SCALE[f] * d['target_means'][f]['target_se']:.{3 if f in ('bertscore',) else 2}f}" for f in FIGURES]
+            lines.append(f"| {T} | **all {len(props)} pooled** (their mixture) | n/a | {d['ess']:.3f} | n/a | "
+                         + " | ".join(cells) + " |")
     if props:
         s = result["settings"]
         lines.append(f"\n{props[0]['stories']} test stories x {props[0]['k']} middles per proposal at temperature 1; "
                      f"reward: {props[0]['reward']}; seed {s['seed']}. Each figure: the proposal's own mean → the "
-                     "self-normalised importance estimate of the target's mean ± its delta-method error.")
+                     "self-normalised importance estimate of the target's mean ± its delta-method error"
+                     + ("; the pooled row weighs all the proposals' samples against their equal mixture (multiple "
+                        "importance sampling, balance heuristic), its ESS a fraction of all of them." if result.get("pool")
+                        else "."))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     path = Path(args.out) / "infilling_posterior.json"
+    raw = Path(args.out) / "infilling_posterior-samples.json"  # every sample's figures, one line
     if args.report:
         result = json.loads(path.read_text())
+        saved = json.loads(raw.read_text())
+        for p, samples in zip(result["proposals"], saved["proposals"]):
+            p["samples"] = samples
+        if saved["pool_log_q"] is not None:
+            result["pool"]["log_q"] = saved["pool_log_q"]
     else:
         from gfnlm.cli import _setup_runtime
 
         _setup_runtime()
         result = run(args)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+    result = at_temperatures(result, args.temperatures)
+    result["settings"]["temperatures"] = args.temperatures
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps({"proposals": [p.pop("samples") for p in result["proposals"]],
+                               "pool_log_q": result.get("pool", {}).pop("log_q", None)}) + "\n")
+    path.write_text(json.dumps(result, indent=1))
     text = "# Infilling: what a sampler of the target posterior would score\n\n" + table(result) + "\n"
     text = text.replace(f"{ROOT}/", "")
     (Path(args.out) / "infilling_posterior.md").write_text(text)

@@ -171,6 +171,12 @@ def target_means(log_r, log_q, values: dict) -> dict[str, dict[str, float]]:
     * ``target_se``: its delta-method standard error, ``sqrt(sum_p sum_j wn_pj^2 (f_pj - mean_p)^2) / P``.
       It only measures the spread of the samples ``q`` drew: at a small ESS, where ``q`` misses
       regions of ``p``, the estimate is biased towards ``q``'s own mean and the error understates it.
+      Estimates from different proposals that disagree by more than their errors show this.
+
+    With samples from ``m`` proposals (``k`` each per prompt, concatenated along the sample axis), pass
+    as ``log_q`` each sample's log density under their equal mixture, ``logsumexp_j log q_j - log m``
+    (multiple importance sampling with the balance heuristic): a sample one proposal rarely draws but
+    another often draws is then weighed by both.
 
     ``log_r``, ``log_q``: as :func:`sampler_diagnostics` (log space). Raises :class:`ValueError` on
     shapes that differ or values that are not finite."""

@@ -161,8 +161,9 @@ class Task:
     def scored_eval_samples(self, model, tokenizer, config: GFNConfig, constraints, *, k: int = 16,
                             max_prompts: int = 8, seed: int = 0, progress: bool = False):
         """``k`` samples of the policy for each of the first ``max_prompts`` evaluation rows
-        (:func:`gfnlm.evaluation.scored_samples`): ``(log_r [P, k], log_q [P, k], statistics)``, log R
-        untempered, log space; ``statistics`` the :meth:`sample_statistics` of the samples' texts."""
+        (:func:`gfnlm.evaluation.scored_samples`): ``(log_r [P, k], log_q [P, k], statistics, completions)``,
+        log R untempered, log space; ``statistics`` the :meth:`sample_statistics` of the samples' texts,
+        ``completions[i]`` the ``k`` token-id lists of row ``i``."""
         from ..evaluation import scored_samples
         from ..policy import adapter_layers
 
@@ -178,7 +179,7 @@ class Task:
             model, tokenizer, config, constraints, self.reward_funcs(base, tokenizer, constraints, config), rows, k=k,
             temperature=1.0, seed=seed, tool=self.tool(), progress=progress)
         texts = [[self.completion_text(tokenizer.decode(c, skip_special_tokens=True)) for c in cs] for cs in completions]
-        return log_r, log_q, self.sample_statistics(rows, texts)
+        return log_r, log_q, self.sample_statistics(rows, texts), completions
 
     def diagnostics(self, model, tokenizer, config: GFNConfig, constraints, *, k: int = 16, max_prompts: int = 8,
                     seed: int = 0, temperature: float | None = None, progress: bool = False) -> dict:
@@ -191,7 +192,7 @@ class Task:
         if scored is None:
             return {}
         T = temperature if temperature is not None else config.reward_temperature_at(10**9)
-        return diagnostics_at(*scored, T)
+        return diagnostics_at(*scored[:3], T)
 
     def report(self, results: dict, label: str, args) -> None:
         """Print what ``gfnlm eval`` measured (default: JSON)."""
