@@ -124,7 +124,6 @@ def format_table(rows: list[dict], columns: list[str], labels: list[str]) -> str
 
 
 @torch.no_grad()
-@torch.no_grad()
 def scored_samples(model, tokenizer, config, constraints: Constraints, rewards, rows, *, k: int = 16,
                    temperature: float | None = None, seed: int = 0, tool=None, batch_episodes: int = 256,
                    progress: bool = False):
