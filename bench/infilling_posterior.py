@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 FIGURES = ("bleu4", "gleu4", "bertscore", "length_words")
 HEADS = {"bleu4": "BLEU-4 (%)", "gleu4": "GLEU-4 (%)", "bertscore": "BERTScore F1", "length_words": "length (words)"}
 SCALE = {"bleu4": 100, "gleu4": 100, "bertscore": 1, "length_words": 1}
+DIGITS = {"bleu4": 2, "gleu4": 2, "bertscore": 3, "length_words": 2}
 
 
 def parse_args(argv=None):
@@ -166,6 +167,9 @@ def at_temperatures(result: dict, temperatures: str) -> dict:
 def table(result: dict) -> str:
     from gfnlm.diagnostics import elbo_text
 
+    def target(m: dict, f: str) -> str:  # the target's estimate ± its error, scaled for the table
+        return f"{SCALE[f] * m['target']:.{DIGITS[f]}f} ± {SCALE[f] * m['target_se']:.{DIGITS[f]}f}"
+
     props = result["proposals"]
     lines = ["| target T | proposal | ELBO | ESS | Var(log R − log q) | "
              + " | ".join(f"{HEADS[f]}: q → target" for f in FIGURES) + " |",
@@ -174,17 +178,13 @@ def table(result: dict) -> str:
     for T in temps:
         for p in props:
             d = p["at"][T]
-            cells = []
-            for f in FIGURES:
-                m, s = d["target_means"][f], SCALE[f]
-                digits = 3 if s == 1 and f != "length_words" else 2
-                cells.append(f"{s * m['sampler']:.{digits}f} → {s * m['target']:.{digits}f} ± {s * m['target_se']:.{digits}f}")
+            cells = [f"{SCALE[f] * d['target_means'][f]['sampler']:.{DIGITS[f]}f} → {target(d['target_means'][f], f)}"
+                     for f in FIGURES]
             lines.append(f"| {T} | {p['name']} | {elbo_text(d)} | {d['ess']:.3f} | {d['log_w_var']:.1f} | "
                          + " | ".join(cells) + " |")
         if result.get("pool"):
             d = result["pool"]["at"][T]
-            cells = [f"→ {SCALE[f] * d['target_means'][f]['target']:.{3 if f in ('bertscore',) else 2}f} ± "
-                     f"{SCALE[f] * d['target_means'][f]['target_se']:.{3 if f in ('bertscore',) else 2}f}" for f in FIGURES]
+            cells = [f"→ {target(d['target_means'][f], f)}" for f in FIGURES]
             lines.append(f"| {T} | **all {len(props)} pooled** (their mixture) | n/a | {d['ess']:.3f} | n/a | "
                          + " | ".join(cells) + " |")
     if props:
