@@ -78,7 +78,12 @@ def run_em(args, size: int) -> dict:
     train_s = time.perf_counter() - t0
     hist = trainer.history
     res = task.evaluate(trainer.model, trainer.tokenizer, config, trainer.constraints, seed=args.seed, progress=True)
+    # how close the E-step sampler is to its target (the fitted likelihood model's posterior), on 8
+    # validation sentences x 16 rationales
+    diag = task.diagnostics(trainer.model, trainer.tokenizer, config, trainer.constraints, k=16, seed=args.seed,
+                            progress=True)
     return {"size": size, "variant": args.variant, "task_args": task_args(args, size), "result": res, "em": stats,
+            "diagnostics": diag, "history": hist,
             "train_seconds": round(train_s, 1),
             "seconds": round(time.perf_counter() - t0, 1),
             "log_r_first5": sum(h["reward/log_r_mean"] for h in hist[:5]) / max(len(hist[:5]), 1),
@@ -126,8 +131,17 @@ def report(args) -> str:
              "- Accuracy in %. E rows: majority vote over the task's vote_samples rationales (greedy rationale in "
              "brackets)."]
     for name, part in parts.items():
-        info = {k: v for k, v in part.items() if k not in ("result",)}
+        info = {k: v for k, v in part.items() if k not in ("result", "history", "diagnostics")}
         lines.append(f"- {name}: {json.dumps(info)}")
+    diag = {name: part["diagnostics"] for name, part in parts.items() if part.get("diagnostics")}
+    if diag:  # runs from before the diagnostics were recorded have none
+        from gfnlm.diagnostics import elbo_text
+
+        lines += ["", "Sampler diagnostics of each EM run's final policy against its E-step target (validation "
+                  "sentences x rationales, at the final reward temperature; log space):", "",
+                  "| run | prompts x samples | ELBO | IW bound | ESS | Var(log R − log q) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {d['n_prompts']} x {d['n_samples']} | {elbo_text(d, 2)} | {d['iw_bound']:.2f} | "
+                  f"{d['ess']:.3f} | {d['log_w_var']:.1f} |" for name, d in diag.items()]
     checks = {}
     for row in [r for r in acc if r.startswith("E+M")]:
         for s in ("10", "20"):

@@ -135,12 +135,14 @@ def _plain_logits(model, ids, cache=None):
     return cache[key]
 
 
-def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None, suffix=None, cache=None, actions=None):
+def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None, suffix=None, cache=None, actions=None,
+                          score="state+end"):
     """For t = 0..n, each from its own plain forward pass over ``prompt + comp[:t] (+ suffix)``:
     log p(z_1:t, stop | X), or log p(z_1:t, Y | X) with ``suffix`` Y (token ids). With ``legal``, the
     state's action tokens (``actions[k]`` True; default all) and the stop are renormalised over legal +
     stop ids, a tool's tokens and the suffix's never. ``cache`` (a dict) memoises the logits of
-    identical sequences (same model only)."""
+    identical sequences (same model only). ``score`` "state" keeps only the terms of z_1:t, "end" only
+    those of the stop or Y."""
     tail = list(suffix) if suffix is not None else []
     out = []
     for t in range(len(comp) + 1):
@@ -155,6 +157,8 @@ def brute_force_lm_reward(model, prompt, comp, stop_ids, legal=None, suffix=None
                 mask[list(legal) + list(stop_ids)] = True
                 row = row.masked_fill(~mask, -math.inf)
             lp = row.log_softmax(-1)
+            if (k < t and score == "end") or (k >= t and score == "state"):
+                continue
             total += float(torch.logsumexp(lp[stop_ids], -1)) if is_stop else float(lp[ids[len(prompt) + k]])
         out.append(total)
     return out
@@ -357,6 +361,58 @@ def test_lm_likelihood_options_equal_brute_force(lm_setup, context, suffix, pref
     torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("restricted", [False, True], ids=["plain", "renormalised"])
+@pytest.mark.parametrize("prefixes", ["all", "terminal"])
+@pytest.mark.parametrize("score,suffix", [("state", "stop"), ("end", "stop"), ("end", "text")])
+def test_lm_likelihood_score_state_or_end_equals_brute_force(lm_setup, score, suffix, prefixes, restricted):
+    """score='state': log p(z_1:t | C) alone; score='end': log p(stop | C z_1:t) or log p(Y | C z_1:t)
+    alone; and the two add up to the default's log p(z_1:t stop | C)."""
+    model, tok, memo = lm_setup
+    c = lm_constraints(prefixes, restricted)
+    batch = make_batch(columns={"topic": TOPICS}, tok=tok)
+    kw = dict(context="Q: {topic}", suffix=SUFFIXES[suffix], prefixes=prefixes, constraints=c,
+              stop_token_ids=None if c is not None else LM_STOP, weight=WEIGHT)
+    out = LMLikelihoodReward(model, score=score, **kw)(batch)
+    for b, comp in enumerate(COMPS):
+        row = {"prompt": batch.prompts[b], "topic": TOPICS[b]}
+        ctx = tok("Q: " + row["topic"])["input_ids"]
+        y = tok.encode(SUFFIXES[suffix].format(**row), add_special_tokens=False) if SUFFIXES[suffix] else None
+        values = brute_force_lm_reward(model, ctx, comp, LM_STOP, legal=LM_LEGAL if restricted else None,
+                                       suffix=y, cache=memo, score=score)
+        expected = torch.tensor(values, dtype=torch.float64) * WEIGHT
+        got = out[b].double() if prefixes == "terminal" else out[b, :len(comp) + 1].double()
+        torch.testing.assert_close(got, expected[-1] if prefixes == "terminal" else expected, atol=3e-5, rtol=1e-5)
+    if suffix == "stop":  # the two parts add up to the whole
+        other = LMLikelihoodReward(model, score="end" if score == "state" else "state", **kw)(batch)
+        torch.testing.assert_close(out + other, LMLikelihoodReward(model, **kw)(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_lm_likelihood_lm_handle_reads_the_module_as_it_is():
+    """``lm=`` scores with the module it yields, adapters on (a fitted likelihood model is not the base
+    LM), in eval mode, restoring its training flag; ``model=`` with the same PEFT model reads the base."""
+    import contextlib
+
+    peft_model = _lora(make_tiny_lm(seed=24), dropout=0.3)
+    reference = make_tiny_lm(seed=24)
+    batch = make_batch()
+    peft_model.train()
+    adapted = LMLikelihoodReward(lm=lambda: contextlib.nullcontext(peft_model), stop_token_ids=[2])(batch)
+    base = LMLikelihoodReward(peft_model, stop_token_ids=[2])(batch)
+    assert peft_model.training
+    for b, comp in enumerate(COMPS):
+        peft_model.eval()
+        want = brute_force_lm_reward(peft_model, PROMPT_IDS[INDEX[b]], comp, [2])
+        peft_model.train()
+        torch.testing.assert_close(adapted[b, :len(comp) + 1].double(), torch.tensor(want, dtype=torch.float64),
+                                   atol=3e-5, rtol=1e-5)
+        torch.testing.assert_close(base[b, :len(comp) + 1].double(),
+                                   torch.tensor(brute_force_lm_reward(reference, PROMPT_IDS[INDEX[b]], comp, [2]),
+                                                dtype=torch.float64), atol=3e-5, rtol=1e-5)
+    assert float((adapted - base).abs().max()) > 1e-2
+    # not a base-LM handle: the full-fine-tuning guard and SMC leave it alone / refuse it
+    assert LMLikelihoodReward(lm=lambda: contextlib.nullcontext(peft_model), stop_token_ids=[2]).base_lm is None
+
+
 def test_lm_likelihood_callables_equal_templates_and_renormalise_is_optional():
     model, tok = make_tiny_lm(seed=22), bos_tokenizer()
     batch = make_batch(columns={"topic": TOPICS}, tok=tok)
@@ -388,6 +444,15 @@ def test_lm_likelihood_errors():
         LMLikelihoodReward(model)
     with pytest.raises(RewardError, match=r"prefixes='every': choose 'all', 'stoppable' or 'terminal'"):
         LMLikelihoodReward(model, stop_token_ids=[2], prefixes="every")
+    with pytest.raises(RewardError, match=r"score='state' scores neither the stop action nor a suffix"):
+        LMLikelihoodReward(model, suffix="ending", score="state")
+    with pytest.raises(RewardError, match=r"score='both': choose 'state\+end', 'state' or 'end'"):
+        LMLikelihoodReward(model, stop_token_ids=[2], score="both")
+    with pytest.raises(RewardError, match=r"give model .* or lm .*, not both or neither"):
+        LMLikelihoodReward(stop_token_ids=[2])
+    with pytest.raises(RewardError, match=r"not both or neither"):
+        LMLikelihoodReward(model, lm=lambda: None, stop_token_ids=[2])
+    LMLikelihoodReward(model, score="state")  # no stop action scored: no stop ids needed
     with pytest.raises(RewardError, match=r"a suffix is empty"):
         LMLikelihoodReward(model, suffix=lambda row: "")(batch)
     no_tok = make_batch()

@@ -160,6 +160,67 @@ def test_reward_shape_tempering_and_penalty(data_dir):
     assert torch.allclose(compute_log_rewards([RationaleReward(task, tok, 50.0)], None, batch) / 2.0, r / 2.0)
 
 
+def _plain_terms(model, x, z, phrases):
+    """Brute force, one plain forward pass per (episode, label phrase): log p(Z | X) and log p(Y_k | X Z)."""
+    mid, lab = None, []
+    for y in phrases:
+        seq = list(x) + list(z) + list(y)
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([seq])).logits[0, :-1].double().log_softmax(-1)
+        lp = [float(logp[t - 1, seq[t]]) for t in range(1, len(seq))]
+        mid = sum(lp[len(x) - 1:len(x) - 1 + len(z)])
+        lab.append(sum(lp[len(x) - 1 + len(z):]))
+    return mid, lab
+
+
+def test_rationale_reward_equals_brute_force_before_and_after_the_m_step(data_dir):
+    """The E-step reward log p_base(Z | X) + log p(Y* | X Z) - penalty 1[wrong label preferred]: before
+    the M-step every term from a never-trained copy of the base model, after it the label terms from
+    the fitted adapter (and log p(Z | X) still from the base), each from its own forward pass; the
+    policy's adapter stays active and untouched."""
+    from peft import get_peft_model
+
+    from gfnlm.trainer import lora_config
+
+    tok = tokenizer()
+    reference = tiny_model()  # the base weights, never wrapped
+    policy = get_peft_model(tiny_model(), lora_config(config()))
+    task = make_task(data_dir, penalty=7.0)
+    lik = task.likelihood_model(policy, tok)
+    phrases = [tok.encode(COT_PHRASE.format(label=l), add_special_tokens=False) for l in LABELS]
+    prompts = [tok.encode('Classify this movie review as objective or subjective : " the film " This review is'),
+               tok.encode('Classify this movie review as objective or subjective : " a dull city " This review is')]
+    zs = [tok.encode(t, add_special_tokens=False) for t in ("great fun", "a story about the man", "boring")]
+    index, labels = [0, 1, 1], [1, 0, 1]
+    tokens = torch.zeros(3, 5, dtype=torch.long)
+    for b, z in enumerate(zs):
+        tokens[b, :len(z)] = torch.tensor(z)
+    batch = RewardBatch(prompts=["p0", "p1", "p1"], prompt_ids=prompts, prompt_index=torch.tensor(index),
+                        tokens=tokens, lengths=torch.tensor([len(z) for z in zs]), completions=["", "", ""],
+                        columns={"label": labels}, tokenizer=tok)
+
+    def expected(label_model):
+        out = []
+        for b, z in enumerate(zs):
+            mid, _ = _plain_terms(reference, prompts[index[b]], z, phrases)
+            _, lab = _plain_terms(label_model, prompts[index[b]], z, phrases)
+            y = labels[b]
+            out.append(mid + lab[y] - 7.0 * float(lab[1 - y] > lab[y]))
+        return torch.tensor(out, dtype=torch.float64)
+
+    torch.testing.assert_close(RationaleReward(task, tok, 7.0)(batch).double(), expected(reference), atol=1e-4, rtol=1e-5)
+    x = [prompts[index[b]] for b in range(3)]
+    lik.fit([(x[b], zs[b], 1 - labels[b]) for b in range(3)], steps=40, learning_rate=5e-3)
+    after = RationaleReward(task, tok, 7.0)(batch).double()
+    policy.set_adapter("likelihood")
+    policy.eval()
+    want = expected(policy)
+    policy.set_adapter("default")
+    torch.testing.assert_close(after, want, atol=1e-4, rtol=1e-5)
+    assert float((after - expected(reference)).abs().max()) > 1.0  # the fitted adapter really changed the terms
+    assert policy.active_adapter == "default"
+
+
 def test_one_em_round_end_to_end_and_its_checkpoint(data_dir, model_dir, tmp_path):
     from gfnlm.cli import make_trainer
     from gfnlm.trainer import load_trained
@@ -262,13 +323,20 @@ def test_cli_trains_em_and_prints_accuracy_per_method_and_size(data_dir, model_d
                      "true", "--task_args.train_size", str(size)] + common) == 0
         ckpts += ["--checkpoint", str(out / "checkpoint-2")]
     capsys.readouterr()
-    assert main(["eval", "--task", "subjectivity", "--output", str(tmp_path / "s.json")] + ckpts + common) == 0
+    assert main(["eval", "--task", "subjectivity", "--output", str(tmp_path / "s.json"), "--diagnostics", "3",
+                 "--diagnostics_prompts", "6"] + ckpts + common) == 0
     out = capsys.readouterr().out
     for row in ("| zero-shot |", "| few-shot |", "| SFT classifier |", "| E-step only |", "| E+M |"):
         assert row in out
     assert "| method | 4 examples | 6 examples |" in out and "4 validation sentences" in out
     saved = json.loads((tmp_path / "s.json").read_text())
     assert set(saved) == {"EM 4", "EM 6", "baselines"} and saved["EM 6"]["examples"] == 4
+    # each checkpoint's sampler diagnostics against its E-step target, on the validation sentences
+    assert out.count("sampler diagnostics (4 prompts x 3 samples") == 2
+    for key in ("EM 4", "EM 6"):
+        d = saved[key]["diagnostics"]
+        assert (d["n_prompts"], d["n_samples"]) == (4, 3)
+        assert d["elbo"] <= d["iw_bound"] + 1e-6 and 0 < d["ess"] <= 1 and d["log_w_var"] >= 0
 
 
 def test_rationales_can_be_kept_from_naming_a_label(data_dir):

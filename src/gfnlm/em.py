@@ -37,7 +37,9 @@ Example = tuple[list[int], list[int], int]
 
 def phrase_log_probs(model, prompts: Sequence[Sequence[int]], middles: Sequence[Sequence[int]],
                      phrases: Sequence[Sequence[int]], pad_id: int = 0, prefix=None) -> tuple[Tensor, Tensor]:
-    """log p(Z | X) and log p(Y_k | X, Z) for every label phrase Y_k, in one forward pass.
+    """log p(Z | X) and log p(Y_k | X, Z) for every label phrase Y_k, in one forward pass, with
+    gradients: the M-step's training pass (:meth:`LikelihoodModel.fit`). Rewards and evaluation read
+    the same quantities, without gradients, through the one LM reward (:meth:`LikelihoodModel.scores`).
 
     Args:
         model: a causal LM (whatever adapters are active are used; grad flows unless disabled).
@@ -155,26 +157,47 @@ class LikelihoodModel:
             model.train(was_training)
 
     # use -------------------------------------------------------------------------------------------
+    def phrase_rewards(self, fitted: bool) -> list:
+        """One :class:`~gfnlm.rewards.LMLikelihoodReward` per label phrase: log p(Y_k | X, Z) of a complete
+        rationale (terminal, ``score="end"``, full vocabulary) under the base LM (``fitted`` False: the
+        policy's base read through :class:`~gfnlm.policy.BaseLM`) or the fitted adapter (:meth:`active`)."""
+        from .rewards import LMLikelihoodReward
+
+        where = {"lm": lambda: self.active(True)} if fitted else {"model": self.model}
+        return [LMLikelihoodReward(tokenizer=self.tokenizer, suffix=lambda row, y=y: y, score="end", prefixes="terminal",
+                                   renormalise=False, name=f"log p({y!r} | X, Z)", **where) for y in self.label_phrases]
+
     @torch.no_grad()
+    def scores(self, batch, *, fitted: bool | None = None, with_middle: bool = True) -> tuple[Tensor | None, Tensor]:
+        """(log p_base(Z | X) [B], log p(Y_k | X, Z) [B, K]) of the complete episodes of a
+        :class:`~gfnlm.rewards.RewardBatch` (X: each episode's prompt), log space, from the one LM reward:
+        log p(Z | X) is always the base model's (``score="state"``); the label terms come from
+        :meth:`phrase_rewards` (the fitted adapter when ``fitted``, default: if it has been fitted).
+        ``with_middle=False`` skips the base term (the first value is then None)."""
+        from .rewards import LMLikelihoodReward
+
+        use = self.fitted if fitted is None else fitted
+        if use and not self.fitted:
+            raise DataError("the likelihood model has not been fitted yet")
+        mid = None
+        if with_middle:
+            mid = LMLikelihoodReward(self.model, self.tokenizer, score="state", prefixes="terminal", renormalise=False,
+                                     name="log p(Z | X)")(batch)
+        return mid, torch.stack([r(batch) for r in self.phrase_rewards(use)], dim=1)
+
     def label_log_probs(self, prompts: Sequence[Sequence[int]], middles: Sequence[Sequence[int]], *,
                         fitted: bool | None = None, batch_size: int = 64,
                         with_middle: bool = True) -> tuple[Tensor | None, Tensor]:
-        """(log p_base(Z | X) [B], log p(Y_k | X, Z) [B, K]), log space. log p(Z | X) is always the base
-        model's (adapters off); the label terms come from :meth:`active`. ``with_middle=False`` skips
-        the base pass when only the (fitted) label terms are needed (the first value is then None)."""
-        use_fitted = self.fitted if fitted is None else fitted
+        """:meth:`scores` of rationales ``middles`` (token ids) after ``prompts`` (token ids), in chunks of
+        ``batch_size``: (log p_base(Z | X) [B], log p(Y_k | X, Z) [B, K]), log space."""
+        from .rewards import RewardBatch
+
         mids, labels = [], []
         for i in range(0, len(prompts), batch_size):
-            p, m = prompts[i:i + batch_size], middles[i:i + batch_size]
-            if with_middle or not use_fitted:
-                with self.active(False) as base:
-                    mid, lab = phrase_log_probs(base, p, m, self.phrases, self.pad_id)
-                mids.append(mid.cpu())
-            if use_fitted:
-                with self.active(True) as lik:
-                    lik.eval()
-                    _, lab = phrase_log_probs(lik, p, m, self.phrases, self.pad_id)
-            labels.append(lab.cpu())
+            batch = RewardBatch.of(prompts[i:i + batch_size], middles[i:i + batch_size], self.tokenizer)
+            mid, lab = self.scores(batch, fitted=fitted, with_middle=with_middle)
+            mids.append(mid)
+            labels.append(lab)
         return (torch.cat(mids) if with_middle else None), torch.cat(labels)
 
     def predict(self, prompts, middles, **kw) -> Tensor:

@@ -15,6 +15,7 @@ anywhere a reward is: its values are taken as terminal **log**-rewards.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -52,6 +53,25 @@ class RewardBatch:
     columns: dict[str, list] = field(default_factory=dict)
     tokenizer: Any = None
     action_mask: Tensor | None = None
+
+    @classmethod
+    def of(cls, prompt_ids: Sequence[Sequence[int]], states: Sequence[Sequence[int]], tokenizer=None,
+           columns: dict[str, list] | None = None) -> "RewardBatch":
+        """B episodes given as token ids, outside a trainer (evaluation, EM): ``prompt_ids[b]`` the
+        prompt episode ``b`` continues (repeated prompts are stored once) and ``states[b]`` its
+        tokens z_1:n (may be empty)."""
+        if len(prompt_ids) != len(states):
+            raise RewardError(f"{len(prompt_ids)} prompts for {len(states)} states: give one prompt per state")
+        uniq: dict[tuple, int] = {}
+        index = [uniq.setdefault(tuple(p), len(uniq)) for p in prompt_ids]
+        lengths = [len(z) for z in states]
+        tokens = torch.zeros(len(states), max(lengths, default=0), dtype=torch.long)
+        for b, z in enumerate(states):
+            tokens[b, :len(z)] = torch.tensor(list(z), dtype=torch.long)
+        texts = [tokenizer.decode(list(z), skip_special_tokens=False) if tokenizer is not None else "" for z in states]
+        return cls(prompts=[""] * len(states), prompt_ids=[list(p) for p in uniq], prompt_index=torch.tensor(index),
+                   tokens=tokens, lengths=torch.tensor(lengths), completions=texts, columns=dict(columns or {}),
+                   tokenizer=tokenizer)
 
     def prefix_ids(self, b: int, t: int) -> list[int]:
         return self.tokens[b, :t].tolist()
@@ -143,14 +163,24 @@ class LMLikelihoodReward(Reward):
     * with ``suffix``: log R(z_1:t ⊤) = log p_LM(z_1:t Y | C), the text Y scored after the prefix
       (an answer, a story's ending, a label phrase) and no stop action.
 
+    ``score`` picks the terms: ``"state+end"`` (both, as above), ``"state"`` (log p_LM(z_1:t | C):
+    neither ⊤ nor a suffix) or ``"end"`` (log p_LM(⊤ | C z_1:t), or log p_LM(Y | C z_1:t) with a
+    suffix). A latent-variable posterior whose two factors come from different models,
+    p_base(Z|X) p_lik(Y|X,Z), is then one instance of each.
+
     The base LM is read only through :class:`gfnlm.policy.BaseLM`: adapters off, eval mode (dropout
-    off), ``no_grad``, fp32 log-softmax, whatever model object was passed. Every (episode, prefix)
+    off), ``no_grad``, fp32 log-softmax, whatever model object was passed. A model that is meant to
+    differ from the base LM (a likelihood model fitted by EM) is passed explicitly as ``lm``. Every (episode, prefix)
     job of a call is batched into as few forward passes as ``max_batch_tokens`` allows; each distinct
     context is encoded once and its KV cache reused; a constant ``shared_prefix`` (a few-shot block)
     is encoded once for the reward's lifetime.
 
     Args:
         model: the base LM, the policy (its adapters are switched off), or a :class:`BaseLM`.
+        lm: instead of ``model``: a zero-argument callable returning a context manager that yields the
+            scoring module as it is, adapters included (e.g. :meth:`gfnlm.em.LikelihoodModel.active`,
+            or ``lambda: contextlib.nullcontext(model)``); it is read in eval mode, under ``no_grad``,
+            and a ``shared_prefix`` is encoded again at each call (the module may change).
         tokenizer: used for text contexts and suffixes (default: the batch's, i.e. the policy's).
         context: what the LM conditions on. None: the policy's own prompt (token ids as the policy
             sees them). A string is a template formatted with the row (``{prompt}`` and any dataset
@@ -158,6 +188,7 @@ class LMLikelihoodReward(Reward):
             (p_LM(Z), read after BOS, or EOS for a tokenizer without BOS).
         suffix: None (score ⊤), or text Y scored after each prefix: a template or a callable of the
             row, as ``context``.
+        score: ``"state+end"``, ``"state"`` or ``"end"``: which terms (see above).
         prefixes: ``"all"`` (every t = 0..n, [B, N+1]), ``"stoppable"`` (only where ``constraints``
             let the policy stop of its own accord: past ``min_new_tokens``, not inside a tool's
             output, and with ``stop_after_tool`` right after it; [B, N+1]) or ``"terminal"`` (t = n
@@ -180,22 +211,34 @@ class LMLikelihoodReward(Reward):
 
     name = "lm_likelihood"
 
-    def __init__(self, model, tokenizer=None, *, context=None, suffix=None, prefixes: str = "all",
+    def __init__(self, model=None, tokenizer=None, *, context=None, suffix=None, prefixes: str = "all",
                  constraints: Constraints | None = None, stop_token_ids: Sequence[int] | None = None,
                  renormalise: bool = True, shared_prefix: str | None = None, weight: float = 1.0,
-                 invalid_log_reward: float = 0.0, max_batch_tokens: int = 4096, name: str | None = None):
+                 invalid_log_reward: float = 0.0, max_batch_tokens: int = 4096, score: str = "state+end",
+                 lm: Callable[[], Any] | None = None, name: str | None = None):
         from .policy import BaseLM
 
         if prefixes not in ("all", "stoppable", "terminal"):
             raise RewardError(f"prefixes={prefixes!r}: choose 'all', 'stoppable' or 'terminal'")
+        if score not in ("state+end", "state", "end"):
+            raise RewardError(f"score={score!r}: choose 'state+end', 'state' or 'end'")
+        if score == "state" and suffix is not None:
+            raise RewardError("score='state' scores neither the stop action nor a suffix: drop suffix= or score 'state+end'")
         if prefixes == "stoppable" and constraints is None:
             raise RewardError("prefixes='stoppable' needs the policy's constraints (constraints=...)")
-        if suffix is None and constraints is None and not stop_token_ids:
+        if suffix is None and score != "state" and constraints is None and not stop_token_ids:
             raise RewardError("LMLikelihoodReward without a suffix scores the stop action: pass stop_token_ids or constraints")
         if constraints is not None and stop_token_ids and sorted(stop_token_ids) != sorted(constraints.stop_token_ids):
             raise RewardError(f"stop_token_ids {list(stop_token_ids)} differ from the constraints' "
                               f"{list(constraints.stop_token_ids)}: give one of them")
-        self.base_lm = BaseLM(model)
+        if (model is None) == (lm is None):
+            raise RewardError("LMLikelihoodReward reads one LM: give model (its base LM is scored, adapters off) "
+                              "or lm (a handle yielding the module to score with), not both or neither")
+        if lm is not None and not callable(lm):
+            raise RewardError(f"lm={lm!r}: give a zero-argument callable returning a context manager that yields the module")
+        self.base_lm = BaseLM(model) if lm is None else None  # the handle bind_base_models checks
+        self.lm = self.base_lm or lm
+        self.score = score
         self.tokenizer = tokenizer
         self.context, self.suffix, self.prefixes = context, suffix, prefixes
         self.constraints = constraints
@@ -248,13 +291,30 @@ class LMLikelihoodReward(Reward):
         return [list(c) for c in uniq], index
 
     def _prefix_cache_for(self, base, tok):
-        """The shared prefix's KV cache under the base model, computed on first use."""
-        if self.shared_prefix and self._prefix_cache is None:
+        """The shared prefix's KV cache under the scoring module: computed once for the base LM, at
+        every call for an ``lm`` handle (whose module may have changed since)."""
+        if not self.shared_prefix:
+            return None
+        if self._prefix_cache is None or self.base_lm is None:
             from .data import render_prompt
             from .sampling import PrefixCache
 
-            self._prefix_cache = PrefixCache(base, render_prompt(tok, self.shared_prefix, "never"))
+            cache = PrefixCache(base, render_prompt(tok, self.shared_prefix, "never"))
+            if self.base_lm is None:
+                return cache
+            self._prefix_cache = cache
         return self._prefix_cache
+
+    @contextlib.contextmanager
+    def _module(self):
+        """The scoring module in eval mode (its training flag restored on exit)."""
+        with self.lm() as m:
+            was = m.training
+            m.eval()
+            try:
+                yield m
+            finally:
+                m.train(was)
 
     # --- which prefixes ------------------------------------------------------------------------
     def scored(self, batch: RewardBatch) -> Tensor:
@@ -294,16 +354,17 @@ class LMLikelihoodReward(Reward):
                 for b, z in enumerate(states)]
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         values = torch.zeros(B, N + 1)
-        with self.base_lm() as base:
+        state, end = self.score != "end", self.score != "state"
+        with self._module() as base:
             kw = dict(pad_id=pad, prefix=self._prefix_cache_for(base, tok),
                       renormalise=self.constraints if self.renormalise else None,
                       max_batch_tokens=self.max_batch_tokens)
             if self.suffix is None:  # one row per episode: every prefix's stop comes from the same pass
                 tok_lp, stop_lp = continuation_log_probs(base, contexts, ctx_index, states,
-                                                         stop_token_ids=self.stop_token_ids,
+                                                         stop_token_ids=self.stop_token_ids if end else None,
                                                          renormalise_mask=acts, **kw)
                 cum = torch.cat([tok_lp.new_zeros(B, 1), tok_lp.cumsum(1)], dim=1)
-                values[:, :cum.shape[1]] = (cum + stop_lp).cpu()
+                values[:, :cum.shape[1]] = ((cum if state else 0.0) + (stop_lp if end else 0.0)).cpu()
             else:  # each state read once; Y read after each scored prefix z_1:t through the state's KV cache
                 jobs = scored.nonzero().tolist()
                 suffixes = [tok.encode(self._text(self.suffix, batch.row(b), "suffix"), add_special_tokens=False)
@@ -315,7 +376,8 @@ class LMLikelihoodReward(Reward):
                                                                   renormalise_mask=acts, **kw)
                     cum = torch.cat([state_lp.new_zeros(B, 1), state_lp.cumsum(1)], dim=1)  # log p(z_1:t | C)
                     b_idx, t_idx = scored.nonzero(as_tuple=True)
-                    values[scored] = (cum[b_idx.to(cum.device), t_idx.to(cum.device)] + suffix_lp).cpu()
+                    at = cum[b_idx.to(cum.device), t_idx.to(cum.device)]
+                    values[scored] = ((at if state else 0.0) + suffix_lp).cpu()
         out = torch.where(scored, self.weight * values, torch.full_like(values, self.invalid_log_reward))
         if self.prefixes == "terminal":
             return at_stop(out, batch.lengths.cpu())

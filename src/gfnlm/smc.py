@@ -55,7 +55,8 @@ class LMTerm:
 def lm_terms(rewards, row: dict, prompt_ids: Sequence[int], tokenizer, constraints: Constraints,
              weights: Sequence[float] | None = None) -> list[LMTerm]:
     """The LM factors of a task's own reward for one row: each :class:`~gfnlm.rewards.LMLikelihoodReward`
-    (scoring the stop action, no suffix, no shared prefix, built on ``constraints``' action space) as an
+    (of the base LM, scoring the states and the stop action, no suffix, no shared prefix, built on
+    ``constraints``' action space) as an
     :class:`LMTerm` with its context and its weight times ``weights[i]`` (``config.reward_weights``).
     Any other reward is a one-line error: give its condition to :func:`run_smc` as a ``predicate``."""
     from .rewards import LMLikelihoodReward
@@ -66,7 +67,8 @@ def lm_terms(rewards, row: dict, prompt_ids: Sequence[int], tokenizer, constrain
 
     out = []
     for i, r in enumerate(rewards):
-        if not isinstance(r, LMLikelihoodReward) or r.suffix is not None or r.shared_prefix:
+        if (not isinstance(r, LMLikelihoodReward) or r.suffix is not None or r.shared_prefix
+                or r.score != "state+end" or r.base_lm is None):
             raise ConfigError(f"SMC reads LM-likelihood rewards that score the stop action only; {r.name!r} is not one: "
                               "pass its condition as run_smc(predicate=...)")
         if r.constraints is None or space(r.constraints) != space(constraints):

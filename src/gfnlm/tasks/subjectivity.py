@@ -42,7 +42,7 @@ import torch
 from ..data import load_rows, render_prompt
 from ..errors import DataError
 from ..rewards import Reward
-from ..sampling import PrefixCache, sample
+from ..sampling import sample
 from ..trainer import constraints_from_config
 from . import Task
 
@@ -161,6 +161,11 @@ class SubjectivityTask(Task):
     def dataset(self) -> list[dict]:
         return [{"prompt": self.prompt(r["text"]), "label": r["label"]} for r in self.train_examples()]
 
+    def eval_rows(self) -> list[dict]:
+        """The validation sentences (never trained on) with their labels: the sampler diagnostics'
+        rows, whose target is the E-step posterior p(Z | X, Y*)."""
+        return [{"prompt": self.prompt(r["text"]), "label": r["label"]} for r in self.validation()[0]]
+
     # policy ----------------------------------------------------------------------------------------
     def allowed_token_ids(self, tokenizer) -> list[int]:
         """Word tokens; with ``forbid_label_words``, none that starts a label word ("subject...",
@@ -254,18 +259,22 @@ class SubjectivityTask(Task):
     # evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def direct_scores(self, model, tokenizer, texts: list[str], context: str = "", batch_size: int = 32) -> torch.Tensor:
-        """log p(" <label>." | [context] X) for each text and label, under ``model`` as it is: [n, 2]."""
-        from ..em import phrase_log_probs
+        """log p(" <label>." | [context] X) for each text and label, under ``model`` as it is (its active
+        adapters included), from the one LM reward: [n, 2]. A few-shot ``context`` is the reward's shared
+        prefix, encoded once per call and read before every sentence."""
+        import contextlib
 
-        phrases = [tokenizer.encode(DIRECT_PHRASE.format(label=l), add_special_tokens=False) for l in LABELS]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # a few-shot context is long: its KV cache is computed once and read before every sentence
-        prefix = PrefixCache(model, render_prompt(tokenizer, context, "never")) if context else None
+        from ..rewards import LMLikelihoodReward, RewardBatch
+
+        rewards = [LMLikelihoodReward(lm=lambda: contextlib.nullcontext(model), tokenizer=tokenizer,
+                                      suffix=lambda row, y=DIRECT_PHRASE.format(label=l): y, score="end",
+                                      prefixes="terminal", renormalise=False, shared_prefix=context or None)
+                   for l in LABELS]
         out = []
         for i in range(0, len(texts), batch_size):
-            prompts = [tokenizer(self.prompt(t), add_special_tokens=False)["input_ids"] if prefix else
-                       render_prompt(tokenizer, self.prompt(t), "never") for t in texts[i:i + batch_size]]
-            out.append(phrase_log_probs(model, prompts, [[] for _ in prompts], phrases, pad, prefix=prefix)[1].cpu())
+            prompts = [render_prompt(tokenizer, self.prompt(t), "never") for t in texts[i:i + batch_size]]
+            batch = RewardBatch.of(prompts, [[] for _ in prompts], tokenizer)
+            out.append(torch.stack([r(batch) for r in rewards], dim=1))
         return torch.cat(out)
 
     def few_shot_context(self, examples: list[dict]) -> str:
@@ -361,12 +370,14 @@ class SubjectivityTask(Task):
     @classmethod
     def eval_command(cls, args, extra: dict) -> int:
         """Accuracy per method and training-set size: zero-shot, few-shot, SFT classifier (base model),
-        and E-step only / E+M for each EM checkpoint (its size from its task_args.train_size)."""
+        and E-step only / E+M for each EM checkpoint (its size from its task_args.train_size); with
+        ``--diagnostics K``, each checkpoint's sampler diagnostics against its E-step target on
+        ``--diagnostics_prompts`` validation sentences."""
         import json
 
         from ..models import load_model
         from ..trainer import load_trained
-        from . import build_config
+        from . import build_config, format_diagnostics
 
         rows: dict[str, dict[str, str]] = {}
         results: dict = {}
@@ -380,6 +391,10 @@ class SubjectivityTask(Task):
             config = cfg
             with torch.no_grad():
                 r = task.evaluate(model, tok, cfg, cons, n=args.n, seed=args.seed, progress=True)
+            if args.diagnostics:  # the E-step target under the checkpoint's likelihood model (fitted: E+M)
+                r["diagnostics"] = task.diagnostics(model, tok, cfg, cons, k=args.diagnostics,
+                                                    max_prompts=args.diagnostics_prompts, seed=args.seed, progress=True)
+                print(f"{path} (EM {size}):\n{format_diagnostics(r['diagnostics'])}")
             results[f"EM {size}"] = r
             for name in ("E-step only", "E+M"):
                 if name in r:
@@ -411,7 +426,10 @@ def results_table(rows: dict[str, dict[str, str]], sizes: list[str]) -> str:
 
 class RationaleReward(Reward):
     """Terminal log R(Z) = log p_LM(Z | X) + log p(Y* | X, Z) - penalty * 1[the likelihood model
-    prefers the wrong label given Z]. Y* from the dataset column ``label``. [B], log space."""
+    prefers the wrong label given Z]. Y* from the dataset column ``label``. [B], log space.
+
+    Each term is the one LM reward (:meth:`gfnlm.em.LikelihoodModel.scores`): log p(Z | X) from the base
+    LM, the label phrases from the likelihood model (the base LM until the first M-step)."""
 
     prefix = False
     name = "rationale_posterior"
@@ -419,7 +437,6 @@ class RationaleReward(Reward):
     def __init__(self, task: SubjectivityTask, tokenizer, penalty: float):
         self.task, self.tokenizer, self.penalty = task, tokenizer, penalty
 
-    @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
         labels = batch.columns.get("label")
         if labels is None:
@@ -427,9 +444,7 @@ class RationaleReward(Reward):
         lik = self.task.likelihood
         if lik is None:
             raise DataError("the subjectivity reward needs the task's likelihood model: call task.prepare_trainer")
-        prompts = [list(batch.prompt_ids[int(i)]) for i in batch.prompt_index]
-        z = [batch.tokens[b, : int(batch.lengths[b])].tolist() for b in range(batch.tokens.shape[0])]
-        log_pz, log_py = lik.label_log_probs(prompts, z)
+        log_pz, log_py = lik.scores(batch)
         y = torch.tensor([int(l) for l in labels])
         true = log_py.gather(1, y[:, None]).squeeze(1)
         wrong = log_py.gather(1, (1 - y)[:, None]).squeeze(1)
