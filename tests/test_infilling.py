@@ -88,6 +88,27 @@ def test_bad_input_is_one_line_error(tmp_path):
     assert main(["train", "--task", "infilling", "--task_args.data_file", str(bad)]) == 2
 
 
+def test_train_stops_on_a_beginning_longer_than_the_context(tmp_path, tiny_dir, capsys):
+    """``gfnlm train --task infilling`` on stories whose beginning leaves no room for a middle in the
+    model's context: exit code 2 and one line naming the story's prompt, before any training."""
+    from gfnlm.cli import main
+
+    path = tmp_path / "long.jsonl"
+    lines = []
+    for i in range(14):
+        a = NAMES[i]
+        s = [" ".join([f"{a} was sad."] * 20), " ".join([f"{a} had no hat."] * 20), "It was cold.", f"{a} got a hat.",
+             f"{a} is glad."]  # a beginning of about 530 bytes: past the tiny model's 512 positions
+        lines.append(json.dumps({"id": f"s{i}", "sentences": s}))
+    path.write_text("\n".join(lines) + "\n")
+    code = main(["train", "--task", "infilling", "--model", str(tiny_dir), "--max_steps", "1", "--report_to", "[]",
+                 "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"]
+                + [f"--task_args.{k}={v}" for k, v in task_args(path).items()])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weights' loading bar
+    assert code == 2 and err.startswith("error: prompt 'Beginning:") and "exceeds the model's context" in err
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
 def byte_ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
