@@ -26,7 +26,10 @@ Per sampler: KL(π || q), KL(q || π), TV(π, q), the exact ELBO E_q[log R - log
 satisfaction, and the LM calls per sample (tokens read, stop included; rejection: per accepted
 sample; SMC: rows of the LM's forward passes per run, one sample returned per run).
 
+A picture of the table, ``constrained.png``: each sampler's TV to π against its LM calls per sample.
+
     .venv/bin/python bench/constrained.py            # ~15 min on 2 CPU cores
+    .venv/bin/python bench/constrained.py --report   # only redraw constrained.png from constrained.json
 """
 
 from __future__ import annotations
@@ -119,6 +122,23 @@ def smc_target(gfn: dict, smc: dict) -> dict:
              f"{r['lm_calls_per_sample']:.1f} LM calls per sample)", gfn["kl_target_to_q"] <= 2 * r["kl_target_to_q"])}
 
 
+def plot(data: dict, path: Path) -> None:
+    """TV(π, q) against LM calls per sample, one point per sampler of ``data`` (constrained.json)."""
+    from gfnlm.evaluation import scatter_plot
+
+    points = []
+    for name, r in data["samplers"].items():
+        if name == "GFlowNet, before training":  # the same law as locally constrained decoding
+            continue
+        gfn = name.startswith("GFlowNet")
+        points.append({"label": f"{name}: TV {r['tv']:.3f}, {r['lm_calls_per_sample']:.1f} calls",
+                       "tv": r["tv"], "calls": r["lm_calls_per_sample"], "marker": "*" if gfn else "o"})
+    scatter_plot(points, path, x="calls", y="tv", xlabel="LM calls per sample (tokens read; rejection: per accepted sample; GFlowNet training not counted)",
+                 ylabel="TV(π, q) (exact; SMC: estimated from its runs)",
+                 title=f"Constrained posterior `{data['pattern']}` after {data['settings']['prompt']!r}: "
+                       "distance to the target against cost")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -129,7 +149,12 @@ def main(argv=None) -> int:
     ap.add_argument("--smc_particles", default="1,4,16,64", help="SMC particle counts, comma-separated")
     ap.add_argument("--smc_runs", type=int, default=200, help="SMC runs per particle count (one sample each)")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--report", action="store_true", help="only redraw constrained.png from <out>/constrained.json")
     args = ap.parse_args(argv)
+    if args.report:
+        plot(json.loads((Path(args.out) / "constrained.json").read_text()), Path(args.out) / "constrained.png")
+        print(f"wrote {Path(args.out) / 'constrained.png'}")
+        return 0
     torch.set_num_threads(2)
     t0 = time.perf_counter()
 
@@ -223,11 +248,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "constrained.md").write_text(text)
-    (out / "constrained.json").write_text(json.dumps(
-        {"settings": vars(args), "pattern": PATTERN, "words": WORDS, "log_z": log_z, "p_valid": p_valid,
-         "samplers": rows, "targets": {k: {"measured": v, "met": ok} for k, (v, ok) in targets.items()},
-         "history": [{k: h[k] for k in ("loss", "reward/log_r_mean") if k in h} for h in history],
-         "seconds": time.perf_counter() - t0}, indent=1))
+    data = {"settings": vars(args), "pattern": PATTERN, "words": WORDS, "log_z": log_z, "p_valid": p_valid,
+            "samplers": rows, "targets": {k: {"measured": v, "met": ok} for k, (v, ok) in targets.items()},
+            "history": [{k: h[k] for k in ("loss", "reward/log_r_mean") if k in h} for h in history],
+            "seconds": time.perf_counter() - t0}
+    (out / "constrained.json").write_text(json.dumps(data, indent=1))
+    plot(data, out / "constrained.png")
     print(f"wrote {out / 'constrained.md'} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
