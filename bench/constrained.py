@@ -128,12 +128,17 @@ def plot(data: dict, path: Path) -> None:
 
     points = []
     for name, r in data["samplers"].items():
-        if name == "GFlowNet, before training":  # the same law as locally constrained decoding
+        if name == "GFlowNet, before training" or r.get("particles") == 1:  # both have local decoding's law
             continue
         gfn = name.startswith("GFlowNet")
-        points.append({"label": f"{name}: TV {r['tv']:.3f}, {r['lm_calls_per_sample']:.1f} calls",
-                       "tv": r["tv"], "calls": r["lm_calls_per_sample"], "marker": "*" if gfn else "o"})
-    scatter_plot(points, path, x="calls", y="tv", xlabel="LM calls per sample (tokens read; rejection: per accepted sample; GFlowNet training not counted)",
+        if name == "locally constrained decoding":
+            name += " (= SMC with 1 particle, = GFlowNet before training)"
+        floor = f", noise floor {r['tv_noise_floor']:.3f}" if r.get("tv_noise_floor") else ""
+        points.append({"label": f"{name}: TV {r['tv']:.3f}{floor}, {r['lm_calls_per_sample']:.1f} calls",
+                       "tv": r["tv"], "calls": r["lm_calls_per_sample"], "marker": "*" if gfn else "o",
+                       **({"color": "tab:red"} if gfn else {})})
+    scatter_plot(points, path, x="calls", y="tv",
+                 xlabel="LM calls per sample (tokens read; rejection: per accepted sample; GFlowNet training not counted)",
                  ylabel="TV(π, q) (exact; SMC: estimated from its runs)",
                  title=f"Constrained posterior `{data['pattern']}` after {data['settings']['prompt']!r}: "
                        "distance to the target against cost")

@@ -413,6 +413,26 @@ def test_lm_likelihood_lm_handle_reads_the_module_as_it_is():
     assert LMLikelihoodReward(lm=lambda: contextlib.nullcontext(peft_model), stop_token_ids=[2]).base_lm is None
 
 
+def test_reward_batch_of_token_ids_equals_the_trainers_batch():
+    """``RewardBatch.of`` (evaluation, EM) gives a reward the same values as the batch a trainer builds,
+    stores each distinct prompt once, and handles empty states, an empty batch and bad input."""
+    model, tok = make_tiny_lm(seed=25), bos_tokenizer()
+    prompts = [PROMPT_IDS[i] for i in INDEX]
+    batch = RewardBatch.of(prompts, COMPS, tok, columns={"topic": TOPICS})
+    assert batch.prompt_ids == PROMPT_IDS and batch.prompt_index.tolist() == INDEX
+    assert batch.lengths.tolist() == [len(c) for c in COMPS] and batch.prompt_index.dtype == torch.long
+    for kw in (dict(stop_token_ids=LM_STOP), dict(context="Q: {topic}", suffix="ending {topic}", prefixes="terminal")):
+        r = LMLikelihoodReward(model, **kw)
+        torch.testing.assert_close(r(batch), r(make_batch(columns={"topic": TOPICS}, tok=tok)))
+    empty = RewardBatch.of([], [], tok)
+    assert empty.tokens.shape == (0, 0) and empty.lengths.dtype == torch.long
+    assert LMLikelihoodReward(model, prefixes="terminal", stop_token_ids=LM_STOP)(empty).shape == (0,)
+    with pytest.raises(RewardError, match=r"2 prompts for 1 states"):
+        RewardBatch.of([[1], [1]], [[3]], tok)
+    with pytest.raises(RewardError, match=r"an empty prompt"):
+        RewardBatch.of([[]], [[3]], tok)
+
+
 def test_lm_likelihood_callables_equal_templates_and_renormalise_is_optional():
     model, tok = make_tiny_lm(seed=22), bos_tokenizer()
     batch = make_batch(columns={"topic": TOPICS}, tok=tok)
@@ -453,6 +473,11 @@ def test_lm_likelihood_errors():
     with pytest.raises(RewardError, match=r"not both or neither"):
         LMLikelihoodReward(model, lm=lambda: None, stop_token_ids=[2])
     LMLikelihoodReward(model, score="state")  # no stop action scored: no stop ids needed
+    with pytest.raises(RewardError, match=r"lm=LlamaForCausalLM: give a zero-argument callable .* "
+                                          r"lm=lambda: contextlib.nullcontext\(model\)"):
+        LMLikelihoodReward(lm=model, stop_token_ids=[2])
+    with pytest.raises(RewardError, match=r"lm\(\) returned LlamaForCausalLM, not a context manager"):
+        LMLikelihoodReward(lm=lambda: model, stop_token_ids=[2])(batch)
     with pytest.raises(RewardError, match=r"a suffix is empty"):
         LMLikelihoodReward(model, suffix=lambda row: "")(batch)
     no_tok = make_batch()

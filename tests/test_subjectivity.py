@@ -184,7 +184,12 @@ def test_rationale_reward_equals_brute_force_before_and_after_the_m_step(data_di
 
     tok = tokenizer()
     reference = tiny_model()  # the base weights, never wrapped
-    policy = get_peft_model(tiny_model(), lora_config(config()))
+    cfg = lora_config(config())
+    cfg.init_lora_weights = False  # a policy adapter that really changes the outputs, as after training
+    torch.manual_seed(3)
+    policy = get_peft_model(tiny_model(), cfg)
+    policy.train()
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
     task = make_task(data_dir, penalty=7.0)
     lik = task.likelihood_model(policy, tok)
     phrases = [tok.encode(COT_PHRASE.format(label=l), add_special_tokens=False) for l in LABELS]
@@ -208,17 +213,27 @@ def test_rationale_reward_equals_brute_force_before_and_after_the_m_step(data_di
             out.append(mid + lab[y] - 7.0 * float(lab[1 - y] > lab[y]))
         return torch.tensor(out, dtype=torch.float64)
 
+    def untouched():  # the policy as the trainer left it: its adapter active, train mode, its flags
+        assert policy.active_adapter == "default" and policy.training
+        assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+
     torch.testing.assert_close(RationaleReward(task, tok, 7.0)(batch).double(), expected(reference), atol=1e-4, rtol=1e-5)
+    untouched()
+    with torch.no_grad():  # the policy's adapter is not the base model, so the check above can fail
+        assert not torch.allclose(policy(input_ids=torch.tensor([prompts[0]])).logits,
+                                  reference(input_ids=torch.tensor([prompts[0]])).logits, atol=1e-3)
     x = [prompts[index[b]] for b in range(3)]
     lik.fit([(x[b], zs[b], 1 - labels[b]) for b in range(3)], steps=40, learning_rate=5e-3)
+    policy.train()
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}  # the likelihood adapter's too now
     after = RationaleReward(task, tok, 7.0)(batch).double()
+    untouched()
     policy.set_adapter("likelihood")
     policy.eval()
     want = expected(policy)
     policy.set_adapter("default")
     torch.testing.assert_close(after, want, atol=1e-4, rtol=1e-5)
     assert float((after - expected(reference)).abs().max()) > 1.0  # the fitted adapter really changed the terms
-    assert policy.active_adapter == "default"
 
 
 def test_one_em_round_end_to_end_and_its_checkpoint(data_dir, model_dir, tmp_path):

@@ -173,7 +173,8 @@ class LikelihoodModel:
         :class:`~gfnlm.rewards.RewardBatch` (X: each episode's prompt), log space, from the one LM reward:
         log p(Z | X) is always the base model's (``score="state"``); the label terms come from
         :meth:`phrase_rewards` (the fitted adapter when ``fitted``, default: if it has been fitted).
-        ``with_middle=False`` skips the base term (the first value is then None)."""
+        ``with_middle=False`` skips the base term (the first value is then None). Cost: one pass over
+        X Z under the base LM and one over X Z Y_k per label phrase."""
         from .rewards import LMLikelihoodReward
 
         use = self.fitted if fitted is None else fitted
@@ -192,6 +193,8 @@ class LikelihoodModel:
         ``batch_size``: (log p_base(Z | X) [B], log p(Y_k | X, Z) [B, K]), log space."""
         from .rewards import RewardBatch
 
+        if len(prompts) == 0:
+            return (torch.zeros(0) if with_middle else None), torch.zeros(0, len(self.phrases))
         mids, labels = [], []
         for i in range(0, len(prompts), batch_size):
             batch = RewardBatch.of(prompts[i:i + batch_size], middles[i:i + batch_size], self.tokenizer)

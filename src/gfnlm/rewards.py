@@ -59,9 +59,12 @@ class RewardBatch:
            columns: dict[str, list] | None = None) -> "RewardBatch":
         """B episodes given as token ids, outside a trainer (evaluation, EM): ``prompt_ids[b]`` the
         prompt episode ``b`` continues (repeated prompts are stored once) and ``states[b]`` its
-        tokens z_1:n (may be empty)."""
+        tokens z_1:n (may be empty). ``prompts`` (the text) is left empty: give a reward that reads the
+        prompt's text (a ``{prompt}`` template) a ``columns`` entry or a callable instead."""
         if len(prompt_ids) != len(states):
             raise RewardError(f"{len(prompt_ids)} prompts for {len(states)} states: give one prompt per state")
+        if any(len(p) == 0 for p in prompt_ids):
+            raise RewardError("an empty prompt: every state continues a non-empty prompt (at least a BOS token)")
         uniq: dict[tuple, int] = {}
         index = [uniq.setdefault(tuple(p), len(uniq)) for p in prompt_ids]
         lengths = [len(z) for z in states]
@@ -69,8 +72,9 @@ class RewardBatch:
         for b, z in enumerate(states):
             tokens[b, :len(z)] = torch.tensor(list(z), dtype=torch.long)
         texts = [tokenizer.decode(list(z), skip_special_tokens=False) if tokenizer is not None else "" for z in states]
-        return cls(prompts=[""] * len(states), prompt_ids=[list(p) for p in uniq], prompt_index=torch.tensor(index),
-                   tokens=tokens, lengths=torch.tensor(lengths), completions=texts, columns=dict(columns or {}),
+        return cls(prompts=[""] * len(states), prompt_ids=[list(p) for p in uniq],
+                   prompt_index=torch.tensor(index, dtype=torch.long), tokens=tokens,
+                   lengths=torch.tensor(lengths, dtype=torch.long), completions=texts, columns=dict(columns or {}),
                    tokenizer=tokenizer)
 
     def prefix_ids(self, b: int, t: int) -> list[int]:
@@ -154,7 +158,8 @@ class CallableReward(Reward):
 
 
 class LMLikelihoodReward(Reward):
-    """log R = weight · log p_LM(text | context), from the base LM: the one LM-likelihood reward.
+    """log R = weight · log p_LM(text | context), from the base LM (or an explicit ``lm``): the one
+    LM-likelihood reward.
 
     For each episode (a dataset row and its state z_1:n) and each scored prefix t:
 
@@ -173,14 +178,17 @@ class LMLikelihoodReward(Reward):
     differ from the base LM (a likelihood model fitted by EM) is passed explicitly as ``lm``. Every (episode, prefix)
     job of a call is batched into as few forward passes as ``max_batch_tokens`` allows; each distinct
     context is encoded once and its KV cache reused; a constant ``shared_prefix`` (a few-shot block)
-    is encoded once for the reward's lifetime.
+    is encoded once for the reward's lifetime (with ``lm``, once per call unless ``static_lm``).
 
     Args:
         model: the base LM, the policy (its adapters are switched off), or a :class:`BaseLM`.
         lm: instead of ``model``: a zero-argument callable returning a context manager that yields the
             scoring module as it is, adapters included (e.g. :meth:`gfnlm.em.LikelihoodModel.active`,
             or ``lambda: contextlib.nullcontext(model)``); it is read in eval mode, under ``no_grad``,
-            and a ``shared_prefix`` is encoded again at each call (the module may change).
+            and a ``shared_prefix`` is encoded again at each call (the module may change), unless
+            ``static_lm`` promises it does not.
+        static_lm: with ``lm``, the module's outputs do not change between calls, so a
+            ``shared_prefix`` is encoded once.
         tokenizer: used for text contexts and suffixes (default: the batch's, i.e. the policy's).
         context: what the LM conditions on. None: the policy's own prompt (token ids as the policy
             sees them). A string is a template formatted with the row (``{prompt}`` and any dataset
@@ -215,7 +223,7 @@ class LMLikelihoodReward(Reward):
                  constraints: Constraints | None = None, stop_token_ids: Sequence[int] | None = None,
                  renormalise: bool = True, shared_prefix: str | None = None, weight: float = 1.0,
                  invalid_log_reward: float = 0.0, max_batch_tokens: int = 4096, score: str = "state+end",
-                 lm: Callable[[], Any] | None = None, name: str | None = None):
+                 lm: Callable[[], Any] | None = None, static_lm: bool = False, name: str | None = None):
         from .policy import BaseLM
 
         if prefixes not in ("all", "stoppable", "terminal"):
@@ -234,10 +242,12 @@ class LMLikelihoodReward(Reward):
         if (model is None) == (lm is None):
             raise RewardError("LMLikelihoodReward reads one LM: give model (its base LM is scored, adapters off) "
                               "or lm (a handle yielding the module to score with), not both or neither")
-        if lm is not None and not callable(lm):
-            raise RewardError(f"lm={lm!r}: give a zero-argument callable returning a context manager that yields the module")
+        if lm is not None and (isinstance(lm, torch.nn.Module) or not callable(lm)):
+            raise RewardError(f"lm={type(lm).__name__}: give a zero-argument callable returning a context manager that "
+                              "yields the module, e.g. lm=lambda: contextlib.nullcontext(model)")
         self.base_lm = BaseLM(model) if lm is None else None  # the handle bind_base_models checks
         self.lm = self.base_lm or lm
+        self.static_lm = static_lm or lm is None
         self.score = score
         self.tokenizer = tokenizer
         self.context, self.suffix, self.prefixes = context, suffix, prefixes
@@ -291,16 +301,16 @@ class LMLikelihoodReward(Reward):
         return [list(c) for c in uniq], index
 
     def _prefix_cache_for(self, base, tok):
-        """The shared prefix's KV cache under the scoring module: computed once for the base LM, at
-        every call for an ``lm`` handle (whose module may have changed since)."""
+        """The shared prefix's KV cache under the scoring module: computed once for the base LM (or a
+        ``static_lm``), at every call for an ``lm`` handle whose module may have changed since."""
         if not self.shared_prefix:
             return None
-        if self._prefix_cache is None or self.base_lm is None:
+        if self._prefix_cache is None or not self.static_lm:
             from .data import render_prompt
             from .sampling import PrefixCache
 
             cache = PrefixCache(base, render_prompt(tok, self.shared_prefix, "never"))
-            if self.base_lm is None:
+            if not self.static_lm:
                 return cache
             self._prefix_cache = cache
         return self._prefix_cache
@@ -308,7 +318,11 @@ class LMLikelihoodReward(Reward):
     @contextlib.contextmanager
     def _module(self):
         """The scoring module in eval mode (its training flag restored on exit)."""
-        with self.lm() as m:
+        handle = self.lm()
+        if not hasattr(handle, "__enter__"):
+            raise RewardError(f"{self.name}: lm() returned {type(handle).__name__}, not a context manager: "
+                              "use lm=lambda: contextlib.nullcontext(model)")
+        with handle as m:
             was = m.training
             m.eval()
             try:

@@ -69,8 +69,9 @@ def lm_terms(rewards, row: dict, prompt_ids: Sequence[int], tokenizer, constrain
     for i, r in enumerate(rewards):
         if (not isinstance(r, LMLikelihoodReward) or r.suffix is not None or r.shared_prefix
                 or r.score != "state+end" or r.base_lm is None):
-            raise ConfigError(f"SMC reads LM-likelihood rewards that score the stop action only; {r.name!r} is not one: "
-                              "pass its condition as run_smc(predicate=...)")
+            raise ConfigError(f"SMC reads LM-likelihood rewards of the base LM (model=) that score the states and the stop "
+                              f"action (no suffix, no shared prefix, score='state+end'); {r.name!r} is not one: pass its "
+                              "condition as run_smc(predicate=...)")
         if r.constraints is None or space(r.constraints) != space(constraints):
             raise ConfigError(f"reward {r.name!r} scores another action space than SMC samples: build it with the same "
                               "constraints")

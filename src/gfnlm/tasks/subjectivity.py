@@ -21,7 +21,7 @@ Test (the posterior predictive): sample ``vote_samples`` rationales Z ~ q(Z | X)
 too. "E-step only" uses the base model as p(Y | X, Z); "E+M" uses the fitted adapter.
 
 Baselines on the same examples: zero-shot (p(" objective." | X) vs p(" subjective." | X)), few-shot
-in-context (the labelled examples as a prompt, encoded once as a prefix cache), and an SFT
+in-context (the labelled examples as a prompt, encoded once per label as a prefix cache), and an SFT
 classifier (a LoRA adapter fitted by the same cross-entropy with no rationale).
 
 Data: ``../shared/data/subj`` (``train.<n>.jsonl`` for training; validation is a fixed, seeded
@@ -185,6 +185,20 @@ class SubjectivityTask(Task):
             self.likelihood = LikelihoodModel(model, tokenizer, [COT_PHRASE.format(label=l) for l in LABELS])
         return self.likelihood
 
+    def bind_likelihood(self, model, tokenizer):
+        """The likelihood model of a trained policy (a loaded checkpoint): fitted when the policy carries
+        the M-step's adapter, else the base model."""
+        lik = self.likelihood_model(model, tokenizer)
+        lik.fitted = bool(getattr(model, "peft_config", None)) and lik.name in model.peft_config
+        return lik
+
+    def diagnostics(self, model, tokenizer, config, constraints, **kw) -> dict:
+        """The sampler diagnostics (:meth:`gfnlm.tasks.Task.diagnostics`) against the E-step target
+        under the policy's own likelihood model (:meth:`bind_likelihood`), on validation sentences."""
+        if self.likelihood is None or self.likelihood.model is not model:
+            self.bind_likelihood(model, tokenizer)
+        return super().diagnostics(model, tokenizer, config, constraints, **kw)
+
     def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
         if config is not None and not config.use_peft:
             from ..errors import ConfigError
@@ -260,13 +274,14 @@ class SubjectivityTask(Task):
     @torch.no_grad()
     def direct_scores(self, model, tokenizer, texts: list[str], context: str = "", batch_size: int = 32) -> torch.Tensor:
         """log p(" <label>." | [context] X) for each text and label, under ``model`` as it is (its active
-        adapters included), from the one LM reward: [n, 2]. A few-shot ``context`` is the reward's shared
-        prefix, encoded once per call and read before every sentence."""
+        adapters included), from the one LM reward: [n, 2]. A few-shot ``context`` is the rewards' shared
+        prefix, encoded once per label for the whole call (the model does not change during it) and read
+        before every sentence."""
         import contextlib
 
         from ..rewards import LMLikelihoodReward, RewardBatch
 
-        rewards = [LMLikelihoodReward(lm=lambda: contextlib.nullcontext(model), tokenizer=tokenizer,
+        rewards = [LMLikelihoodReward(lm=lambda: contextlib.nullcontext(model), static_lm=True, tokenizer=tokenizer,
                                       suffix=lambda row, y=DIRECT_PHRASE.format(label=l): y, score="end",
                                       prefixes="terminal", renormalise=False, shared_prefix=context or None)
                    for l in LABELS]
@@ -323,8 +338,7 @@ class SubjectivityTask(Task):
         val, excluded = self.validation()
         val = val[:n] if n else val
         texts, gold = [r["text"] for r in val], [r["label"] for r in val]
-        lik = self.likelihood_model(model, tokenizer)
-        lik.fitted = bool(getattr(model, "peft_config", None)) and "likelihood" in model.peft_config
+        lik = self.bind_likelihood(model, tokenizer)
         options = (False, True) if lik.fitted else (False,)
         preds = self.rationale_predictions(model, tokenizer, config, constraints, lik, texts, seed=seed,
                                            fitted=options)
@@ -370,9 +384,9 @@ class SubjectivityTask(Task):
     @classmethod
     def eval_command(cls, args, extra: dict) -> int:
         """Accuracy per method and training-set size: zero-shot, few-shot, SFT classifier (base model),
-        and E-step only / E+M for each EM checkpoint (its size from its task_args.train_size); with
-        ``--diagnostics K``, each checkpoint's sampler diagnostics against its E-step target on
-        ``--diagnostics_prompts`` validation sentences."""
+        and E-step only / E+M for each EM checkpoint (its size from its task_args.train_size); and each
+        checkpoint's sampler diagnostics against its E-step target (``--diagnostics K`` samples, 16 by
+        default, 0: off) on ``--diagnostics_prompts`` validation sentences."""
         import json
 
         from ..models import load_model
