@@ -464,3 +464,10 @@ def test_steps_whose_episodes_give_no_residual_are_counted_and_warned_once(tmp_p
     tr.train()
     assert all(m["episodes/without_residual"] < 1.0 for m in tr.history)
     assert "warning" not in capsys.readouterr().out
+    # VarGrad with one episode per prompt: no group to estimate log Z from; the warning says so
+    tr = make_trainer(tmp_path / "vargrad", loss_type="vargrad", samples_per_prompt=1, max_steps=1)
+    tr.train()
+    assert tr.history[0]["episodes/without_residual"] == 1.0
+    out = capsys.readouterr().out
+    assert "warning: step 1: no prompt had two episodes, so the vargrad loss was 0" in out
+    assert "sample samples_per_prompt >= 2 episodes per prompt" in out

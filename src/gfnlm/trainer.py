@@ -427,10 +427,11 @@ class GFNTrainer:
         self._warned_no_residual = True
         if not self.accelerator.is_main_process:
             return
-        a = self.args
-        why = {"modified_db": "no episode had two consecutive stoppable prefixes",
-               "vargrad": "no prompt had two episodes"}.get(a.loss_type, "no episode had two stoppable prefixes")
-        if a.loss_type == "vargrad":
+        a, spec = self.args, self.loss
+        why = ("no prompt had two episodes" if spec.grouped else
+               "no episode had two consecutive stoppable prefixes" if spec.adjacent_pairs_only else
+               "no episode had two stoppable prefixes")
+        if spec.grouped:
             fix = "sample samples_per_prompt >= 2 episodes per prompt"
         elif self.loss.log_z == "anchor" and self.log_z_kind() == "none":
             fix = "set log_z: scalar or prompt, so that every episode is anchored at log Z"
