@@ -84,6 +84,12 @@ def folder_of(args) -> Path:
     return Path(args.out) / ("arithmetic" + (f"-labelled{args.labelled}" if args.labelled else ""))
 
 
+def method_dir(args, method: str) -> str:
+    """The run folder of ``method``: ``<run_dir>/<method>``, with ``-seed<k>`` for seeds other than 0 (so
+    that seeds never overwrite each other's checkpoints, and gfn_sft starts from its own seed's SFT)."""
+    return f"{args.run_dir}/{method}" + (f"-seed{args.seed}" if args.seed else "")
+
+
 def build(args, method: str, overrides: dict | None = None):
     from gfnlm.tasks import build_config
 
@@ -91,7 +97,7 @@ def build(args, method: str, overrides: dict | None = None):
     task_args = {"data_dir": args.data_dir, "labelled": args.labelled, **overrides.pop("task_args", {})}
     steps = args.steps if args.steps is not None else (100 if method == "rl" else None)
     data = {"model": args.model, "seed": args.seed, "learning_rate": args.lr, "max_steps": steps,
-            "report_to": [], "output_dir": f"{args.run_dir}/{method}", "task_args": task_args, **overrides}
+            "report_to": [], "output_dir": method_dir(args, method), "task_args": task_args, **overrides}
     for name in ("learning_rate", "max_steps"):
         if data[name] is None:  # the task's own
             del data[name]
@@ -172,7 +178,7 @@ def run_method(method: str, args) -> dict:
         rows.append(("GFlowNet fine-tuning", evaluate(task, trainer.model, trainer.tokenizer, config,
                                                       trainer.constraints, args)))
     elif method == "gfn_sft":
-        start = Path(args.run_dir) / "sft" / f"checkpoint-{args.sft_steps}"
+        start = Path(method_dir(args, "sft")) / f"checkpoint-{args.sft_steps}"
         if not start.is_dir():
             raise SystemExit(f"gfn_sft starts from the SFT run: run --methods sft first ({start} is missing)")
         config = build(args, method, {"init_from": str(start), "max_steps": args.gfn_sft_steps,
