@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import RewardError
-from .sampling import Constraints
+from .sampling import Constraints, pad_right
 
 
 @dataclass
@@ -67,15 +67,11 @@ class RewardBatch:
             raise RewardError("an empty prompt: every state continues a non-empty prompt (at least a BOS token)")
         uniq: dict[tuple, int] = {}
         index = [uniq.setdefault(tuple(p), len(uniq)) for p in prompt_ids]
-        lengths = [len(z) for z in states]
-        tokens = torch.zeros(len(states), max(lengths, default=0), dtype=torch.long)
-        for b, z in enumerate(states):
-            tokens[b, :len(z)] = torch.tensor(list(z), dtype=torch.long)
+        tokens, lengths = pad_right(states, 0)
         texts = [tokenizer.decode(list(z), skip_special_tokens=False) if tokenizer is not None else "" for z in states]
         return cls(prompts=[""] * len(states), prompt_ids=[list(p) for p in uniq],
-                   prompt_index=torch.tensor(index, dtype=torch.long), tokens=tokens,
-                   lengths=torch.tensor(lengths, dtype=torch.long), completions=texts, columns=dict(columns or {}),
-                   tokenizer=tokenizer)
+                   prompt_index=torch.tensor(index, dtype=torch.long), tokens=tokens, lengths=lengths,
+                   completions=texts, columns=dict(columns or {}), tokenizer=tokenizer)
 
     def prefix_ids(self, b: int, t: int) -> list[int]:
         return self.tokens[b, :t].tolist()

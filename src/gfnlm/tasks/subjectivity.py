@@ -195,8 +195,7 @@ class SubjectivityTask(Task):
     def diagnostics(self, model, tokenizer, config, constraints, **kw) -> dict:
         """The sampler diagnostics (:meth:`gfnlm.tasks.Task.diagnostics`) against the E-step target
         under the policy's own likelihood model (:meth:`bind_likelihood`), on validation sentences."""
-        if self.likelihood is None or self.likelihood.model is not model:
-            self.bind_likelihood(model, tokenizer)
+        self.bind_likelihood(model, tokenizer)
         return super().diagnostics(model, tokenizer, config, constraints, **kw)
 
     def reward_funcs(self, model, tokenizer, constraints, config=None) -> list:
