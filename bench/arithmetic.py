@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     shots = [int(x) for x in args.shots.split(",") if x.strip()]
-    if args.labelled and "kshot" in args.methods.split(",") and max(shots, default=0) > args.labelled:
+    if args.labelled and not args.report and "kshot" in args.methods.split(",") and max(shots, default=0) > args.labelled:
         p.error(f"--labelled {args.labelled} leaves {args.labelled} labelled examples, fewer than --shots "
                 f"{args.shots} asks for: pass --shots up to {args.labelled}, or leave kshot out (the {args.labelled}-label "
                 "table takes the k-shot rows up to that k from the main table)")
